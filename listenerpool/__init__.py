@@ -1,0 +1,43 @@
+"""listenerpool: one reader per session fleet-wide, events fanned out through Redis."""
+
+from listenerpool.control import ClaimOutcome, ClaimResult, SessionControl, SessionStatus
+from listenerpool.envelope import Envelope
+from listenerpool.errors import (
+    Cancelled,
+    EventTooLarge,
+    InvalidInput,
+    InvalidSessionId,
+    InvalidUpstream,
+    LeaseLost,
+    ListenerPoolError,
+    NotOwner,
+    StreamError,
+    UpstreamError,
+    UpstreamRejected,
+)
+from listenerpool.settings import Settings, SettingsError, load_settings
+from listenerpool.sse import SSEEvent, SSEParser
+
+__all__ = [
+    "Cancelled",
+    "ClaimOutcome",
+    "ClaimResult",
+    "Envelope",
+    "EventTooLarge",
+    "InvalidInput",
+    "InvalidSessionId",
+    "InvalidUpstream",
+    "LeaseLost",
+    "ListenerPoolError",
+    "NotOwner",
+    "SSEEvent",
+    "SSEParser",
+    "SessionControl",
+    "SessionStatus",
+    "Settings",
+    "SettingsError",
+    "StreamError",
+    "UpstreamError",
+    "UpstreamRejected",
+    "load_settings",
+]

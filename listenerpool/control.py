@@ -1,0 +1,181 @@
+"""The control operations the gateway (and tests, and the CLI) call: claim, cancel, status.
+
+A claim takes the session's lease in one Lua script; only the winner enqueues a listen job, so
+concurrent claims on any number of replicas yield one job and one reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from rq import Queue
+
+from listenerpool import keys
+from listenerpool.scripts import Scripts
+from listenerpool.settings import Settings
+from listenerpool.spec import UpstreamSpec
+
+LISTEN_JOB = "workers.dispatch.listen"
+
+
+class ClaimOutcome(StrEnum):
+    CREATED = "created"  # a new session: lease taken, job enqueued
+    CLAIMED = "claimed"  # a known session without a reader: lease taken, job enqueued
+    UNCHANGED = "unchanged"  # already running with this spec
+    UPDATED = "updated"  # running; the reader reconnects with the new spec
+    PENDING = "pending"  # a previous reader still holds the lease; the reconciler takes over
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    outcome: ClaimOutcome
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    sid: str
+    url: str
+    desired: bool
+    state: str
+    owner: str
+    epoch: int
+    seq: int
+    retries: int
+    last_error: str
+    last_id: str
+    lease_holder: str
+    since_ms: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def control_message(op: str, sid: str) -> str:
+    """A notice on the control channel (``lp:ctl``)."""
+    return json.dumps({"op": op, "sid": sid})
+
+
+class SessionControl:
+    """Claim, cancel and inspect sessions.
+
+    ``redis`` is an asyncio Redis client; ``queue`` an rq queue (on a sync client to the same
+    Redis, JSON serializer). Neither is closed by this object.
+    """
+
+    def __init__(self, redis: Any, queue: Queue, settings: Settings) -> None:
+        self._redis = redis
+        self._queue = queue
+        self._settings = settings
+        self._scripts = Scripts.register(redis)
+        self._ttl_ms = int(settings.lease_ttl * 1000)
+
+    @property
+    def scripts(self) -> Scripts:
+        return self._scripts
+
+    async def claim(
+        self, sid: str, url: str, headers: Mapping[str, str] | None = None
+    ) -> ClaimResult:
+        """Declare that ``sid`` should be listened to at ``url``; idempotent.
+
+        Raises :class:`~listenerpool.errors.InvalidSessionId` or
+        :class:`~listenerpool.errors.InvalidUpstream` for bad input, before touching Redis.
+        """
+        k = keys.SessionKeys(sid)
+        spec = UpstreamSpec(url=url, headers=dict(headers or {}))
+        token = secrets.token_hex(8)
+        outcome, epoch = await self._scripts.claim(
+            keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
+            args=["put", sid, token, self._ttl_ms, spec.url, spec.headers_json()],
+        )
+        result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
+        if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
+            await self.enqueue(sid, token, result.epoch)
+        elif result.outcome is ClaimOutcome.UPDATED:
+            await self._redis.publish(keys.CONTROL_CHANNEL, control_message("reconnect", sid))
+        return result
+
+    async def reclaim(self, sid: str) -> int | None:
+        """Claim a desired session whose lease lapsed (the reconciler's path).
+
+        Returns the new epoch when this call took the lease and enqueued a job, else None.
+        """
+        k = keys.SessionKeys(sid)
+        token = secrets.token_hex(8)
+        outcome, epoch = await self._scripts.claim(
+            keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
+            args=["reconcile", sid, token, self._ttl_ms, "", ""],
+        )
+        if _text(outcome) != "claimed":
+            return None
+        await self.enqueue(sid, token, int(epoch))
+        return int(epoch)
+
+    async def enqueue(self, sid: str, token: str, epoch: int) -> None:
+        """Put one listen job on the rq queue. A job outliving its unrenewed lease is useless,
+        so it expires with the lease; the reconciler claims again if nobody took it."""
+        await asyncio.to_thread(
+            self._queue.enqueue_call,
+            LISTEN_JOB,
+            args=(sid, token, epoch),
+            ttl=max(1, int(self._settings.lease_ttl)),
+            result_ttl=0,
+            failure_ttl=60,
+            job_id=f"lp-{sid}-{epoch}-{token[:6]}",
+        )
+
+    async def cancel(self, sid: str) -> bool:
+        """Stop listening to ``sid`` fleet-wide. Returns False for an unknown session.
+
+        The tombstone outlives any reader: one that misses the pub/sub notice sees it on its next
+        renewal (within ttl/3), and one cut off from Redis self-fences before its lease expires.
+        """
+        k = keys.SessionKeys(sid)
+        tombstone_ms = int((2 * self._settings.lease_ttl + 5) * 1000)
+        found = await self._scripts.cancel(
+            keys=[k.spec, k.cancel, k.lease, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
+            args=[sid, tombstone_ms],
+        )
+        if int(found) == 0:
+            return False
+        if int(found) == 1:
+            await self._redis.publish(keys.CONTROL_CHANNEL, control_message("cancel", sid))
+        return True
+
+    async def status(self, sid: str) -> SessionStatus | None:
+        """The session's spec and state, or None when the session is unknown."""
+        k = keys.SessionKeys(sid)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.spec)
+            pipe.hgetall(k.state)
+            pipe.get(k.lease)
+            spec_raw, state_raw, lease = await pipe.execute()
+        if not spec_raw:
+            return None
+        spec = {_text(a): _text(b) for a, b in spec_raw.items()}
+        state = {_text(a): _text(b) for a, b in state_raw.items()}
+        return SessionStatus(
+            sid=sid,
+            url=spec.get("url", ""),
+            desired=spec.get("desired") == "1",
+            state=state.get("state", "pending"),
+            owner=state.get("owner", ""),
+            epoch=int(spec.get("epoch", 0)),
+            seq=int(state.get("seq", 0)),
+            retries=int(state.get("retries", 0)),
+            last_error=state.get("last_error", ""),
+            last_id=state.get("last_id", ""),
+            lease_holder=_text(lease).split(":", 1)[0] if lease else "",
+            since_ms=int(state.get("since", 0)),
+        )
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

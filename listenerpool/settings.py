@@ -1,0 +1,103 @@
+"""All tunables of the pool in one pydantic-settings class (environment prefix ``LP_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from listenerpool.errors import ListenerPoolError
+
+
+class SettingsError(ListenerPoolError):
+    """A setting has a value the pool cannot run with; the message names the setting."""
+
+
+class Settings(BaseSettings):
+    """Settings shared by workers, gateways and the CLI.
+
+    Durations are in seconds (floats allowed), sizes in bytes. Construct with :func:`load_settings`
+    to turn validation failures into one readable :class:`SettingsError`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LP_", extra="forbid", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset means embedded single-node mode."
+    )
+    lease_ttl: float = Field(default=10.0, gt=0.2, description="Lease time to live (s).")
+    lease_margin: float | None = Field(
+        default=None,
+        gt=0,
+        description="Self-fence this long before the lease would expire (s); default ttl/5.",
+    )
+    reconcile_interval: float | None = Field(
+        default=None, gt=0, description="Reconciler period (s); default and maximum ttl/3."
+    )
+    idle_timeout: float = Field(
+        default=45.0, gt=0, description="No bytes from the upstream for this long: reconnect (s)."
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Upstream connect timeout (s).")
+    backoff_base: float = Field(default=0.5, gt=0, description="Backoff base delay (s).")
+    backoff_cap: float = Field(default=30.0, gt=0, description="Backoff maximum delay (s).")
+    worker_capacity: int = Field(default=10_000, ge=1, description="Readers per worker process.")
+    worker_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Worker id; default random."
+    )
+    history_maxlen: int = Field(default=10_000, ge=1, description="Events kept per session.")
+    history_ttl: float = Field(
+        default=24 * 3600.0, gt=0, description="Idle history and state expire after this (s)."
+    )
+    max_event_bytes: int = Field(default=1 << 20, ge=64, description="Largest accepted event.")
+    max_redirects: int = Field(default=5, ge=0, description="Upstream redirects followed.")
+    client_queue: int = Field(default=1024, ge=1, description="Per-client queue length (events).")
+    api_token: str | None = Field(default=None, description="Bearer token(s) of the control API.")
+    signing_key: str | None = Field(default=None, description="HMAC key of subscribe tokens.")
+    upstream_allow: str | None = Field(default=None, description="Upstream host/CIDR allowlist.")
+    log_format: Literal["json", "console"] = Field(default="console", description="Log format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level."
+    )
+    queue_name: str = Field(default="lp-listen", min_length=1, description="rq queue of jobs.")
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.backoff_cap < self.backoff_base:
+            raise ValueError("backoff_cap must be >= backoff_base")
+        if self.lease_margin is not None and self.lease_margin >= self.lease_ttl / 3 * 2:
+            raise ValueError("lease_margin must be below 2/3 of lease_ttl")
+        if self.reconcile_interval is not None and self.reconcile_interval > self.lease_ttl / 3:
+            raise ValueError("reconcile_interval must be at most lease_ttl/3")
+        return self
+
+    @property
+    def renew_interval(self) -> float:
+        """Leases are renewed three times per TTL so one lost renewal is survivable."""
+        return self.lease_ttl / 3
+
+    @property
+    def fence_after(self) -> float:
+        """Seconds after the last successful renewal at which a reader stops itself."""
+        margin = self.lease_margin if self.lease_margin is not None else self.lease_ttl / 5
+        return self.lease_ttl - margin
+
+    @property
+    def reconcile_period(self) -> float:
+        return self.reconcile_interval or self.lease_ttl / 3
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus ``overrides``.
+
+    Raises :class:`SettingsError` whose message names every bad setting as its ``LP_`` variable.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"])
+            name = f"LP_{loc.upper()}" if loc else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

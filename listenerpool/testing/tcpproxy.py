@@ -1,0 +1,201 @@
+"""A fault-injecting TCP proxy for tests, e.g. between workers and Redis.
+
+:class:`TCPProxy` listens on 127.0.0.1 and forwards every accepted connection to a target. Its
+mode, switched at any time with :meth:`TCPProxy.set_mode`, applies to all connections:
+
+- ``pass``: forward both ways.
+- ``stall``: a network partition. Every connection stays open but nothing is forwarded in either
+  direction; new connections are accepted but the target is not dialled. Bytes sent meanwhile
+  are *held*, not dropped (the proxy stops reading, so TCP flow control holds them back). Back in
+  ``pass`` they are delivered in order, like TCP after a healed partition, and a connection a
+  side closed during the stall is closed then.
+- ``cut``: every connection (stalled ones too) is closed at once, dropping held bytes, and new
+  connections are accepted and closed at once while the mode lasts.
+
+Either side's EOF or error closes both sides of that connection. The proxy runs its own event
+loop in a daemon thread; every public method is thread-safe and takes effect before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from types import TracebackType
+from typing import Final, Literal, Self
+
+from listenerpool.testing.upstream import LoopThread, listen_socket
+
+__all__ = ["Mode", "TCPProxy"]
+
+Mode = Literal["pass", "stall", "cut"]
+_READ_SIZE: Final = 256 * 1024
+
+
+class _Link:
+    """One proxied connection: the client's writer, the target's writer and the tasks."""
+
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.target: asyncio.StreamWriter | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        for writer in (self.client, self.target):
+            if writer is not None:
+                writer.transport.abort()
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
+
+class TCPProxy:
+    """Forwards ``127.0.0.1:{port}`` to ``target_host:target_port`` with scripted faults."""
+
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", listen_port: int = 0
+    ) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = listen_port
+        self._mode: Mode = "pass"
+        self._lock = threading.Lock()
+        self._count = 0
+        self._links: set[_Link] = set()  # touched on the loop only
+        self._passing: asyncio.Event | None = None  # set while the mode is "pass"
+        self._runner: LoopThread | None = None
+        self._server: asyncio.Server | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def connections(self) -> int:
+        """Client connections open now (stalled and not yet forwarded ones included)."""
+        with self._lock:
+            return self._count
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and start forwarding in a background thread (a restart binds the same port)."""
+        if self._runner is not None:
+            raise RuntimeError("TCPProxy already started")
+        sock = listen_socket("127.0.0.1", self.port, backlog=1024)
+        self.port = sock.getsockname()[1]
+        runner = LoopThread(f"TCPProxy:{self.port}")
+        runner.start()
+        try:
+            self._server = runner.run(self._serve(sock))
+        except BaseException:
+            sock.close()
+            runner.stop()
+            raise
+        self._runner = runner
+
+    async def _serve(self, sock: socket.socket) -> asyncio.Server:
+        self._passing = asyncio.Event()
+        if self._mode == "pass":
+            self._passing.set()
+        return await asyncio.start_server(self._handle, sock=sock, limit=_READ_SIZE)
+
+    def stop(self) -> None:
+        """Close the listener and every connection, and end the thread. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        try:
+            runner.run(self._shutdown())
+        finally:
+            runner.stop()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        tasks = [task for link in self._links for task in link.tasks]
+        self._cut()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        await asyncio.sleep(0)  # let the aborted transports run connection_lost (socket close)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- control -----------------------------------------------------------------------------
+    def set_mode(self, mode: Mode) -> None:
+        """Switch to ``pass``, ``stall`` or ``cut`` (see the module docstring)."""
+        if mode not in ("pass", "stall", "cut"):
+            raise ValueError(f"unknown mode {mode!r}")
+        runner = self._runner
+        if runner is None:
+            self._mode = mode
+        else:
+            runner.call(lambda: self._switch(mode))
+
+    def _switch(self, mode: Mode) -> None:
+        assert self._passing is not None
+        self._mode = mode
+        if mode == "pass":
+            self._passing.set()
+        else:
+            self._passing.clear()
+        if mode == "cut":
+            self._cut()
+
+    def _cut(self) -> None:
+        for link in list(self._links):
+            link.close()
+
+    # -- forwarding (event loop thread only) -------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._mode == "cut":
+            writer.transport.abort()
+            return
+        link = _Link(writer)
+        task = asyncio.current_task()
+        assert task is not None and self._passing is not None
+        link.tasks.add(task)
+        self._links.add(link)
+        with self._lock:
+            self._count += 1
+        try:
+            await self._passing.wait()
+            target_reader, link.target = await asyncio.open_connection(
+                self.target_host, self.target_port, limit=_READ_SIZE
+            )
+            pumps = {
+                asyncio.create_task(self._pump(reader, link.target)),
+                asyncio.create_task(self._pump(target_reader, writer)),
+            }
+            link.tasks |= pumps
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        except (OSError, asyncio.CancelledError):
+            pass  # target refused, or cut/stop: the finally block closes both sides
+        finally:
+            link.close()
+            self._links.discard(link)
+            with self._lock:
+                self._count -= 1
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        assert self._passing is not None
+        with contextlib.suppress(OSError):
+            while True:
+                await self._passing.wait()
+                data = await source.read(_READ_SIZE)
+                if not data:
+                    return
+                # Bytes read just before a stall began are held until it ends.
+                await self._passing.wait()
+                sink.write(data)
+                await sink.drain()

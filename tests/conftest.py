@@ -1,0 +1,231 @@
+"""Shared fixtures: real redis-server processes on free ports, fakeredis, the test upstream,
+worker processes and in-process workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from listenerpool.connections import listen_queue
+from listenerpool.control import SessionControl
+from listenerpool.settings import Settings, load_settings
+from listenerpool.testing.redis_server import RedisServer
+from listenerpool.testing.upstream import SSEUpstream
+from workers.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float, message: str = ""
+) -> None:
+    """Poll ``predicate`` (sync or async) every 20 ms until true; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(message or f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+# -- Redis -------------------------------------------------------------------------------------
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server that the test may kill, pause or restart."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def persistent_redis_server() -> Iterator[RedisServer]:
+    """A private redis-server with an fsync-always AOF: a kill + start keeps the data."""
+    with RedisServer(persistent=True) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis for tests that only need one: ``LP_TEST_REDIS_URL`` (a database the tests own;
+    its ``lp:*`` and ``rq:*`` keys are deleted before and after) or a private server."""
+    given = os.environ.get("LP_TEST_REDIS_URL")
+    if not given:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        yield server.url
+        return
+    _delete_pool_keys(given)
+    yield given
+    _delete_pool_keys(given)
+
+
+def _delete_pool_keys(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    for pattern in ("lp:*", "rq:*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def fake_server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+async def fake_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Any]:
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def fake_sync_redis(fake_server: fakeredis.FakeServer) -> Iterator[Any]:
+    client = fakeredis.FakeRedis(server=fake_server)
+    yield client
+    client.close()
+
+
+# -- settings and control ----------------------------------------------------------------------
+FAST = {
+    "lease_ttl": 2.0,
+    "idle_timeout": 3.0,
+    "backoff_base": 0.05,
+    "backoff_cap": 0.5,
+    "connect_timeout": 2.0,
+}
+
+
+def fast_settings(**overrides: Any) -> Settings:
+    """Short TTLs and backoffs so failovers happen in seconds."""
+    return load_settings(**{**FAST, **overrides})
+
+
+@pytest.fixture
+async def pool(redis_url: str) -> AsyncIterator[Pool]:
+    p = Pool(redis_url)
+    yield p
+    await p.aclose()
+
+
+class Pool:
+    """Clients of one test Redis: asyncio client, rq queue and the control API."""
+
+    def __init__(self, url: str, **settings: Any) -> None:
+        self.url = url
+        self.settings = fast_settings(redis_url=url, **settings)
+        self.redis = aioredis.Redis.from_url(url)
+        self.sync = redis.Redis.from_url(url)
+        self.queue = listen_queue(self.sync, self.settings)
+        self.control = SessionControl(self.redis, self.queue, self.settings)
+
+    async def states(self, sids: list[str]) -> dict[str, dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(f"lp:{{{sid}}}:state")
+            replies = await pipe.execute()
+        return {
+            sid: {k.decode(): v.decode() for k, v in reply.items()}
+            for sid, reply in zip(sids, replies, strict=True)
+        }
+
+    async def stream(self, sid: str) -> list[dict[str, str]]:
+        entries = await self.redis.xrange(f"lp:{{{sid}}}:events")
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        self.sync.close()
+
+
+# -- upstream ----------------------------------------------------------------------------------
+@pytest.fixture
+def upstream() -> Iterator[SSEUpstream]:
+    with SSEUpstream(rate=50.0, heartbeat=0.5) as server:
+        yield server
+
+
+# -- workers -----------------------------------------------------------------------------------
+class WorkerProcesses:
+    """``python -m workers`` children with the test's settings; all are killed at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, redis_url: str, worker_id: str, **settings: Any) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
+        for name, value in {**FAST, **settings}.items():
+            env[f"LP_{name.upper()}"] = str(value)
+        env["LP_REDIS_URL"] = redis_url
+        env["LP_WORKER_ID"] = worker_id
+        log = open(self.tmp_path / f"{worker_id}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers"], env=env, cwd=ROOT, stdout=log, stderr=log
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, worker_id: str) -> str:
+        return (self.tmp_path / f"{worker_id}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def worker_processes(tmp_path: Path) -> Iterator[WorkerProcesses]:
+    procs = WorkerProcesses(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    pool: Pool, worker_id: str = "w-inproc", **settings: Any
+) -> AsyncIterator[Worker]:
+    """An in-process worker on the test's loop, drained on exit."""
+    worker_settings = fast_settings(redis_url=pool.url, **settings)
+    worker = Worker(worker_settings, redis=pool.redis, queue=pool.queue, worker_id=worker_id)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await eventually(worker.ready.is_set, 5, "worker did not start")
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)

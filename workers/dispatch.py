@@ -1,0 +1,115 @@
+"""Listen jobs from the rq queue ``lp-listen``, taken only while the worker has spare capacity.
+
+rq carries dispatch, not execution: a job names (sid, token, epoch); the worker adopts the lease
+and runs the reader on its own asyncio loop. No process is forked per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+log = logging.getLogger(__name__)
+
+DEQUEUE_BLOCK_SECONDS = 1  # bounds how long a stop request waits for the blocking read
+
+
+def listen(sid: str, token: str, epoch: int) -> None:
+    """The function listen jobs name. Jobs are consumed by ``python -m workers``, which reads
+    their arguments; a plain ``rq worker`` executing one is a deployment mistake."""
+    raise RuntimeError(
+        f"listen job for session {sid!r} reached a plain rq worker; run `python -m workers`"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenJob:
+    sid: str
+    token: str
+    epoch: int
+
+
+def take_job(queue: Queue) -> ListenJob | None:
+    """Block up to a second for one job; remove it from rq's bookkeeping once read."""
+    try:
+        found = Queue.dequeue_any(
+            [queue], DEQUEUE_BLOCK_SECONDS, connection=queue.connection, serializer=JSONSerializer
+        )
+    except DequeueTimeout:
+        return None
+    if found is None:
+        return None
+    job: Job = found[0]
+    queue.intermediate_queue.remove(job.id)
+    try:
+        sid, token, epoch = job.args
+        return ListenJob(str(sid), str(token), int(epoch))
+    except (TypeError, ValueError):
+        log.warning("dropping malformed listen job %s: args %r", job.id, job.args)
+        return None
+    finally:
+        job.delete()
+
+
+class JobFeed:
+    """Pulls listen jobs and hands each to ``handle`` while ``has_capacity()`` is true."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        handle: Callable[[ListenJob], Awaitable[None]],
+        has_capacity: Callable[[], bool],
+    ) -> None:
+        self._queue = queue
+        self._handle = handle
+        self._has_capacity = has_capacity
+        self._capacity_changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    def capacity_changed(self) -> None:
+        self._capacity_changed.set()
+
+    def stop(self) -> None:
+        """Stop taking jobs; :meth:`run` returns within about a second."""
+        self._stopping.set()
+        self._capacity_changed.set()
+
+    async def run(self, on_stop_job: Callable[[ListenJob], Awaitable[None]]) -> None:
+        """Take jobs until stopped. A job read after the stop request goes to ``on_stop_job``
+        (the worker re-enqueues it), so none is lost to a shutdown race."""
+        while not self._stopping.is_set():
+            if not self._has_capacity():
+                self._capacity_changed.clear()
+                await self._capacity_changed.wait()
+                continue
+            try:
+                # The thread is never cancelled mid-read: a job it takes is always handled.
+                job = await asyncio.shield(asyncio.to_thread(take_job, self._queue))
+            except Exception as exc:  # Redis down or a broken job: keep the feed alive
+                log.warning("dequeue failed: %s: %s", type(exc).__name__, exc)
+                await self._pause(1.0)
+                continue
+            if job is None:
+                continue
+            if self._stopping.is_set():
+                await on_stop_job(job)
+            else:
+                await self._handle(job)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+
+__all__: list[Any] = ["JobFeed", "ListenJob", "listen", "take_job"]

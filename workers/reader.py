@@ -1,0 +1,208 @@
+"""One session's upstream reader: connect, parse, publish, back off, and never give up.
+
+The reader owns no task besides the one running :meth:`Reader.run`; stopping it means cancelling
+that task, which closes the HTTP response and its socket on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import redis.exceptions
+
+from listenerpool import keys
+from listenerpool.backoff import reconnect_delay
+from listenerpool.envelope import envelope_parts
+from listenerpool.errors import NotOwner, StreamError, UpstreamError, UpstreamRejected
+from listenerpool.scripts import Scripts
+from listenerpool.settings import Settings
+from listenerpool.sse import SSEEvent, SSEParser
+from workers.session import HeldSession
+
+log = logging.getLogger(__name__)
+
+# Statuses worth retrying; any other 4xx means the request itself is wrong.
+RETRYABLE_4XX = frozenset({408, 429})
+REDIS_ERRORS = (redis.exceptions.RedisError, TimeoutError, OSError)
+
+
+class Reader:
+    """Reads one session's upstream until cancelled, or until the upstream rejects it for good.
+
+    ``run`` returns normally only after a permanent failure (recorded as ``failed`` in the
+    session state, lease released) and raises :class:`NotOwner` when a publish is refused.
+    Every other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
+    full-jitter backoff for as long as the task lives.
+    """
+
+    def __init__(
+        self,
+        session: HeldSession,
+        *,
+        redis: Any,
+        scripts: Scripts,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        rand: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.session = session
+        self._redis = redis
+        self._scripts = scripts
+        self._http = http
+        self._settings = settings
+        self._rand = rand
+        self._retry_ms: int | None = None
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        s = self.session
+        attempt = 0
+        while True:
+            delivered = False
+            floor_s: float | None = None
+            try:
+                delivered = await self._listen_once()
+                error = "upstream closed the stream"
+            except UpstreamRejected as exc:
+                await self._fail(str(exc))
+                return
+            except UpstreamError as exc:
+                error = str(exc)
+                floor_s = exc.retry_after
+            except StreamError as exc:
+                error = f"malformed stream: {exc}"
+            except httpx.TimeoutException as exc:
+                error = _timeout_reason(exc, self._settings)
+            except httpx.HTTPError as exc:
+                error = f"upstream connection failed: {type(exc).__name__}: {exc}"
+            except REDIS_ERRORS as exc:
+                error = f"redis unavailable: {type(exc).__name__}: {exc}"
+            finally:
+                self.connected.clear()
+            if delivered:
+                attempt = 0
+            retry_ms = self._retry_ms
+            if floor_s is not None:
+                retry_ms = max(retry_ms or 0, int(floor_s * 1000))
+            delay = reconnect_delay(
+                attempt,
+                base=self._settings.backoff_base,
+                cap=self._settings.backoff_cap,
+                server_retry_ms=retry_ms,
+                rand=self._rand,
+            )
+            attempt += 1
+            log.info(
+                "session %s: %s; reconnecting in %.2fs (attempt %d)", s.sid, error, delay, attempt
+            )
+            await self._report(state="backoff", retries=attempt, last_error=error)
+            await asyncio.sleep(delay)
+
+    async def _listen_once(self) -> bool:
+        """One connection. Returns whether it delivered any event; raises on every failure."""
+        s = self.session
+        # The resume point is read from Redis, not from memory: a publish whose reply was lost
+        # may still have been applied, and Redis alone knows.
+        last_id = await self._redis.hget(s.keys.state, "last_id")
+        last_id = last_id.decode() if isinstance(last_id, bytes) else (last_id or "")
+        headers = dict(s.spec.headers)
+        headers["Accept"] = "text/event-stream"
+        headers["Cache-Control"] = "no-cache"
+        if last_id:
+            headers["Last-Event-ID"] = last_id
+        parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
+        delivered = False
+        async with self._http.stream("GET", s.spec.url, headers=headers) as response:
+            _check_response(response)
+            await self._report(state="listening", retries=0, last_error="")
+            self.connected.set()
+            async for chunk in response.aiter_bytes():
+                events = parser.feed(chunk)
+                self._retry_ms = parser.retry
+                if events:
+                    await self._publish(events)
+                    delivered = True
+        return delivered
+
+    async def _publish(self, events: list[SSEEvent]) -> None:
+        s = self.session
+        args: list[str | int] = [
+            s.lease_value,
+            s.epoch,
+            self._settings.history_maxlen,
+            int(self._settings.history_ttl * 1000),
+            events[-1].id,
+        ]
+        for event in events:
+            head, tail = envelope_parts(s.epoch, event.type, event.data, event.id)
+            args += [event.type, event.data, event.id, head, tail]
+        seq = await self._scripts.publish(
+            keys=[s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live], args=args
+        )
+        if int(seq) < 0:
+            raise NotOwner(f"session {s.sid}: lease or epoch {s.epoch} is no longer ours")
+
+    async def _report(self, **fields: str | int) -> None:
+        """Record state fields if we still own the lease; a Redis outage is not fatal here."""
+        s = self.session
+        args: list[str | int] = [s.lease_value]
+        for name, value in fields.items():
+            args += [name, value]
+        try:
+            await self._scripts.report(keys=[s.keys.lease, s.keys.state], args=args)
+        except REDIS_ERRORS as exc:
+            log.debug("session %s: state not recorded: %s", s.sid, exc)
+
+    async def _fail(self, reason: str) -> None:
+        s = self.session
+        log.warning("session %s: failed permanently: %s", s.sid, reason)
+        await self._scripts.release(
+            keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
+            args=[s.lease_value, s.sid, "failed", reason],
+        )
+
+
+def _check_response(response: httpx.Response) -> None:
+    status = response.status_code
+    if status == 204:
+        raise UpstreamRejected("upstream answered 204 No Content: the stream is over")
+    if 400 <= status < 500 and status not in RETRYABLE_4XX:
+        raise UpstreamRejected(f"upstream rejected the request: HTTP {status}")
+    if status != 200:
+        raise UpstreamError(
+            f"upstream answered HTTP {status}",
+            permanent=False,
+            retry_after=_retry_after(response.headers.get("retry-after")),
+        )
+    content_type = response.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "text/event-stream":
+        raise UpstreamError(
+            f"upstream sent content type {content_type or 'none'!r}, not text/event-stream",
+            permanent=False,
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _timeout_reason(exc: httpx.TimeoutException, settings: Settings) -> str:
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no bytes from upstream for {settings.idle_timeout:g}s (idle timeout)"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"upstream connect timed out after {settings.connect_timeout:g}s"
+    return f"upstream timed out: {type(exc).__name__}"

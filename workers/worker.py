@@ -1,0 +1,373 @@
+"""The worker: hosts many readers on one asyncio loop and keeps their leases honest.
+
+Background duties, all children of one TaskGroup: the job feed (rq), batched lease renewal and
+heartbeat, the self-fence watchdog, the control-channel listener (cancel notices) and the
+reconciler. Readers are children of the same group. Shutdown is the reverse of start-up: stop
+taking jobs, hand every session to the rest of the fleet, deregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import httpx
+from rq import Queue
+
+from listenerpool import keys
+from listenerpool.control import SessionControl
+from listenerpool.errors import InvalidInput, NotOwner
+from listenerpool.lease import LeaseClock
+from listenerpool.settings import Settings
+from listenerpool.spec import UpstreamSpec
+from workers import registry
+from workers.dispatch import JobFeed, ListenJob
+from workers.reader import REDIS_ERRORS, Reader
+from workers.reconciler import reconcile_once
+from workers.renewal import RenewVerdict, renew_all
+from workers.session import HeldSession
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(StrEnum):
+    CANCELLED = "cancelled"  # the session is no longer desired: release, state stopped
+    DRAIN = "drain"  # this worker shuts down: release and hand the session to the fleet
+    LOST = "lost"  # the lease is someone else's: touch nothing
+    FENCED = "fenced"  # no renewal confirmed in time: stop before the lease can expire
+    RECONNECT = "reconnect"  # the spec changed: restart the reader under the same lease
+
+
+@dataclass(slots=True)
+class RunningReader:
+    session: HeldSession
+    reader: Reader
+    task: asyncio.Task[None]
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client shared by all readers of a worker.
+
+    The read timeout is the idle timeout: heartbeats count as bytes, so a stream that is
+    silent for that long belongs to a peer that vanished without a FIN.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.connect_timeout, read=settings.idle_timeout, write=10.0, pool=None
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        follow_redirects=settings.max_redirects > 0,
+        max_redirects=settings.max_redirects,
+    )
+
+
+class Worker:
+    """A worker process's engine. ``redis`` (asyncio) and ``queue`` (rq, sync client) are
+    owned by the caller; the HTTP client is created and closed here unless given."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: Any,
+        queue: Queue,
+        worker_id: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or settings.worker_id or registry.default_worker_id()
+        self._redis = redis
+        self._control = SessionControl(redis, queue, settings)
+        self._scripts = self._control.scripts
+        self._own_http = http is None
+        self._http = http or make_http_client(settings)
+        self._clock = clock
+        self._ttl_ms = int(settings.lease_ttl * 1000)
+        self._readers: dict[str, RunningReader] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._feed = JobFeed(queue, self._adopt, self._has_capacity)
+        self._started = time.time()
+        self.ready = asyncio.Event()
+
+    # -- public view -------------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        return len(self._readers)
+
+    def held_sessions(self) -> list[str]:
+        return list(self._readers)
+
+    def reader(self, sid: str) -> Reader | None:
+        running = self._readers.get(sid)
+        return running.reader if running else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain: every session moves to another worker."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                feed = tg.create_task(self._feed.run(self._requeue), name="feed")
+                duties = [
+                    tg.create_task(self._renew_loop(), name="renew"),
+                    tg.create_task(self._fence_loop(), name="fence"),
+                    tg.create_task(self._control_loop(), name="control"),
+                    tg.create_task(self._reconcile_loop(), name="reconcile"),
+                ]
+                self.ready.set()
+                log.info(
+                    "worker %s up: capacity %d, lease ttl %gs",
+                    self.worker_id,
+                    self.settings.worker_capacity,
+                    self.settings.lease_ttl,
+                )
+                await stop.wait()
+                log.info("worker %s draining %d sessions", self.worker_id, self.load)
+                self._feed.stop()
+                await feed
+                await self._drain()
+                for task in duties:
+                    task.cancel()
+        finally:
+            self._tg = None
+            try:
+                async with asyncio.timeout(2):
+                    await registry.deregister(self._redis, self.worker_id)
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                log.warning("worker %s: could not deregister: %s", self.worker_id, exc)
+            if self._own_http:
+                await self._http.aclose()
+            log.info("worker %s stopped", self.worker_id)
+
+    async def _drain(self) -> None:
+        sids = list(self._readers)
+        await asyncio.gather(*(self.stop_reader(sid, StopReason.DRAIN) for sid in sids))
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _has_capacity(self) -> bool:
+        return len(self._readers) < self.settings.worker_capacity
+
+    async def _adopt(self, job: ListenJob) -> None:
+        try:
+            k = keys.SessionKeys(job.sid)
+        except InvalidInput:
+            log.warning("dropping listen job with invalid session id %r", job.sid)
+            return
+        lease_value = f"{self.worker_id}:{job.token}"
+        sent_at = self._clock()
+        try:
+            reply = await self._scripts.adopt(
+                keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES],
+                args=[job.sid, job.token, job.epoch, self.worker_id, self._ttl_ms],
+            )
+        except REDIS_ERRORS as exc:
+            # The lease was never ours; it lapses and the reconciler claims it again.
+            log.warning("session %s: adopt failed: %s", job.sid, exc)
+            return
+        if int(reply[0]) != 1:
+            log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]))
+            return
+        url, headers_json = _text(reply[1]), _text(reply[2])
+        clock = LeaseClock(confirmed_at=sent_at, fence_after=self.settings.fence_after)
+        try:
+            spec = UpstreamSpec.from_redis(url, headers_json)
+        except (InvalidInput, ValueError) as exc:
+            await self._release(k, lease_value, "failed", f"stored spec is invalid: {exc}")
+            return
+        session = HeldSession(k, job.token, job.epoch, lease_value, spec, clock)
+        self._start_reader(session)
+        log.info("session %s: reader started at epoch %d", job.sid, job.epoch)
+
+    async def _requeue(self, job: ListenJob) -> None:
+        """A job read while stopping goes back on the queue for another worker."""
+        try:
+            await self._control.enqueue(job.sid, job.token, job.epoch)
+        except REDIS_ERRORS as exc:
+            log.warning("session %s: could not re-enqueue (reconciler will): %s", job.sid, exc)
+
+    # -- readers -----------------------------------------------------------------------------
+    def _start_reader(self, session: HeldSession) -> None:
+        assert self._tg is not None, "readers run only inside Worker.run"
+        reader = Reader(
+            session,
+            redis=self._redis,
+            scripts=self._scripts,
+            http=self._http,
+            settings=self.settings,
+        )
+        task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
+        self._readers[session.sid] = RunningReader(session, reader, task)
+        self._feed.capacity_changed()
+
+    async def _run_reader(self, session: HeldSession, reader: Reader) -> None:
+        try:
+            await reader.run()
+        except NotOwner as exc:
+            log.warning("session %s: %s; reader stopped", session.sid, exc)
+        except Exception:
+            # A bug must not take the worker (and every other reader) down with it.
+            log.exception("session %s: reader crashed; handing the session back", session.sid)
+            await self._release(session.keys, session.lease_value, "handoff", "reader crashed")
+        finally:
+            running = self._readers.get(session.sid)
+            if running is not None and running.reader is reader:
+                del self._readers[session.sid]
+                self._feed.capacity_changed()
+
+    async def stop_reader(self, sid: str, reason: StopReason) -> None:
+        """Stop the reader of ``sid`` (its socket is closed before this returns), then release
+        or hand over its lease as ``reason`` demands. Unknown sessions are ignored."""
+        running = self._readers.get(sid)
+        if running is None:
+            return
+        running.task.cancel()
+        await asyncio.wait([running.task])
+        s = running.session
+        if reason is StopReason.CANCELLED:
+            await self._release(s.keys, s.lease_value, "stopped", "cancelled")
+        elif reason is StopReason.DRAIN:
+            await self._release(s.keys, s.lease_value, "handoff", "worker draining")
+            await self._reclaim(sid)
+        elif reason is StopReason.RECONNECT:
+            await self._restart_with_new_spec(s)
+        log.info("session %s: reader stopped (%s)", sid, reason.value)
+
+    async def _restart_with_new_spec(self, s: HeldSession) -> None:
+        try:
+            url, headers_json = await self._redis.hmget(s.keys.spec, "url", "headers")
+            s.spec = UpstreamSpec.from_redis(_text(url), _text(headers_json))
+        except (*REDIS_ERRORS, InvalidInput, ValueError) as exc:
+            log.warning("session %s: keeping the old spec: %s", s.sid, exc)
+        if self._tg is not None and s.sid not in self._readers:
+            self._start_reader(s)
+
+    async def _release(self, k: keys.SessionKeys, lease_value: str, final: str, why: str) -> None:
+        try:
+            await self._scripts.release(
+                keys=[k.lease, k.spec, k.state, keys.LEASE_DEADLINES],
+                args=[lease_value, k.sid, final, why],
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("session %s: release failed (lease will lapse): %s", k.sid, exc)
+
+    async def _reclaim(self, sid: str) -> None:
+        try:
+            await self._control.reclaim(sid)
+        except REDIS_ERRORS as exc:
+            log.warning("session %s: hand-over deferred to the reconciler: %s", sid, exc)
+
+    # -- duties ------------------------------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        interval = self.settings.renew_interval
+        while True:
+            sent_at = self._clock()
+            await self._renew_round(sent_at, deadline=interval)
+            await asyncio.sleep(max(0.0, sent_at + interval - self._clock()))
+
+    async def _renew_round(self, sent_at: float, *, deadline: float) -> None:
+        sessions = [r.session for r in self._readers.values()]
+        try:
+            async with asyncio.timeout(deadline):
+                verdicts = await renew_all(self._redis, self._scripts, sessions, self._ttl_ms)
+                await registry.heartbeat(
+                    self._redis,
+                    self.worker_id,
+                    capacity=self.settings.worker_capacity,
+                    load=self.load,
+                    ttl=self.settings.lease_ttl,
+                    started=self._started,
+                )
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            log.warning("lease renewal failed for %d sessions: %s", len(sessions), exc)
+            return
+        stops = []
+        for session, verdict in zip(sessions, verdicts, strict=True):
+            if verdict is RenewVerdict.RENEWED:
+                session.clock.confirm(sent_at)
+            elif verdict is RenewVerdict.CANCELLED:
+                stops.append(self.stop_reader(session.sid, StopReason.CANCELLED))
+            else:
+                stops.append(self.stop_reader(session.sid, StopReason.LOST))
+        if stops:
+            await asyncio.gather(*stops)
+
+    async def _fence_loop(self) -> None:
+        while True:
+            now = self._clock()
+            earliest = now + 0.25
+            for sid, running in list(self._readers.items()):
+                clock = running.session.clock
+                if clock.must_fence(now):
+                    log.warning("session %s: no lease renewal confirmed in time; self-fencing", sid)
+                    await self.stop_reader(sid, StopReason.FENCED)
+                else:
+                    earliest = min(earliest, clock.fence_deadline())
+            await asyncio.sleep(max(0.01, earliest - self._clock()))
+
+    async def _control_loop(self) -> None:
+        delay = 0.5
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.CONTROL_CHANNEL)
+                delay = 0.5
+                idle = 0.0
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        idle += 1.0
+                        if idle >= 15.0:  # a silent channel may be a dead connection
+                            async with asyncio.timeout(5):
+                                await pubsub.ping()
+                            idle = 0.0
+                        continue
+                    idle = 0.0
+                    await self._on_control(message.get("data"))
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                log.warning("control channel lost (%s); resubscribing in %.1fs", exc, delay)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (*REDIS_ERRORS, TimeoutError):
+                    pass
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+
+    async def _on_control(self, data: Any) -> None:
+        try:
+            notice = json.loads(data)
+            op, sid = notice["op"], notice["sid"]
+        except (TypeError, ValueError, KeyError):
+            log.warning("ignoring malformed control notice %r", data)
+            return
+        if sid not in self._readers:
+            return
+        if op == "cancel":
+            await self.stop_reader(sid, StopReason.CANCELLED)
+        elif op == "reconnect":
+            await self.stop_reader(sid, StopReason.RECONNECT)
+
+    async def _reconcile_loop(self) -> None:
+        period = self.settings.reconcile_period
+        while True:
+            # Jitter keeps a fleet's reconcilers from hitting Redis in lockstep.
+            await asyncio.sleep(period * random.uniform(0.8, 1.0))
+            try:
+                async with asyncio.timeout(period * 3):
+                    await reconcile_once(self._redis, self._control)
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                log.warning("reconcile skipped: %s", exc)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
