@@ -22,6 +22,7 @@ from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 
 LISTEN_JOB = "workers.dispatch.listen"
+UNASSIGNED = "-"  # owner part of a lease claimed but not yet adopted by a worker
 
 
 class ClaimOutcome(StrEnum):
@@ -128,7 +129,7 @@ class SessionControl:
             ttl=max(1, int(self._settings.lease_ttl)),
             result_ttl=0,
             failure_ttl=60,
-            job_id=f"lp-{sid}-{epoch}-{token[:6]}",
+            job_id=f"lp-{epoch}-{token}",  # rq ids allow no dots; session ids may have them
         )
 
     async def cancel(self, sid: str) -> bool:
@@ -172,9 +173,17 @@ class SessionControl:
             retries=int(state.get("retries", 0)),
             last_error=state.get("last_error", ""),
             last_id=state.get("last_id", ""),
-            lease_holder=_text(lease).split(":", 1)[0] if lease else "",
+            lease_holder=_lease_holder(lease),
             since_ms=int(state.get("since", 0)),
         )
+
+
+def _lease_holder(lease: bytes | str | None) -> str:
+    """The worker id in a lease value; empty while the lease waits for a worker to adopt it."""
+    if not lease:
+        return ""
+    holder = _text(lease).split(":", 1)[0]
+    return "" if holder == UNASSIGNED else holder
 
 
 def _text(value: bytes | str | int) -> str:

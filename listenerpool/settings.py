@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listenerpool.errors import ListenerPoolError
@@ -61,15 +61,31 @@ class Settings(BaseSettings):
     )
     queue_name: str = Field(default="lp-listen", min_length=1, description="rq queue of jobs.")
 
-    @model_validator(mode="after")
-    def _check_relations(self) -> Settings:
-        if self.backoff_cap < self.backoff_base:
-            raise ValueError("backoff_cap must be >= backoff_base")
-        if self.lease_margin is not None and self.lease_margin >= self.lease_ttl / 3 * 2:
-            raise ValueError("lease_margin must be below 2/3 of lease_ttl")
-        if self.reconcile_interval is not None and self.reconcile_interval > self.lease_ttl / 3:
-            raise ValueError("reconcile_interval must be at most lease_ttl/3")
-        return self
+    # Field validators (not a model validator) so an error names the setting at fault; each
+    # runs after the fields it compares with, which are declared before it.
+    @field_validator("lease_margin")
+    @classmethod
+    def _margin_below_ttl(cls, value: float | None, info: ValidationInfo) -> float | None:
+        ttl = info.data.get("lease_ttl")
+        if value is not None and ttl is not None and value >= ttl * 2 / 3:
+            raise ValueError(f"must be below 2/3 of LP_LEASE_TTL ({ttl:g}s)")
+        return value
+
+    @field_validator("reconcile_interval")
+    @classmethod
+    def _reconcile_within_ttl(cls, value: float | None, info: ValidationInfo) -> float | None:
+        ttl = info.data.get("lease_ttl")
+        if value is not None and ttl is not None and value > ttl / 3:
+            raise ValueError(f"must be at most LP_LEASE_TTL/3 ({ttl / 3:g}s)")
+        return value
+
+    @field_validator("backoff_cap")
+    @classmethod
+    def _cap_above_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff_base")
+        if base is not None and value < base:
+            raise ValueError(f"must be >= LP_BACKOFF_BASE ({base:g}s)")
+        return value
 
     @property
     def renew_interval(self) -> float:
@@ -99,5 +115,5 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc = ".".join(str(part) for part in err["loc"])
             name = f"LP_{loc.upper()}" if loc else "settings"
-            problems.append(f"{name}: {err['msg']}")
+            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

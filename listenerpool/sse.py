@@ -34,6 +34,9 @@ class SSEEvent:
     id: str
 
 
+_KNOWN_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+
+
 class SSEParser:
     """Incremental event-stream parser for one connection.
 
@@ -67,6 +70,7 @@ class SSEParser:
         "_pending",
         "_pending_len",
         "_retry",
+        "ignored_lines",
     )
 
     def __init__(self, max_event_bytes: int = 1 << 20, *, last_event_id: str = "") -> None:
@@ -86,6 +90,9 @@ class SSEParser:
         self._pending_len = 0
         self._after_cr = False  # the last chunk ended with CR: a leading LF is its pair
         self._at_start = True
+        # Lines naming no known field. WHATWG says to ignore them, but a stream of nothing else
+        # is not an event stream at all; readers use this count to say so.
+        self.ignored_lines = 0
 
     @property
     def last_event_id(self) -> str:
@@ -172,6 +179,8 @@ class SSEParser:
                 # any other unusable one.
                 with contextlib.suppress(ValueError):
                     self._retry = int(value.lstrip(b"0") or b"0")
+            elif name not in _KNOWN_FIELDS:
+                self.ignored_lines += 1
         return events
 
     def _dispatch(self, events: list[SSEEvent]) -> None:

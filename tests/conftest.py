@@ -216,11 +216,17 @@ def worker_processes(tmp_path: Path) -> Iterator[WorkerProcesses]:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    pool: Pool, worker_id: str = "w-inproc", **settings: Any
+    pool: Pool,
+    worker_id: str = "w-inproc",
+    rand: Callable[[float, float], float] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Worker]:
     """An in-process worker on the test's loop, drained on exit."""
     worker_settings = fast_settings(redis_url=pool.url, **settings)
-    worker = Worker(worker_settings, redis=pool.redis, queue=pool.queue, worker_id=worker_id)
+    extra: dict[str, Any] = {"rand": rand} if rand else {}
+    worker = Worker(
+        worker_settings, redis=pool.redis, queue=pool.queue, worker_id=worker_id, **extra
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await eventually(worker.ready.is_set, 5, "worker did not start")
@@ -228,4 +234,24 @@ async def running_worker(
         yield worker
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        done, _ = await asyncio.wait([task], timeout=15)
+        if not done:
+            stacks = "\n".join(f"{t.get_name()}: {_stack(t)}" for t in asyncio.all_tasks())
+            task.cancel()
+            raise AssertionError(f"worker did not drain within 15 s; tasks:\n{stacks}")
+        task.result()
+
+
+def _stack(task: asyncio.Task[Any]) -> str:
+    """Walk the await chain, including async generators, which ``print_stack`` stops at."""
+    lines = []
+    obj: Any = task.get_coro()
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
+        if nxt is None:
+            lines.append(f"  awaiting {obj!r:.200}")
+        obj = nxt
+    return "\n".join(lines)

@@ -19,7 +19,8 @@ from rq.serializers import JSONSerializer
 
 log = logging.getLogger(__name__)
 
-DEQUEUE_BLOCK_SECONDS = 1  # bounds how long a stop request waits for the blocking read
+DEQUEUE_BLOCK_SECONDS = 1
+SWEEP_SECONDS = 60.0  # bounds how long a stop request waits for the blocking read
 
 
 def listen(sid: str, token: str, epoch: int) -> None:
@@ -59,6 +60,22 @@ def take_job(queue: Queue) -> ListenJob | None:
         job.delete()
 
 
+def sweep_intermediate(queue: Queue) -> int:
+    """Drop ids left in rq's intermediate list by jobs that expired before anyone took them.
+
+    rq moves a job id there before fetching the job; when the job has expired the id stays
+    behind. Ids whose job still exists belong to a dequeue in progress and are left alone.
+    Returns how many were removed.
+    """
+    intermediate = queue.intermediate_queue
+    removed = 0
+    for job_id in intermediate.get_job_ids():
+        if not queue.connection.exists(Job.key_for(job_id)):
+            intermediate.remove(job_id)
+            removed += 1
+    return removed
+
+
 class JobFeed:
     """Pulls listen jobs and hands each to ``handle`` while ``has_capacity()`` is true."""
 
@@ -85,14 +102,23 @@ class JobFeed:
     async def run(self, on_stop_job: Callable[[ListenJob], Awaitable[None]]) -> None:
         """Take jobs until stopped. A job read after the stop request goes to ``on_stop_job``
         (the worker re-enqueues it), so none is lost to a shutdown race."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         while not self._stopping.is_set():
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + SWEEP_SECONDS
+                try:
+                    await loop.run_in_executor(None, sweep_intermediate, self._queue)
+                except Exception as exc:
+                    log.warning("intermediate queue sweep failed: %s", exc)
             if not self._has_capacity():
                 self._capacity_changed.clear()
                 await self._capacity_changed.wait()
                 continue
             try:
-                # The thread is never cancelled mid-read: a job it takes is always handled.
-                job = await asyncio.shield(asyncio.to_thread(take_job, self._queue))
+                # The read is shielded: a job the thread takes is always handled. A bare
+                # executor future (not to_thread's task) keeps the loop's task list exact.
+                job = await asyncio.shield(loop.run_in_executor(None, take_job, self._queue))
             except Exception as exc:  # Redis down or a broken job: keep the feed alive
                 log.warning("dequeue failed: %s: %s", type(exc).__name__, exc)
                 await self._pause(1.0)

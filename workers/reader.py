@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Statuses worth retrying; any other 4xx means the request itself is wrong.
 RETRYABLE_4XX = frozenset({408, 429})
+# A connection whose first this-many lines name no SSE field is not an event stream.
+GARBAGE_LINES = 64
 REDIS_ERRORS = (redis.exceptions.RedisError, TimeoutError, OSError)
 
 
@@ -86,6 +88,11 @@ class Reader:
                 error = f"redis unavailable: {type(exc).__name__}: {exc}"
             finally:
                 self.connected.clear()
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # httpx's connect path (anyio happy eyeballs) can turn our cancellation into
+                # ConnectError; a stop request must still end the reader.
+                raise asyncio.CancelledError
             if delivered:
                 attempt = 0
             retry_ms = self._retry_ms
@@ -129,6 +136,11 @@ class Reader:
                 if events:
                     await self._publish(events)
                     delivered = True
+                elif not delivered and parser.ignored_lines >= GARBAGE_LINES:
+                    raise StreamError(
+                        f"{parser.ignored_lines} lines without any SSE field and no event: "
+                        "the upstream is not sending an event stream"
+                    )
         return delivered
 
     async def _publish(self, events: list[SSEEvent]) -> None:

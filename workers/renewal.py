@@ -32,8 +32,8 @@ async def renew_all(
         async with redis.pipeline(transaction=False) as pipe:
             for s in sessions[start : start + BATCH]:
                 await scripts.renew(
-                    keys=[s.keys.lease, s.keys.cancel, keys.LEASE_DEADLINES],
-                    args=[s.lease_value, ttl_ms, s.sid],
+                    keys=[s.keys.lease, s.keys.cancel, keys.LEASE_DEADLINES, s.keys.spec],
+                    args=[s.lease_value, ttl_ms, s.sid, s.epoch],
                     client=pipe,
                 )
             replies = await pipe.execute()

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class StopReason(StrEnum):
     CANCELLED = "cancelled"  # the session is no longer desired: release, state stopped
     DRAIN = "drain"  # this worker shuts down: release and hand the session to the fleet
-    LOST = "lost"  # the lease is someone else's: touch nothing
+    LOST = "lost"  # the lease is someone else's or a newer epoch exists: release if still ours
     FENCED = "fenced"  # no renewal confirmed in time: stop before the lease can expire
     RECONNECT = "reconnect"  # the spec changed: restart the reader under the same lease
 
@@ -68,6 +68,18 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
+async def cancel_until_done(task: asyncio.Task[None], retry_after: float = 0.05) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    A cancellation that lands inside a deadline scope just as it expires can be absorbed as if
+    it were the scope's own timeout (anyio's scopes under httpx; ``asyncio.timeout`` on 3.11);
+    cancelling again until the task is done makes stopping reliable.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=retry_after)
+
+
 class Worker:
     """A worker process's engine. ``redis`` (asyncio) and ``queue`` (rq, sync client) are
     owned by the caller; the HTTP client is created and closed here unless given."""
@@ -81,6 +93,7 @@ class Worker:
         worker_id: str | None = None,
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or settings.worker_id or registry.default_worker_id()
@@ -90,6 +103,7 @@ class Worker:
         self._own_http = http is None
         self._http = http or make_http_client(settings)
         self._clock = clock
+        self._rand = rand  # backoff jitter source, injectable for deterministic tests
         self._ttl_ms = int(settings.lease_ttl * 1000)
         self._readers: dict[str, RunningReader] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -134,8 +148,7 @@ class Worker:
                 self._feed.stop()
                 await feed
                 await self._drain()
-                for task in duties:
-                    task.cancel()
+                await asyncio.gather(*(cancel_until_done(task) for task in duties))
         finally:
             self._tg = None
             try:
@@ -202,6 +215,7 @@ class Worker:
             scripts=self._scripts,
             http=self._http,
             settings=self.settings,
+            rand=self._rand,
         )
         task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
         self._readers[session.sid] = RunningReader(session, reader, task)
@@ -228,14 +242,17 @@ class Worker:
         running = self._readers.get(sid)
         if running is None:
             return
-        running.task.cancel()
-        await asyncio.wait([running.task])
+        await cancel_until_done(running.task)
         s = running.session
         if reason is StopReason.CANCELLED:
             await self._release(s.keys, s.lease_value, "stopped", "cancelled")
         elif reason is StopReason.DRAIN:
             await self._release(s.keys, s.lease_value, "handoff", "worker draining")
             await self._reclaim(sid)
+        elif reason is StopReason.LOST:
+            # Usually a no-op (the lease is someone else's); when a newer epoch fenced us
+            # while the lease value is still ours, this lets the new owner in at once.
+            await self._release(s.keys, s.lease_value, "handoff", "fenced by a newer epoch")
         elif reason is StopReason.RECONNECT:
             await self._restart_with_new_spec(s)
         log.info("session %s: reader stopped (%s)", sid, reason.value)
@@ -255,13 +272,13 @@ class Worker:
                 keys=[k.lease, k.spec, k.state, keys.LEASE_DEADLINES],
                 args=[lease_value, k.sid, final, why],
             )
-        except REDIS_ERRORS as exc:
+        except Exception as exc:
             log.warning("session %s: release failed (lease will lapse): %s", k.sid, exc)
 
     async def _reclaim(self, sid: str) -> None:
         try:
             await self._control.reclaim(sid)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:
             log.warning("session %s: hand-over deferred to the reconciler: %s", sid, exc)
 
     # -- duties ------------------------------------------------------------------------------
@@ -287,6 +304,10 @@ class Worker:
                 )
         except (*REDIS_ERRORS, TimeoutError) as exc:
             log.warning("lease renewal failed for %d sessions: %s", len(sessions), exc)
+            return
+        except Exception:
+            # Unconfirmed leases self-fence on time; the loop itself must go on.
+            log.exception("lease renewal round failed")
             return
         stops = []
         for session, verdict in zip(sessions, verdicts, strict=True):
@@ -333,6 +354,8 @@ class Worker:
                     await self._on_control(message.get("data"))
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("control channel lost (%s); resubscribing in %.1fs", exc, delay)
+            except Exception:
+                log.exception("control channel failed; resubscribing in %.1fs", delay)
             finally:
                 try:
                     await pubsub.aclose()
@@ -365,6 +388,9 @@ class Worker:
                     await reconcile_once(self._redis, self._control)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("reconcile skipped: %s", exc)
+            except Exception:
+                # One bad entry must not end reconciliation for the whole fleet's failovers.
+                log.exception("reconcile round failed")
 
 
 def _text(value: Any) -> str:

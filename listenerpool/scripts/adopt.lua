@@ -14,6 +14,7 @@ local s = redis.call('HMGET', spec, 'url', 'headers', 'desired', 'epoch')
 if redis.call('EXISTS', cancel) == 1 or s[3] ~= '1' then
   redis.call('DEL', lease)
   redis.call('ZREM', deadlines, sid)
+  redis.call('HSET', state, 'state', 'stopped', 'owner', '', 'since', now)
   return {0, 'cancelled'}
 end
 if s[4] ~= epoch then

@@ -13,7 +13,13 @@ redis.call('HSET', spec, 'desired', '0', 'updated', now)
 redis.call('ZADD', sessions, now, sid)
 redis.call('SET', cancel, '1', 'PX', tomb)
 redis.call('ZREM', deadlines, sid)
-if redis.call('EXISTS', lease) == 1 then
+local holder = redis.call('GET', lease)
+if holder and string.sub(holder, 1, 2) == '-:' then
+  -- Claimed but not adopted: no reader runs, and the listen job will find no lease.
+  redis.call('DEL', lease)
+  holder = false
+end
+if holder then
   redis.call('HSET', state, 'state', 'stopping', 'since', now)
   return 1
 end

@@ -31,7 +31,9 @@ if mode == 'put' then
   if pttl > 0 then
     local epoch = tonumber(old[4]) or 0
     if had_tombstone or not was_desired then
-      -- The previous reader still holds the lease; the reconciler claims when it goes.
+      -- The previous reader still holds the lease. A new epoch fences it (its publishes and
+      -- renewals now fail even if it missed the cancel); the reconciler claims once it goes.
+      epoch = redis.call('HINCRBY', spec, 'epoch', 1)
       redis.call('ZADD', deadlines, now + pttl, sid)
       return {'pending', epoch}
     end

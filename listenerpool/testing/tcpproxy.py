@@ -10,7 +10,8 @@ mode, switched at any time with :meth:`TCPProxy.set_mode`, applies to all connec
   ``pass`` they are delivered in order, like TCP after a healed partition, and a connection a
   side closed during the stall is closed then.
 - ``cut``: every connection (stalled ones too) is closed at once, dropping held bytes, and new
-  connections are accepted and closed at once while the mode lasts.
+  connections are accepted and closed at once while the mode lasts (a plain close: FIN, or RST
+  where unread bytes are pending). On return from ``set_mode("cut")`` all of them are closed.
 
 Either side's EOF or error closes both sides of that connection. The proxy runs its own event
 loop in a daemon thread; every public method is thread-safe and takes effect before it returns.
@@ -19,13 +20,12 @@ loop in a daemon thread; every public method is thread-safe and takes effect bef
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from listenerpool.testing.upstream import LoopThread, listen_socket
+from listenerpool.testing.upstream import BACKLOG, LoopThread, listen_socket
 
 __all__ = ["Mode", "TCPProxy"]
 
@@ -82,7 +82,7 @@ class TCPProxy:
         """Bind and start forwarding in a background thread (a restart binds the same port)."""
         if self._runner is not None:
             raise RuntimeError("TCPProxy already started")
-        sock = listen_socket("127.0.0.1", self.port, backlog=1024)
+        sock = listen_socket("127.0.0.1", self.port)
         self.port = sock.getsockname()[1]
         runner = LoopThread(f"TCPProxy:{self.port}")
         runner.start()
@@ -98,7 +98,9 @@ class TCPProxy:
         self._passing = asyncio.Event()
         if self._mode == "pass":
             self._passing.set()
-        return await asyncio.start_server(self._handle, sock=sock, limit=_READ_SIZE)
+        return await asyncio.start_server(
+            self._handle, sock=sock, backlog=BACKLOG, limit=_READ_SIZE
+        )
 
     def stop(self) -> None:
         """Close the listener and every connection, and end the thread. Idempotent."""
@@ -113,9 +115,7 @@ class TCPProxy:
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
-        tasks = [task for link in self._links for task in link.tasks]
-        self._cut()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cut()
         await self._server.wait_closed()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost (socket close)
 
@@ -140,9 +140,9 @@ class TCPProxy:
         if runner is None:
             self._mode = mode
         else:
-            runner.call(lambda: self._switch(mode))
+            runner.run(self._switch(mode))
 
-    def _switch(self, mode: Mode) -> None:
+    async def _switch(self, mode: Mode) -> None:
         assert self._passing is not None
         self._mode = mode
         if mode == "pass":
@@ -150,11 +150,14 @@ class TCPProxy:
         else:
             self._passing.clear()
         if mode == "cut":
-            self._cut()
+            await self._cut()
 
-    def _cut(self) -> None:
+    async def _cut(self) -> None:
+        """Close every connection and wait until their tasks are done."""
+        tasks = [task for link in self._links for task in link.tasks]
         for link in list(self._links):
             link.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- forwarding (event loop thread only) -------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -189,13 +192,18 @@ class TCPProxy:
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         assert self._passing is not None
-        with contextlib.suppress(OSError):
-            while True:
-                await self._passing.wait()
+        while True:
+            await self._passing.wait()
+            try:
                 data = await source.read(_READ_SIZE)
-                if not data:
-                    return
-                # Bytes read just before a stall began are held until it ends.
-                await self._passing.wait()
-                sink.write(data)
+            except OSError:
+                data = b""
+            # What arrived while a stall began (bytes, EOF or reset) is held until it ends.
+            await self._passing.wait()
+            if not data:
+                return
+            sink.write(data)
+            try:
                 await sink.drain()
+            except OSError:
+                return

@@ -34,6 +34,7 @@ from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
+    "BACKLOG",
     "EVENT_TYPES",
     "LoopThread",
     "SSEUpstream",
@@ -70,6 +71,7 @@ _GARBAGE_INTERVAL: Final = 0.125  # 512 B every 125 ms = 4 KiB/s
 _WRITE_CHUNK: Final = 64 * 1024
 _YIELD_EVERY: Final = 64  # rate=0 streams yield to the loop this often
 _CALL_TIMEOUT: Final = 10.0
+BACKLOG: Final = 4096
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, message: str = "") -> None:
@@ -84,7 +86,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, message: str = "")
 
 async def await_until(
     predicate: Callable[[], bool],
-    timeout: float,  # noqa: ASYNC109 -- a polling helper that mirrors wait_until
+    timeout: float,
     message: str = "",
 ) -> None:
     """Like :func:`wait_until` but sleeps with ``asyncio.sleep`` so the caller's loop keeps
@@ -96,14 +98,15 @@ async def await_until(
         await asyncio.sleep(0.01)
 
 
-def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     """A non-blocking listening TCP socket; binding here (not via ``loop.create_server(host)``)
-    avoids getaddrinfo in the loop's executor thread and tells the port at once."""
+    avoids getaddrinfo in the loop's executor thread and tells the port at once. Pass
+    ``backlog=BACKLOG`` to ``create_server`` too: it calls ``listen()`` again (default 100)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -422,8 +425,8 @@ class SSEUpstream:
       UTF-8, no CR and no blank line.
     - ``oversized``: 200, then ``data: `` and ``oversized_bytes`` of ``x`` with no newline; then
       silence.
-    - ``invalid_utf8``: normal numbered events whose data holds the bytes ``ff fe`` (inside the
-      JSON string, so :meth:`number_of` still works after a lossy decode).
+    - ``invalid_utf8``: normal numbered events whose data has the bytes ``ff fe`` added at the
+      start of the JSON string ``delta``, so :meth:`number_of` still works after a lossy decode.
     - ``wrong_type``: 200 ``text/html`` with an HTML body, then close.
 
     The head of a response (status, garbage, oversized, HTML or event stream) is chosen when the
@@ -476,7 +479,7 @@ class SSEUpstream:
 
     async def _serve(self, sock: socket.socket) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Conn(self), sock=sock)
+        return await loop.create_server(lambda: _Conn(self), sock=sock, backlog=BACKLOG)
 
     def stop(self) -> None:
         """Close the listener and every connection, and end the thread. Idempotent."""
@@ -631,7 +634,7 @@ class SSEUpstream:
         data = self.payload(n).encode()
         if invalid_utf8:
             at = data.index(b'"delta": "') + len(b'"delta": "')
-            data = data[:at] + b"\xff\xfe" + data[at + 2 :]
+            data = data[:at] + b"\xff\xfe" + data[at:]
         return b"id: %d\nevent: %s\ndata: %s\n\n" % (n, self.event_type(n).encode(), data)
 
     # -- serving (event loop thread only) ----------------------------------------------------
@@ -705,25 +708,26 @@ class SSEUpstream:
         session = conn.session
         loop = asyncio.get_running_loop()
         n = last
-        next_event = last_write = loop.time()
+        last_write = loop.time()
+        last_event = -math.inf
         while await conn.gate():
             config = session.config
             now = loop.time()
             due = math.inf
             if config.total is None or n < config.total:
-                if now - next_event > 1.0:
-                    next_event = now  # after a stall or a long block: no burst of catch-up
-                if config.rate <= 0 or now >= next_event:
+                # Due times follow from the current rate, so a rate change acts at once.
+                due = last_event + 1 / config.rate if config.rate > 0 else now
+                if now >= due:
                     n += 1
                     if not await self._emit(conn, n, config):
                         return
+                    # Keep to the schedule (no drift), but restart it after a stall or a long
+                    # block instead of bursting to catch up.
+                    last_event = due if now - due < 1.0 else now
                     last_write = now
-                    if config.rate > 0:
-                        next_event += 1 / config.rate  # from the schedule: no drift
-                    elif n % _YIELD_EVERY == 0:
+                    if config.rate <= 0 and n % _YIELD_EVERY == 0:
                         await asyncio.sleep(0)
                     continue
-                due = next_event
             if config.heartbeat > 0:
                 if now >= last_write + config.heartbeat:
                     if not await conn.send(_HEARTBEAT):

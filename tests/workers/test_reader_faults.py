@@ -1,0 +1,232 @@
+"""Readers against a misbehaving upstream: silence, errors, malformed streams, cancel, leaks.
+
+An in-process worker on a private redis-server; the test upstream runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import psutil
+import pytest
+
+from listenerpool.testing.redis_server import free_port
+from listenerpool.testing.upstream import SSEUpstream
+from tests.conftest import Pool, eventually, running_worker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def state_of(pool: Pool, sid: str) -> dict[str, str]:
+    return (await pool.states([sid]))[sid]
+
+
+async def wait_state(pool: Pool, sid: str, state: str, timeout: float = 10) -> dict[str, str]:
+    async def reached() -> bool:
+        return (await state_of(pool, sid)).get("state") == state
+
+    await eventually(reached, timeout, f"{sid} never reached state {state!r}")
+    return await state_of(pool, sid)
+
+
+async def wait_events(pool: Pool, sid: str, count: int, timeout: float = 10) -> None:
+    async def enough() -> bool:
+        return len(await pool.stream(sid)) >= count
+
+    await eventually(enough, timeout, f"{sid}: fewer than {count} events stored")
+
+
+async def assert_gapless(pool: Pool, sid: str) -> list[int]:
+    numbers = [SSEUpstream.number_of(e["data"]) for e in await pool.stream(sid)]
+    assert numbers == list(range(1, len(numbers) + 1)), f"{sid}: lost or duplicated events"
+    return numbers
+
+
+async def test_cancel_closes_the_upstream_connection_within_a_second(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    async with running_worker(pool) as worker:
+        await pool.control.claim("c1", upstream.url("c1"))
+        await wait_state(pool, "c1", "listening")
+        started = time.monotonic()
+        assert await pool.control.cancel("c1")
+        await eventually(lambda: len(upstream.stats("c1").disconnects) == 1, 1.0,
+                            "upstream did not see the disconnect within 1 s")  # fmt: skip
+        assert upstream.stats("c1").disconnects[0] - started < 1.0
+        state = await wait_state(pool, "c1", "stopped", timeout=1)
+        assert state["owner"] == ""
+        assert worker.held_sessions() == []
+        assert await pool.redis.get("lp:{c1}:lease") is None
+
+
+async def test_cancel_interrupts_a_30_second_backoff(pool: Pool, upstream: SSEUpstream) -> None:
+    upstream.configure("c2", mode="status:500")
+    # rand returns the upper bound: every backoff sleep is the full 30 s.
+    async with running_worker(
+        pool, backoff_base=30.0, backoff_cap=30.0, rand=lambda lo, hi: hi
+    ) as worker:
+        await pool.control.claim("c2", upstream.url("c2"))
+        state = await wait_state(pool, "c2", "backoff")
+        assert "HTTP 500" in state["last_error"]
+        assert upstream.stats("c2").connections_total == 1
+        started = time.monotonic()
+        await pool.control.cancel("c2")
+        await eventually(lambda: worker.held_sessions() == [], 1.0, "reader still sleeping")
+        assert time.monotonic() - started < 1.0
+        await wait_state(pool, "c2", "stopped", timeout=1)
+        assert upstream.stats("c2").connections_total == 1
+
+
+@pytest.mark.parametrize("mode", ["stall", "vanish"])
+async def test_a_silent_upstream_is_detected_within_the_idle_timeout(
+    pool: Pool, upstream: SSEUpstream, mode: str
+) -> None:
+    sid = f"quiet-{mode}"
+    async with running_worker(pool, idle_timeout=1.0):
+        await pool.control.claim(sid, upstream.url(sid))
+        await wait_events(pool, sid, 5)
+        upstream.configure(sid, mode=mode)
+        silent_since = time.monotonic()
+        if mode == "stall":
+            # Heartbeats are bytes too: a stalled stream sends none of them.
+            await eventually(lambda: upstream.stats(sid).connections_total >= 2, 5.0,
+                                "no reconnect after the stream went silent")  # fmt: skip
+            reconnected_after = time.monotonic() - silent_since
+            assert 0.9 <= reconnected_after < 1.0 + 0.5 + 1.0  # idle timeout + max backoff + slack
+        else:
+            await eventually(lambda: upstream.stats(sid).connections_total >= 2, 5.0,
+                                "no reconnect after the peer vanished")  # fmt: skip
+        state = await state_of(pool, sid)
+        upstream.reset(sid)
+        count = len(await pool.stream(sid))
+        await wait_events(pool, sid, count + 5)
+        await assert_gapless(pool, sid)
+        assert upstream.stats(sid).max_concurrent == 1
+        assert upstream.stats(sid).last_event_ids[-1] not in (None, "")
+        del state
+
+
+async def test_server_errors_and_refused_connections_back_off_and_keep_trying(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    upstream.configure("e500", mode="status:500")
+    closed_port = free_port()  # nothing listens there
+    delays: list[float] = []
+
+    def record(lo: float, hi: float) -> float:
+        delays.append(hi)
+        return hi / 2
+
+    async with running_worker(pool, backoff_base=0.05, backoff_cap=0.4, rand=record):
+        await pool.control.claim("e500", upstream.url("e500"))
+        await pool.control.claim("refused", f"http://127.0.0.1:{closed_port}/events/refused")
+
+        async def retried(sid: str, times: int) -> bool:
+            return int((await state_of(pool, sid)).get("retries", 0)) >= times
+
+        await eventually(lambda: retried("e500", 5), 10, "500s were not retried")
+        await eventually(lambda: retried("refused", 5), 10, "refused connections not retried")
+        assert upstream.stats("e500").connections_total >= 5
+        refused = await state_of(pool, "refused")
+        assert refused["state"] == "backoff"
+        assert "connection failed" in refused["last_error"]
+        assert "HTTP 500" in (await state_of(pool, "e500"))["last_error"]
+        # Full jitter over an exponential bound, capped: 0.05, 0.1, 0.2, 0.4, 0.4, ...
+        assert 0.05 in delays and 0.4 in delays and max(delays) == 0.4
+        # The session recovers by itself once the upstream does.
+        upstream.reset("e500")
+        await wait_state(pool, "e500", "listening")
+        await wait_events(pool, "e500", 3)
+
+
+async def test_404_fails_the_session_with_the_reason(pool: Pool, upstream: SSEUpstream) -> None:
+    upstream.configure("gone", mode="status:404")
+    async with running_worker(pool) as worker:
+        await pool.control.claim("gone", upstream.url("gone"))
+        state = await wait_state(pool, "gone", "failed")
+        assert "HTTP 404" in state["last_error"]
+        await eventually(lambda: worker.held_sessions() == [], 2, "failed reader still held")
+        assert await pool.redis.get("lp:{gone}:lease") is None
+        assert await pool.redis.zscore("lp:leases", "gone") is None
+        assert upstream.stats("gone").connections_total == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_error"),
+    [
+        ("oversized", "max_event_bytes"),
+        ("garbage", "not sending an event stream"),
+        ("wrong_type", "not text/event-stream"),
+    ],
+)
+async def test_malformed_streams_are_reported_and_retried(
+    pool: Pool, upstream: SSEUpstream, mode: str, expected_error: str
+) -> None:
+    sid = f"bad-{mode}"
+    upstream.configure(sid, mode=mode)
+    async with running_worker(pool, max_event_bytes=4096) as worker:
+        await pool.control.claim("healthy", upstream.url("healthy"))
+        await pool.control.claim(sid, upstream.url(sid))
+
+        async def reported() -> bool:
+            state = await state_of(pool, sid)
+            return state.get("state") == "backoff" and expected_error in state.get("last_error", "")
+
+        await eventually(reported, 10, f"{mode}: no clear error in the session state")
+        await eventually(lambda: upstream.stats(sid).connections_total >= 2, 5, "not retried")
+        # The worker and its other readers are unaffected.
+        assert sid in worker.held_sessions()
+        before = len(await pool.stream("healthy"))
+        await wait_events(pool, "healthy", before + 5)
+        upstream.reset(sid)
+        await wait_state(pool, sid, "listening")
+
+
+async def test_invalid_utf8_is_replaced_not_fatal(pool: Pool, upstream: SSEUpstream) -> None:
+    upstream.configure("latin", mode="invalid_utf8")
+    async with running_worker(pool):
+        await pool.control.claim("latin", upstream.url("latin"))
+        await wait_events(pool, "latin", 5)
+        entries = await pool.stream("latin")
+        assert all("\ufffd" in e["data"] for e in entries)
+        assert [int(e["uid"]) for e in entries] == list(range(1, len(entries) + 1))
+        assert (await state_of(pool, "latin"))["state"] == "listening"
+
+
+def task_names() -> list[str]:
+    """The worker's own tasks (all named); the test's helpers run unnamed ones."""
+    return sorted(n for t in asyncio.all_tasks() if not (n := t.get_name()).startswith("Task-"))
+
+
+def _connections_to(port: int) -> int:
+    return sum(
+        1
+        for c in psutil.Process(os.getpid()).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_no_task_or_socket_outlives_a_stopped_session(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    async with running_worker(pool) as worker:
+        await asyncio.sleep(0)  # let the worker's duties start before the baseline is taken
+        baseline = task_names()
+        sids = [f"leak{i}" for i in range(20)]
+        for sid in sids:
+            await pool.control.claim(sid, upstream.url(sid))
+        await eventually(lambda: len(worker.held_sessions()) == 20, 10, "readers not started")
+        await eventually(lambda: _connections_to(upstream.port) == 20, 10, "not connected")
+        expected = sorted(baseline + [f"reader:{sid}" for sid in sids])
+        # httpx's connect helpers (anyio) run briefly as tasks of their own.
+        await eventually(lambda: task_names() == expected, 2, f"tasks: {task_names()}")
+        for sid in sids:
+            await pool.control.cancel(sid)
+        await eventually(lambda: worker.held_sessions() == [], 5, "readers still held")
+        await eventually(lambda: _connections_to(upstream.port) == 0, 2, "sockets left open")
+        await eventually(lambda: task_names() == baseline, 2, f"tasks left: {task_names()}")
+        await eventually(lambda: upstream.total_concurrent() == 0, 2, "upstream still sees us")
+    # Once the worker has stopped, nothing of it is left on the loop.
+    assert len(asyncio.all_tasks()) == 1  # this test's own task

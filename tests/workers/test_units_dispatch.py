@@ -1,0 +1,87 @@
+"""workers.dispatch.take_job on fakeredis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rq import Queue
+
+from listenerpool.connections import listen_queue
+from listenerpool.control import LISTEN_JOB, SessionControl
+from tests.conftest import fast_settings
+from workers.dispatch import ListenJob, sweep_intermediate, take_job
+
+SETTINGS = fast_settings()
+
+
+@pytest.fixture(params=["redis-7", "redis-5"])
+def queue(request: pytest.FixtureRequest, fake_sync_redis: Any) -> Queue:
+    """The listen queue in both of rq's dequeue modes.
+
+    fakeredis has no INFO command, so rq takes it for Redis 5 and dequeues with BLPOP. Real
+    Redis >= 6.2 makes rq BLMOVE each job into an intermediate list first; seeding rq's cached
+    server version selects that path, which is the one production runs.
+    """
+    if request.param == "redis-7":
+        setattr(fake_sync_redis, "__rq_redis_server_version", (7, 2, 0))
+    return listen_queue(fake_sync_redis, SETTINGS)
+
+
+@pytest.fixture
+def control(fake_redis: Any, queue: Queue) -> SessionControl:
+    return SessionControl(fake_redis, queue, SETTINGS)
+
+
+def leftovers(queue: Queue, job_id: str) -> dict[str, int]:
+    redis = queue.connection
+    return {
+        "queued": redis.llen(queue.key),
+        "intermediate": redis.llen(queue.intermediate_queue_key),
+        "job hash": redis.exists(f"rq:job:{job_id}"),
+    }
+
+
+async def test_take_job_returns_the_job_and_removes_every_trace(
+    control: SessionControl, queue: Queue
+) -> None:
+    await control.enqueue("s1", "a1b2c3d4e5f6", 3)
+    [job_id] = queue.job_ids
+    assert queue.fetch_job(job_id).func_name == LISTEN_JOB  # type: ignore[union-attr]
+
+    assert take_job(queue) == ListenJob(sid="s1", token="a1b2c3d4e5f6", epoch=3)
+    assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 0, "job hash": 0}
+
+
+async def test_take_job_takes_jobs_in_order(control: SessionControl, queue: Queue) -> None:
+    await control.enqueue("s1", "tok1", 1)
+    await control.enqueue("s2", "tok2", 5)
+    assert take_job(queue) == ListenJob("s1", "tok1", 1)
+    assert take_job(queue) == ListenJob("s2", "tok2", 5)
+    assert queue.count == 0
+
+
+def test_take_job_on_an_empty_queue_returns_none(queue: Queue) -> None:
+    assert take_job(queue) is None
+
+
+@pytest.mark.parametrize("args", [("s1", "tok"), ("s1", "tok", 1, "extra"), ("s1", "tok", "x")])
+def test_malformed_job_is_dropped(queue: Queue, args: tuple[Any, ...]) -> None:
+    job = queue.enqueue_call(LISTEN_JOB, args=args, job_id="bad")
+    queue.enqueue_call(LISTEN_JOB, args=("s2", "tok", 2), job_id="good")
+
+    assert take_job(queue) is None
+    assert leftovers(queue, job.id) == {"queued": 1, "intermediate": 0, "job hash": 0}
+    assert take_job(queue) == ListenJob("s2", "tok", 2)  # the next job is unaffected
+
+
+@pytest.mark.parametrize("queue", ["redis-7"], indirect=True)  # no intermediate list on BLPOP
+async def test_expired_job_leaves_nothing_behind(control: SessionControl, queue: Queue) -> None:
+    await control.enqueue("s1", "tok1", 1)
+    [job_id] = queue.job_ids
+    queue.connection.delete(f"rq:job:{job_id}")  # what the job's ttl does when no worker is free
+
+    assert take_job(queue) is None
+    assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 1, "job hash": 0}
+    assert sweep_intermediate(queue) == 1  # the feed runs this every minute
+    assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 0, "job hash": 0}
