@@ -23,22 +23,30 @@ def redis_url(settings: Settings) -> str:
     return settings.redis_url
 
 
+# Commands in flight per process; more callers wait for a connection instead of failing.
+MAX_REDIS_CONNECTIONS = 64
+
+
 def async_redis(settings: Settings) -> Any:
     """The asyncio client for commands and scripts. Calls that must not hang on a partition
-    wrap themselves in deadlines; the connect timeout bounds reconnects."""
-    return aioredis.Redis.from_url(
+    wrap themselves in deadlines; the connect timeout bounds reconnects. A burst of callers
+    (thousands of readers publishing, a ramp of claims) queues for the pool's connections."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         redis_url(settings),
-        socket_connect_timeout=min(5.0, settings.lease_ttl / 3),
+        max_connections=MAX_REDIS_CONNECTIONS,
+        timeout=None,
+        socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def sync_redis(settings: Settings) -> redis.Redis:
     """The blocking client rq uses (its reads block up to a second on BLMOVE)."""
     return redis.Redis.from_url(
         redis_url(settings),
-        socket_connect_timeout=min(5.0, settings.lease_ttl / 3),
+        socket_connect_timeout=5.0,
         socket_timeout=10.0,
         socket_keepalive=True,
     )

@@ -17,9 +17,8 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-import redis.asyncio as aioredis
 
-from listenerpool.connections import listen_queue
+from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings, load_settings
 from listenerpool.testing.redis_server import RedisServer
@@ -142,8 +141,8 @@ class Pool:
     def __init__(self, url: str, **settings: Any) -> None:
         self.url = url
         self.settings = fast_settings(redis_url=url, **settings)
-        self.redis = aioredis.Redis.from_url(url)
-        self.sync = redis.Redis.from_url(url)
+        self.redis = async_redis(self.settings)
+        self.sync = sync_redis(self.settings)
         self.queue = listen_queue(self.sync, self.settings)
         self.control = SessionControl(self.redis, self.queue, self.settings)
 

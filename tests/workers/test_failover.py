@@ -1,0 +1,250 @@
+"""Ownership under failure, with real worker processes and private redis-servers.
+
+Every test asserts from outside: what the upstream saw (connections, Last-Event-ID, disconnect
+times) and what Redis holds (states, history streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from listenerpool.control import ClaimOutcome
+from listenerpool.settings import Settings
+from listenerpool.testing.redis_server import RedisServer
+from listenerpool.testing.tcpproxy import TCPProxy
+from listenerpool.testing.upstream import SSEUpstream
+from tests.conftest import FAST, Pool, WorkerProcesses, eventually, fast_settings
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMING: Settings = fast_settings()
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[SSEUpstream]:
+    """Ten events per second per session: hundreds of sessions stay cheap on two cores."""
+    with SSEUpstream(rate=10.0, heartbeat=0.5) as server:
+        yield server
+
+
+async def wait_listening(
+    pool: Pool, sids: list[str], owner: str | None = None, timeout: float = 20
+) -> dict[str, dict[str, str]]:
+    async def ready() -> bool:
+        states = await pool.states(sids)
+        return all(
+            s.get("state") == "listening" and (owner is None or s.get("owner") == owner)
+            for s in states.values()
+        )
+
+    await eventually(ready, timeout, f"not all {len(sids)} sessions listening on {owner}")
+    return await pool.states(sids)
+
+
+async def wait_min_events(pool: Pool, sids: list[str], count: int, timeout: float = 20) -> None:
+    async def enough() -> bool:
+        for sid in sids:
+            if await pool.redis.xlen(f"lp:{{{sid}}}:events") < count:
+                return False
+        return True
+
+    await eventually(enough, timeout, f"sessions have fewer than {count} events")
+
+
+async def assert_exactly_once_in_order(pool: Pool, sid: str) -> list[dict[str, str]]:
+    entries = await pool.stream(sid)
+    numbers = [SSEUpstream.number_of(e["data"]) for e in entries]
+    assert numbers == list(range(1, len(numbers) + 1)), f"{sid}: lost, duplicated or reordered"
+    assert [int(e["seq"]) for e in entries] == list(range(1, len(entries) + 1))
+    epochs = [int(e["epoch"]) for e in entries]
+    assert epochs == sorted(epochs), f"{sid}: an old epoch wrote after a newer one"
+    return entries
+
+
+async def wait_registered(pool: Pool, worker_id: str) -> None:
+    async def registered() -> bool:
+        return await pool.redis.zscore("lp:workers", worker_id) is not None
+
+    await eventually(registered, 15, f"worker {worker_id} never registered")
+
+
+async def test_racing_claimers_get_exactly_one_reader_per_session(
+    redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
+) -> None:
+    worker_processes.start(redis_url, "race-a")
+    worker_processes.start(redis_url, "race-b")
+    claimers = [Pool(redis_url) for _ in range(4)]
+    sids = [f"race{i}" for i in range(200)]
+    try:
+        results = await asyncio.gather(
+            *(c.control.claim(sid, slow_upstream.url(sid)) for sid in sids for c in claimers)
+        )
+        outcomes = Counter(r.outcome for r in results)
+        assert outcomes == {ClaimOutcome.CREATED: 200, ClaimOutcome.UNCHANGED: 600}
+        pool = claimers[0]
+        states = await wait_listening(pool, sids, timeout=30)
+        assert {s["owner"] for s in states.values()} <= {"race-a", "race-b"}
+        # Let every reader run a while (at least a lease TTL's worth of events) before judging.
+        await wait_min_events(pool, sids, 25)
+        for sid in sids:
+            stats = slow_upstream.stats(sid)
+            assert stats.connections_total == 1, f"{sid}: {stats.connections_total} readers"
+            assert stats.max_concurrent == 1
+            await assert_exactly_once_in_order(pool, sid)
+        assert pool.queue.count == 0
+    finally:
+        for c in claimers:
+            await c.aclose()
+
+
+async def test_sigkill_of_a_worker_moves_its_100_sessions_within_ttl_plus_reconcile(
+    redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
+) -> None:
+    pool = Pool(redis_url)
+    sids = [f"kill{i}" for i in range(100)]
+    try:
+        victim = worker_processes.start(redis_url, "kill-a")
+        for sid in sids:
+            await pool.control.claim(sid, slow_upstream.url(sid))
+        await wait_listening(pool, sids, owner="kill-a")
+        worker_processes.start(redis_url, "kill-b")
+        await wait_registered(pool, "kill-b")
+        await wait_min_events(pool, sids, 5)
+
+        killed_at = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        states = await wait_listening(pool, sids, owner="kill-b", timeout=15)
+        failover = time.monotonic() - killed_at
+        bound = TIMING.lease_ttl + TIMING.reconcile_period + 1.0
+        assert failover <= bound, f"failover took {failover:.2f}s, bound {bound:.2f}s"
+        assert all(int(s["epoch"]) >= 2 for s in states.values())
+
+        for sid in sids:
+            resumed_from = slow_upstream.stats(sid).last_event_ids[-1]
+            assert resumed_from is not None and int(resumed_from) >= 5, sid
+        await wait_min_events(pool, sids, 5 + 20)
+        for sid in sids:
+            await assert_exactly_once_in_order(pool, sid)
+            assert slow_upstream.stats(sid).max_concurrent == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_a_partitioned_worker_fences_itself_before_its_leases_expire(
+    redis_server: RedisServer, upstream: SSEUpstream, worker_processes: WorkerProcesses
+) -> None:
+    pool = Pool(redis_server.url)
+    sids = [f"part{i}" for i in range(20)]
+    with TCPProxy(redis_server.port) as proxy:
+        try:
+            worker_processes.start(f"redis://127.0.0.1:{proxy.port}/0", "part-a")
+            for sid in sids:
+                await pool.control.claim(sid, upstream.url(sid))
+            before = await wait_listening(pool, sids, owner="part-a")
+            worker_processes.start(redis_server.url, "part-b")
+            await wait_registered(pool, "part-b")
+            await wait_min_events(pool, sids, 10)
+
+            proxy.set_mode("stall")
+            stalled_at = time.monotonic()
+            # When each lease would expire, read from Redis directly (not through the proxy).
+            expiry = {}
+            for sid in sids:
+                pttl = await pool.redis.pttl(f"lp:{{{sid}}}:lease")
+                expiry[sid] = stalled_at + pttl / 1000
+            await eventually(
+                lambda: all(len(upstream.stats(sid).disconnects) >= 1 for sid in sids),
+                TIMING.lease_ttl + 1,
+                "the partitioned worker kept reading",
+            )
+            for sid in sids:
+                fenced_at = upstream.stats(sid).disconnects[0]
+                assert fenced_at < expiry[sid], f"{sid}: reader outlived its lease"
+
+            after = await wait_listening(pool, sids, owner="part-b", timeout=15)
+            for sid in sids:
+                assert int(after[sid]["epoch"]) > int(before[sid]["epoch"])
+            await wait_min_events(pool, sids, 20)
+
+            proxy.set_mode("pass")  # the old owner comes back: it must not resume anything
+            await wait_registered(pool, "part-a")
+            await wait_min_events(pool, sids, 40)
+            for sid in sids:
+                await assert_exactly_once_in_order(pool, sid)
+                stats = upstream.stats(sid)
+                assert stats.max_concurrent == 1, f"{sid}: two readers at once"
+                assert stats.concurrent == 1
+        finally:
+            await pool.aclose()
+
+
+async def test_sigterm_hands_every_session_to_another_worker_without_loss(
+    redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
+) -> None:
+    pool = Pool(redis_url)
+    sids = [f"term{i}" for i in range(50)]
+    try:
+        leaving = worker_processes.start(redis_url, "term-a")
+        for sid in sids:
+            await pool.control.claim(sid, slow_upstream.url(sid))
+        await wait_listening(pool, sids, owner="term-a")
+        worker_processes.start(redis_url, "term-b")
+        await wait_registered(pool, "term-b")
+        await wait_min_events(pool, sids, 5)
+
+        signalled_at = time.monotonic()
+        leaving.send_signal(signal.SIGTERM)
+        await wait_listening(pool, sids, owner="term-b", timeout=10)
+        handover = time.monotonic() - signalled_at
+        # A drain hands over at once; it does not wait for leases to expire.
+        assert handover < TIMING.lease_ttl, f"hand-over took {handover:.2f}s"
+        assert await asyncio.to_thread(leaving.wait, 10) == 0
+        assert await pool.redis.zscore("lp:workers", "term-a") is None
+
+        await wait_min_events(pool, sids, 5 + 20)
+        for sid in sids:
+            await assert_exactly_once_in_order(pool, sid)
+            assert slow_upstream.stats(sid).max_concurrent == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_redis_killed_and_restarted_sessions_resume(
+    persistent_redis_server: RedisServer,
+    slow_upstream: SSEUpstream,
+    worker_processes: WorkerProcesses,
+) -> None:
+    server = persistent_redis_server
+    sids = [f"rr{i}" for i in range(10)]
+    worker = worker_processes.start(server.url, "rr-a")
+    pool = Pool(server.url)
+    try:
+        for sid in sids:
+            await pool.control.claim(sid, slow_upstream.url(sid))
+        await wait_listening(pool, sids, owner="rr-a")
+        await wait_min_events(pool, sids, 5)
+    finally:
+        await pool.aclose()
+
+    server.kill()
+    # Without Redis no renewal succeeds: every reader fences itself.
+    await eventually(lambda: slow_upstream.total_concurrent() == 0, FAST["lease_ttl"] + 2,
+                     "readers kept running without Redis")  # fmt: skip
+    assert worker.poll() is None
+    server.start()
+
+    pool = Pool(server.url)
+    try:
+        await wait_listening(pool, sids, owner="rr-a", timeout=20)
+        await wait_min_events(pool, sids, 15)
+        for sid in sids:
+            await assert_exactly_once_in_order(pool, sid)
+        assert worker.poll() is None, "the worker died with Redis"
+    finally:
+        await pool.aclose()
