@@ -775,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return upstream_child(opts.heartbeat)
     if opts.child == "_bare":
         return bare_child(opts.port, opts.count, opts.prefix, opts.batch)
+    # SIGINT too: a shell starts background jobs with it ignored, and Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     try:

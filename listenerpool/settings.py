@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LP_", extra="forbid", frozen=True)
 
     redis_url: str | None = Field(
-        default=None, description="Redis URL; unset means embedded single-node mode."
+        default=None, description="Redis URL of the pool (required by workers)."
     )
     lease_ttl: float = Field(default=10.0, gt=0.2, description="Lease time to live (s).")
     lease_margin: float | None = Field(
@@ -51,11 +51,6 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(default=1 << 20, ge=64, description="Largest accepted event.")
     max_redirects: int = Field(default=5, ge=0, description="Upstream redirects followed.")
-    client_queue: int = Field(default=1024, ge=1, description="Per-client queue length (events).")
-    api_token: str | None = Field(default=None, description="Bearer token(s) of the control API.")
-    signing_key: str | None = Field(default=None, description="HMAC key of subscribe tokens.")
-    upstream_allow: str | None = Field(default=None, description="Upstream host/CIDR allowlist.")
-    log_format: Literal["json", "console"] = Field(default="console", description="Log format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )

@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from listenerpool.keys import LEASE_DEADLINES, SESSIONS, SessionKeys
 from listenerpool.testing.redis_server import free_port
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, running_worker
@@ -230,3 +231,21 @@ async def test_no_task_or_socket_outlives_a_stopped_session(
         await eventually(lambda: upstream.total_concurrent() == 0, 2, "upstream still sees us")
     # Once the worker has stopped, nothing of it is left on the loop.
     assert len(asyncio.all_tasks()) == 1  # this test's own task
+
+
+async def test_a_missed_cancel_notice_is_caught_by_the_next_renewal(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    async with running_worker(pool) as worker:
+        await pool.control.claim("missed", upstream.url("missed"))
+        await wait_state(pool, "missed", "listening")
+        k = SessionKeys("missed")
+        # The cancel script alone: tombstone written, no notice published on lp:ctl.
+        await pool.control.scripts.cancel(
+            keys=[k.spec, k.cancel, k.lease, k.state, LEASE_DEADLINES, SESSIONS],
+            args=["missed", 60_000],
+        )
+        bound = worker.settings.renew_interval + 0.5
+        await eventually(lambda: len(upstream.stats("missed").disconnects) == 1, bound,
+                         "the renewal did not notice the tombstone")  # fmt: skip
+        await wait_state(pool, "missed", "stopped", timeout=1)
