@@ -551,7 +551,11 @@ async def count_states(redis: Any, state_keys: Sequence[str]) -> Counter[str]:
 
 
 _LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
-_VARIABLE = re.compile(r"(pool|bare)-\d+-\d+|\d+(\.\d+)?")
+_VARIABLE = re.compile(r"(?P<sid>(pool|bare)-\d+-\d+)|(?P<job>\blp-[\w.-]+)|\d+(\.\d+)?")
+
+
+def _shape(match: re.Match[str]) -> str:
+    return "<sid>" if match["sid"] else "<job>" if match["job"] else "#"
 
 
 def scan_log(result: PoolResult) -> None:
@@ -567,7 +571,7 @@ def scan_log(result: PoolResult) -> None:
             level, logger, message = match.groups()
             result.log_levels[level] += 1
             if level not in ("DEBUG", "INFO"):
-                shape = _VARIABLE.sub(lambda m: "<sid>" if m.group(1) else "#", message)
+                shape = _VARIABLE.sub(_shape, message)
                 result.log_patterns[f"{level} {logger}: {shape[:160]}"] += 1
 
 

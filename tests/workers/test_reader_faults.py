@@ -249,3 +249,21 @@ async def test_a_missed_cancel_notice_is_caught_by_the_next_renewal(
         await eventually(lambda: len(upstream.stats("missed").disconnects) == 1, bound,
                          "the renewal did not notice the tombstone")  # fmt: skip
         await wait_state(pool, "missed", "stopped", timeout=1)
+
+
+async def test_a_new_url_for_a_running_session_reconnects_to_it(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    async with running_worker(pool):
+        await pool.control.claim("moving", upstream.url("moving"))
+        await wait_events(pool, "moving", 5)
+        result = await pool.control.claim("moving", upstream.url("moved"))
+        assert result.outcome.value == "updated"
+        await eventually(lambda: upstream.stats("moved").connections_total == 1, 5,
+                         "the reader did not move to the new URL")  # fmt: skip
+        await eventually(lambda: upstream.stats("moving").concurrent == 0, 2, "old stream open")
+        state = await wait_state(pool, "moving", "listening")
+        assert state["epoch"] == "1"  # same lease, same epoch: only the spec changed
+        # The resume point carries over: the new stream continues after the last stored id.
+        resumed = upstream.stats("moved").last_event_ids[0]
+        assert resumed is not None and int(resumed) >= 5
