@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -74,6 +75,26 @@ async def wait_registered(pool: Pool, worker_id: str) -> None:
     await eventually(registered, 15, f"worker {worker_id} never registered")
 
 
+async def sessions_on_first_of_two_workers(
+    pool: Pool,
+    processes: WorkerProcesses,
+    upstream: SSEUpstream,
+    sids: list[str],
+    names: tuple[str, str],
+    first_redis_url: str | None = None,
+) -> tuple[subprocess.Popen[bytes], dict[str, dict[str, str]]]:
+    """Start worker ``names[0]``, put every session on it, then start ``names[1]`` beside it.
+    Returns the first worker's process and the session states once each has a few events."""
+    first = processes.start(first_redis_url or pool.url, names[0])
+    for sid in sids:
+        await pool.control.claim(sid, upstream.url(sid))
+    states = await wait_listening(pool, sids, owner=names[0])
+    processes.start(pool.url, names[1])
+    await wait_registered(pool, names[1])
+    await wait_min_events(pool, sids, 5)
+    return first, states
+
+
 async def test_racing_claimers_get_exactly_one_reader_per_session(
     redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
 ) -> None:
@@ -109,13 +130,9 @@ async def test_sigkill_of_a_worker_moves_its_100_sessions_within_ttl_plus_reconc
     pool = Pool(redis_url)
     sids = [f"kill{i}" for i in range(100)]
     try:
-        victim = worker_processes.start(redis_url, "kill-a")
-        for sid in sids:
-            await pool.control.claim(sid, slow_upstream.url(sid))
-        await wait_listening(pool, sids, owner="kill-a")
-        worker_processes.start(redis_url, "kill-b")
-        await wait_registered(pool, "kill-b")
-        await wait_min_events(pool, sids, 5)
+        victim, _ = await sessions_on_first_of_two_workers(
+            pool, worker_processes, slow_upstream, sids, ("kill-a", "kill-b")
+        )
 
         killed_at = time.monotonic()
         victim.send_signal(signal.SIGKILL)
@@ -143,13 +160,14 @@ async def test_a_partitioned_worker_fences_itself_before_its_leases_expire(
     sids = [f"part{i}" for i in range(20)]
     with TCPProxy(redis_server.port) as proxy:
         try:
-            worker_processes.start(f"redis://127.0.0.1:{proxy.port}/0", "part-a")
-            for sid in sids:
-                await pool.control.claim(sid, upstream.url(sid))
-            before = await wait_listening(pool, sids, owner="part-a")
-            worker_processes.start(redis_server.url, "part-b")
-            await wait_registered(pool, "part-b")
-            await wait_min_events(pool, sids, 10)
+            _, before = await sessions_on_first_of_two_workers(
+                pool,
+                worker_processes,
+                upstream,
+                sids,
+                ("part-a", "part-b"),
+                first_redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            )
 
             proxy.set_mode("stall")
             stalled_at = time.monotonic()
@@ -190,13 +208,9 @@ async def test_sigterm_hands_every_session_to_another_worker_without_loss(
     pool = Pool(redis_url)
     sids = [f"term{i}" for i in range(50)]
     try:
-        leaving = worker_processes.start(redis_url, "term-a")
-        for sid in sids:
-            await pool.control.claim(sid, slow_upstream.url(sid))
-        await wait_listening(pool, sids, owner="term-a")
-        worker_processes.start(redis_url, "term-b")
-        await wait_registered(pool, "term-b")
-        await wait_min_events(pool, sids, 5)
+        leaving, _ = await sessions_on_first_of_two_workers(
+            pool, worker_processes, slow_upstream, sids, ("term-a", "term-b")
+        )
 
         signalled_at = time.monotonic()
         leaving.send_signal(signal.SIGTERM)
