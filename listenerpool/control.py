@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -22,6 +22,8 @@ from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 
 LISTEN_JOB = "workers.dispatch.listen"
+PENDING_TTL_FACTOR = 3
+RECLAIM_BATCH = 500
 UNASSIGNED = "-"  # owner part of a lease claimed but not yet adopted by a worker
 
 
@@ -75,7 +77,9 @@ class SessionControl:
         self._queue = queue
         self._settings = settings
         self._scripts = Scripts.register(redis)
-        self._ttl_ms = int(settings.lease_ttl * 1000)
+        # A claimed lease waits, unrenewed, until a worker adopts its job; it gets more time
+        # than a held lease so a burst of claims is not re-claimed while still queued.
+        self._pending_ttl_ms = int(settings.lease_ttl * PENDING_TTL_FACTOR * 1000)
 
     @property
     def scripts(self) -> Scripts:
@@ -94,7 +98,7 @@ class SessionControl:
         token = secrets.token_hex(8)
         outcome, epoch = await self._scripts.claim(
             keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
-            args=["put", sid, token, self._ttl_ms, spec.url, spec.headers_json()],
+            args=["put", sid, token, self._pending_ttl_ms, spec.url, spec.headers_json()],
         )
         result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
         if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
@@ -108,29 +112,66 @@ class SessionControl:
 
         Returns the new epoch when this call took the lease and enqueued a job, else None.
         """
-        k = keys.SessionKeys(sid)
-        token = secrets.token_hex(8)
-        outcome, epoch = await self._scripts.claim(
-            keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
-            args=["reconcile", sid, token, self._ttl_ms, "", ""],
-        )
-        if _text(outcome) != "claimed":
-            return None
-        await self.enqueue(sid, token, int(epoch))
-        return int(epoch)
+        return (await self.reclaim_many([sid])).get(sid)
+
+    async def reclaim_many(self, sids: Sequence[str]) -> dict[str, int]:
+        """:meth:`reclaim` for many sessions: pipelined claims, then one batch of jobs.
+
+        Returns the sessions this call claimed, with their new epochs.
+        """
+        claimed: dict[str, int] = {}
+        for start in range(0, len(sids), RECLAIM_BATCH):
+            batch = [
+                (keys.SessionKeys(sid), secrets.token_hex(8))
+                for sid in sids[start : start + RECLAIM_BATCH]
+            ]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for k, token in batch:
+                    await self._scripts.claim(
+                        keys=[
+                            k.spec,
+                            k.lease,
+                            k.cancel,
+                            k.state,
+                            keys.LEASE_DEADLINES,
+                            keys.SESSIONS,
+                        ],
+                        args=["reconcile", k.sid, token, self._pending_ttl_ms, "", ""],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+            jobs = []
+            for (k, token), (outcome, epoch) in zip(batch, replies, strict=True):
+                if _text(outcome) == "claimed":
+                    claimed[k.sid] = int(epoch)
+                    jobs.append((k.sid, token, int(epoch)))
+            await self.enqueue_many(jobs)
+        return claimed
 
     async def enqueue(self, sid: str, token: str, epoch: int) -> None:
-        """Put one listen job on the rq queue. A job outliving its unrenewed lease is useless,
-        so it expires with the lease; the reconciler claims again if nobody took it."""
-        await asyncio.to_thread(
-            self._queue.enqueue_call,
-            LISTEN_JOB,
-            args=(sid, token, epoch),
-            ttl=max(1, int(self._settings.lease_ttl)),
-            result_ttl=0,
-            failure_ttl=60,
-            job_id=f"lp-{epoch}-{token}",  # rq ids allow no dots; session ids may have them
-        )
+        await self.enqueue_many([(sid, token, epoch)])
+
+    async def enqueue_many(self, jobs: Sequence[tuple[str, str, int]]) -> None:
+        """Put listen jobs ``(sid, token, epoch)`` on the rq queue in one round trip.
+
+        A job outliving its unrenewed lease is useless, so it expires with the lease; the
+        reconciler claims again if nobody took it.
+        """
+        if not jobs:
+            return
+        ttl = max(1, int(self._pending_ttl_ms / 1000))
+        datas = [
+            Queue.prepare_data(
+                LISTEN_JOB,
+                args=(sid, token, epoch),
+                ttl=ttl,
+                result_ttl=0,
+                failure_ttl=60,
+                job_id=f"lp-{epoch}-{token}",  # rq ids allow no dots; session ids may have them
+            )
+            for sid, token, epoch in jobs
+        ]
+        await asyncio.to_thread(self._queue.enqueue_many, datas)
 
     async def cancel(self, sid: str) -> bool:
         """Stop listening to ``sid`` fleet-wide. Returns False for an unknown session.

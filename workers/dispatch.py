@@ -7,19 +7,20 @@ and runs the reader on its own asyncio loop. No process is forked per job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from rq import Queue
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, InvalidJobOperation
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 log = logging.getLogger(__name__)
 
 DEQUEUE_BLOCK_SECONDS = 1
+TAKE_BATCH = 100  # jobs per trip to the dequeue thread
 SWEEP_SECONDS = 60.0  # bounds how long a stop request waits for the blocking read
 
 
@@ -38,11 +39,15 @@ class ListenJob:
     epoch: int
 
 
-def take_job(queue: Queue) -> ListenJob | None:
-    """Block up to a second for one job; remove it from rq's bookkeeping once read."""
+def take_job(queue: Queue, *, block: bool = True) -> ListenJob | None:
+    """Take one job (blocking up to a second when ``block``); remove it from rq's bookkeeping
+    once read. Returns None when the queue is empty or the job was malformed."""
     try:
         found = Queue.dequeue_any(
-            [queue], DEQUEUE_BLOCK_SECONDS, connection=queue.connection, serializer=JSONSerializer
+            [queue],
+            DEQUEUE_BLOCK_SECONDS if block else None,
+            connection=queue.connection,
+            serializer=JSONSerializer,
         )
     except DequeueTimeout:
         return None
@@ -57,7 +62,23 @@ def take_job(queue: Queue) -> ListenJob | None:
         log.warning("dropping malformed listen job %s: args %r", job.id, job.args)
         return None
     finally:
-        job.delete()
+        # It may have expired between the read and now; its arguments are already ours.
+        with contextlib.suppress(InvalidJobOperation):
+            job.delete()
+
+
+def take_jobs(queue: Queue, limit: int) -> list[ListenJob]:
+    """Wait up to a second for a first job, then take what else is queued, up to ``limit``."""
+    first = take_job(queue)
+    if first is None:
+        return []
+    jobs = [first]
+    while len(jobs) < limit:
+        job = take_job(queue, block=False)
+        if job is None:
+            break
+        jobs.append(job)
+    return jobs
 
 
 def sweep_intermediate(queue: Queue) -> int:
@@ -77,17 +98,17 @@ def sweep_intermediate(queue: Queue) -> int:
 
 
 class JobFeed:
-    """Pulls listen jobs and hands each to ``handle`` while ``has_capacity()`` is true."""
+    """Pulls listen jobs and hands each to ``handle`` while ``spare_capacity()`` is positive."""
 
     def __init__(
         self,
         queue: Queue,
         handle: Callable[[ListenJob], Awaitable[None]],
-        has_capacity: Callable[[], bool],
+        spare_capacity: Callable[[], int],
     ) -> None:
         self._queue = queue
         self._handle = handle
-        self._has_capacity = has_capacity
+        self._spare_capacity = spare_capacity
         self._capacity_changed = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -111,24 +132,26 @@ class JobFeed:
                     await loop.run_in_executor(None, sweep_intermediate, self._queue)
                 except Exception as exc:
                     log.warning("intermediate queue sweep failed: %s", exc)
-            if not self._has_capacity():
+            spare = self._spare_capacity()
+            if spare <= 0:
                 self._capacity_changed.clear()
                 await self._capacity_changed.wait()
                 continue
             try:
                 # The read is shielded: a job the thread takes is always handled. A bare
                 # executor future (not to_thread's task) keeps the loop's task list exact.
-                job = await asyncio.shield(loop.run_in_executor(None, take_job, self._queue))
+                limit = min(spare, TAKE_BATCH)
+                jobs = await asyncio.shield(
+                    loop.run_in_executor(None, take_jobs, self._queue, limit)
+                )
             except Exception as exc:  # Redis down or a broken job: keep the feed alive
                 log.warning("dequeue failed: %s: %s", type(exc).__name__, exc)
                 await self._pause(1.0)
                 continue
-            if job is None:
+            if not jobs:
                 continue
-            if self._stopping.is_set():
-                await on_stop_job(job)
-            else:
-                await self._handle(job)
+            handle = on_stop_job if self._stopping.is_set() else self._handle
+            await asyncio.gather(*(handle(job) for job in jobs))
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -138,4 +161,4 @@ class JobFeed:
             pass
 
 
-__all__: list[Any] = ["JobFeed", "ListenJob", "listen", "take_job"]
+__all__ = ["JobFeed", "ListenJob", "listen", "sweep_intermediate", "take_job", "take_jobs"]

@@ -8,30 +8,35 @@ from typing import Any
 
 from listenerpool import keys
 from listenerpool.control import SessionControl
-from listenerpool.errors import InvalidSessionId
 
 log = logging.getLogger(__name__)
 
+BATCH = 500
+MAX_ROUNDS = 20  # bounds one call; whatever is left is due again next period
 
-async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = 500) -> int:
-    """Claim (and enqueue) up to ``limit`` sessions whose lease deadline has passed.
+
+async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BATCH) -> int:
+    """Claim (and enqueue) every session whose lease deadline has passed, ``limit`` at a time.
 
     Safe to run on every worker at once: the claim script lets exactly one caller win.
     Returns how many sessions this call claimed.
     """
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    due = await redis.zrangebyscore(keys.LEASE_DEADLINES, "-inf", now_ms, start=0, num=limit)
     claimed = 0
-    for raw in due:
-        sid = raw.decode() if isinstance(raw, bytes) else str(raw)
-        try:
-            epoch = await control.reclaim(sid)
-        except InvalidSessionId:
-            # Never written by us; a foreign entry would otherwise be retried forever.
-            await redis.zrem(keys.LEASE_DEADLINES, raw)
-            continue
-        if epoch is not None:
-            claimed += 1
+    for _ in range(MAX_ROUNDS):
+        due = await redis.zrangebyscore(keys.LEASE_DEADLINES, "-inf", now_ms, start=0, num=limit)
+        sids = []
+        for raw in due:
+            sid = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if keys.SESSION_ID_PATTERN.fullmatch(sid):
+                sids.append(sid)
+            else:  # never written by us; it would otherwise be retried forever
+                await redis.zrem(keys.LEASE_DEADLINES, raw)
+        won = await control.reclaim_many(sids)
+        for sid, epoch in won.items():
             log.info("session %s: lease had lapsed; re-claimed at epoch %d", sid, epoch)
+        claimed += len(won)
+        if len(due) < limit:
+            break
     return claimed

@@ -1,4 +1,4 @@
-"""Batched lease renewal: one pipelined round of compare-and-pexpire scripts for every lease."""
+"""Batched lease renewal and release: pipelined rounds of compare-and-set scripts."""
 
 from __future__ import annotations
 
@@ -39,3 +39,24 @@ async def renew_all(
             replies = await pipe.execute()
         verdicts.extend(RenewVerdict(int(r)) for r in replies)
     return verdicts
+
+
+async def release_all(
+    redis: Any, scripts: Scripts, sessions: Sequence[HeldSession], final: str, why: str
+) -> int:
+    """Give back every lease in ``sessions`` that is still ours; returns how many were.
+
+    ``final`` is the state recorded (``handoff`` marks desired sessions due at once).
+    """
+    released = 0
+    for start in range(0, len(sessions), BATCH):
+        async with redis.pipeline(transaction=False) as pipe:
+            for s in sessions[start : start + BATCH]:
+                await scripts.release(
+                    keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
+                    args=[s.lease_value, s.sid, final, why],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        released += sum(int(r) for r in replies)
+    return released

@@ -31,15 +31,15 @@ from workers import registry
 from workers.dispatch import JobFeed, ListenJob
 from workers.reader import REDIS_ERRORS, Reader
 from workers.reconciler import reconcile_once
-from workers.renewal import RenewVerdict, renew_all
+from workers.renewal import RenewVerdict, release_all, renew_all
 from workers.session import HeldSession
+from workers.transport import StreamTransport
 
 log = logging.getLogger(__name__)
 
 
 class StopReason(StrEnum):
     CANCELLED = "cancelled"  # the session is no longer desired: release, state stopped
-    DRAIN = "drain"  # this worker shuts down: release and hand the session to the fleet
     LOST = "lost"  # the lease is someone else's or a newer epoch exists: release if still ours
     FENCED = "fenced"  # no renewal confirmed in time: stop before the lease can expire
     RECONNECT = "reconnect"  # the spec changed: restart the reader under the same lease
@@ -62,7 +62,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             connect=settings.connect_timeout, read=settings.idle_timeout, write=10.0, pool=None
         ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        transport=StreamTransport(),
         follow_redirects=settings.max_redirects > 0,
         max_redirects=settings.max_redirects,
     )
@@ -107,7 +107,7 @@ class Worker:
         self._ttl_ms = int(settings.lease_ttl * 1000)
         self._readers: dict[str, RunningReader] = {}
         self._tg: asyncio.TaskGroup | None = None
-        self._feed = JobFeed(queue, self._adopt, self._has_capacity)
+        self._feed = JobFeed(queue, self._adopt, self._spare_capacity)
         self._started = time.time()
         self.ready = asyncio.Event()
 
@@ -161,12 +161,23 @@ class Worker:
             log.info("worker %s stopped", self.worker_id)
 
     async def _drain(self) -> None:
-        sids = list(self._readers)
-        await asyncio.gather(*(self.stop_reader(sid, StopReason.DRAIN) for sid in sids))
+        """Stop every reader, give all leases back in pipelined rounds, and re-claim the
+        sessions at once so other workers take their jobs without waiting for a TTL."""
+        running = list(self._readers.values())
+        await asyncio.gather(*(cancel_until_done(r.task) for r in running))
+        sessions = [r.session for r in running]
+        try:
+            await release_all(self._redis, self._scripts, sessions, "handoff", "worker draining")
+            await self._control.reclaim_many([s.sid for s in sessions])
+        except Exception as exc:
+            # Released leases are due at once and others' reconcilers take them; unreleased
+            # ones lapse within a TTL. Either way no session is lost.
+            log.warning("hand-over incomplete (%s); reconcilers will finish it", exc)
+        log.info("worker %s handed over %d sessions", self.worker_id, len(sessions))
 
     # -- jobs --------------------------------------------------------------------------------
-    def _has_capacity(self) -> bool:
-        return len(self._readers) < self.settings.worker_capacity
+    def _spare_capacity(self) -> int:
+        return self.settings.worker_capacity - len(self._readers)
 
     async def _adopt(self, job: ListenJob) -> None:
         try:
@@ -246,9 +257,6 @@ class Worker:
         s = running.session
         if reason is StopReason.CANCELLED:
             await self._release(s.keys, s.lease_value, "stopped", "cancelled")
-        elif reason is StopReason.DRAIN:
-            await self._release(s.keys, s.lease_value, "handoff", "worker draining")
-            await self._reclaim(sid)
         elif reason is StopReason.LOST:
             # Usually a no-op (the lease is someone else's); when a newer epoch fenced us
             # while the lease value is still ours, this lets the new owner in at once.
@@ -274,12 +282,6 @@ class Worker:
             )
         except Exception as exc:
             log.warning("session %s: release failed (lease will lapse): %s", k.sid, exc)
-
-    async def _reclaim(self, sid: str) -> None:
-        try:
-            await self._control.reclaim(sid)
-        except Exception as exc:
-            log.warning("session %s: hand-over deferred to the reconciler: %s", sid, exc)
 
     # -- duties ------------------------------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -321,9 +323,11 @@ class Worker:
             await asyncio.gather(*stops)
 
     async def _fence_loop(self) -> None:
+        # Deadlines only move later (renewals) and new readers start with the latest one, so
+        # sleeping until the earliest deadline seen misses nothing: one scan per renewal round.
         while True:
             now = self._clock()
-            earliest = now + 0.25
+            earliest = now + self.settings.fence_after
             for sid, running in list(self._readers.items()):
                 clock = running.session.clock
                 if clock.must_fence(now):
@@ -351,7 +355,8 @@ class Worker:
                             idle = 0.0
                         continue
                     idle = 0.0
-                    await self._on_control(message.get("data"))
+                    if message.get("type") == "message":  # not our own ping's pong
+                        await self._on_control(message.get("data"))
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("control channel lost (%s); resubscribing in %.1fs", exc, delay)
             except Exception:
