@@ -10,8 +10,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from types import TracebackType
-from typing import Self
+
+from listenerpool.testing.loopthread import Service
 
 
 def free_port() -> int:
@@ -20,7 +20,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
+class RedisServer(Service):
     """One ``redis-server`` child process.
 
     ``persistent=True`` turns on an fsync-always append-only file in a private directory, so
@@ -97,15 +97,3 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -22,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal
 
-from listenerpool.testing.upstream import BACKLOG, LoopThread, listen_socket
+from listenerpool.testing.loopthread import BACKLOG, ThreadedServer
 
 __all__ = ["Mode", "TCPProxy"]
 
@@ -51,22 +50,24 @@ class _Link:
                 task.cancel()
 
 
-class TCPProxy:
-    """Forwards ``127.0.0.1:{port}`` to ``target_host:target_port`` with scripted faults."""
+class TCPProxy(ThreadedServer):
+    """Forwards ``127.0.0.1:{port}`` to ``target_host:target_port`` with scripted faults.
+
+    :meth:`start` binds and starts forwarding in a background thread (a restart binds the same
+    port); :meth:`stop` closes the listener and every connection.
+    """
 
     def __init__(
         self, target_port: int, target_host: str = "127.0.0.1", listen_port: int = 0
     ) -> None:
+        super().__init__("127.0.0.1", listen_port)
         self.target_host = target_host
         self.target_port = target_port
-        self.port = listen_port
         self._mode: Mode = "pass"
         self._lock = threading.Lock()
         self._count = 0
         self._links: set[_Link] = set()  # touched on the loop only
         self._passing: asyncio.Event | None = None  # set while the mode is "pass"
-        self._runner: LoopThread | None = None
-        self._server: asyncio.Server | None = None
 
     @property
     def mode(self) -> Mode:
@@ -78,22 +79,6 @@ class TCPProxy:
             return self._count
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Bind and start forwarding in a background thread (a restart binds the same port)."""
-        if self._runner is not None:
-            raise RuntimeError("TCPProxy already started")
-        sock = listen_socket("127.0.0.1", self.port)
-        self.port = sock.getsockname()[1]
-        runner = LoopThread(f"TCPProxy:{self.port}")
-        runner.start()
-        try:
-            self._server = runner.run(self._serve(sock))
-        except BaseException:
-            sock.close()
-            runner.stop()
-            raise
-        self._runner = runner
-
     async def _serve(self, sock: socket.socket) -> asyncio.Server:
         self._passing = asyncio.Event()
         if self._mode == "pass":
@@ -102,34 +87,12 @@ class TCPProxy:
             self._handle, sock=sock, backlog=BACKLOG, limit=_READ_SIZE
         )
 
-    def stop(self) -> None:
-        """Close the listener and every connection, and end the thread. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
-            runner.run(self._shutdown())
-        finally:
-            runner.stop()
-
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
         await self._cut()
         await self._server.wait_closed()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost (socket close)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- control -----------------------------------------------------------------------------
     def set_mode(self, mode: Mode) -> None:

@@ -18,20 +18,28 @@ connection (no thread), so it holds thousands of idle connections.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import math
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Final
 from urllib.parse import quote, unquote, urlsplit
+
+from listenerpool.testing.loopthread import (
+    BACKLOG,
+    CALL_TIMEOUT,
+    LoopThread,
+    ThreadedServer,
+    await_until,
+    listen_socket,
+    wait_until,
+)
 
 __all__ = [
     "BACKLOG",
@@ -43,8 +51,6 @@ __all__ = [
     "listen_socket",
     "wait_until",
 ]
-
-T = TypeVar("T")
 
 #: AG-UI event names; event ``n`` has type ``EVENT_TYPES[(n - 1) % len(EVENT_TYPES)]``.
 EVENT_TYPES: Final = (
@@ -70,97 +76,6 @@ _GARBAGE_CHUNK: Final = 512
 _GARBAGE_INTERVAL: Final = 0.125  # 512 B every 125 ms = 4 KiB/s
 _WRITE_CHUNK: Final = 64 * 1024
 _YIELD_EVERY: Final = 64  # rate=0 streams yield to the loop this often
-_CALL_TIMEOUT: Final = 10.0
-BACKLOG: Final = 4096
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, message: str = "") -> None:
-    """Poll ``predicate`` every 10 ms; raise ``AssertionError(message)`` if still false after
-    ``timeout`` seconds. Blocks the calling thread (use ``await_until`` inside an event loop)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        time.sleep(0.01)
-
-
-async def await_until(
-    predicate: Callable[[], bool],
-    timeout: float,
-    message: str = "",
-) -> None:
-    """Like :func:`wait_until` but sleeps with ``asyncio.sleep`` so the caller's loop keeps
-    running (for async tests whose client lives on that loop)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking listening TCP socket; binding here (not via ``loop.create_server(host)``)
-    avoids getaddrinfo in the loop's executor thread and tells the port at once. Pass
-    ``backlog=BACKLOG`` to ``create_server`` too: it calls ``listen()`` again (default 100)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class LoopThread:
-    """An asyncio event loop running forever in a daemon thread, until :meth:`stop`."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._ready = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
-        try:
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        finally:
-            self.loop.close()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-
-    def in_loop(self) -> bool:
-        return threading.get_ident() == self._thread.ident
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the loop and return its result (directly if already on the loop)."""
-        if self.in_loop():
-            return fn()
-        done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                done.set_result(fn())
-            except BaseException as exc:
-                done.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return done.result(_CALL_TIMEOUT)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop from another thread and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(_CALL_TIMEOUT)
-
-    def stop(self) -> None:
-        """Stop the loop, wait for the thread to end and close the loop."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(_CALL_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -404,7 +319,7 @@ def _garbage(rng: random.Random, size: int) -> bytes:
     return bytes(data)
 
 
-class SSEUpstream:
+class SSEUpstream(ThreadedServer):
     """An upstream SSE server, scriptable per session.
 
     Defaults for every session come from the constructor: ``rate`` events per second per
@@ -450,46 +365,17 @@ class SSEUpstream:
             raise ValueError("payload_bytes and oversized_bytes must be >= 0")
         self.payload_bytes = payload_bytes
         self.oversized_bytes = oversized_bytes
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._conns: set[_Conn] = set()  # every open transport; touched on the loop only
-        self._runner: LoopThread | None = None
-        self._server: asyncio.Server | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost at stop
         self._seed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Bind and start serving in a background thread."""
-        if self._runner is not None:
-            raise RuntimeError("SSEUpstream already started")
-        sock = listen_socket(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        runner = LoopThread(f"SSEUpstream:{self.port}")
-        runner.start()
-        try:
-            self._server = runner.run(self._serve(sock))
-        except BaseException:
-            sock.close()
-            runner.stop()
-            raise
-        self._runner = runner
-
     async def _serve(self, sock: socket.socket) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         return await loop.create_server(lambda: _Conn(self), sock=sock, backlog=BACKLOG)
-
-    def stop(self) -> None:
-        """Close the listener and every connection, and end the thread. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
-            runner.run(self._shutdown())
-        finally:
-            runner.stop()
 
     async def _shutdown(self) -> None:
         assert self._server is not None
@@ -504,19 +390,7 @@ class SSEUpstream:
         await self._server.wait_closed()
         if self._conns:  # each socket is closed by its connection_lost callback
             self._all_closed = asyncio.Event()
-            await asyncio.wait_for(self._all_closed.wait(), _CALL_TIMEOUT / 2)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            await asyncio.wait_for(self._all_closed.wait(), CALL_TIMEOUT / 2)
 
     # -- control -----------------------------------------------------------------------------
     def url(self, sid: str) -> str:

@@ -213,7 +213,6 @@ async def test_no_task_or_socket_outlives_a_stopped_session(
     pool: Pool, upstream: SSEUpstream
 ) -> None:
     async with running_worker(pool) as worker:
-        await asyncio.sleep(0)  # let the worker's duties start before the baseline is taken
         baseline = task_names()
         sids = [f"leak{i}" for i in range(20)]
         for sid in sids:
