@@ -66,3 +66,10 @@ def envelope_parts(epoch: int, event: str, data: str, upstream_id: str) -> tuple
         f'"data":{json.dumps(data)},"id":{json.dumps(upstream_id)}}}'
     )
     return '{"seq":', tail
+
+
+def seq_of(raw: str) -> int:
+    """The seq of a live envelope without parsing the whole JSON (it is always first)."""
+    if not raw.startswith('{"seq":'):
+        raise ValueError(f"not an envelope: {raw[:40]!r}")
+    return int(raw[7 : raw.index(",", 7)])

@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(default=1 << 20, ge=64, description="Largest accepted event.")
     max_redirects: int = Field(default=5, ge=0, description="Upstream redirects followed.")
+    client_queue: int = Field(
+        default=1024, ge=1, description="Events queued per client before it counts as too slow."
+    )
+    client_queue_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Bytes queued per client before it is too slow."
+    )
+    client_heartbeat: float = Field(
+        default=15.0, gt=0, description="Heartbeat to idle clients (SSE comment, WS ping) (s)."
+    )
+    stream_check_interval: float = Field(
+        default=20.0,
+        gt=0,
+        description="How often followed sessions are checked for lost live messages (s).",
+    )
+    host: str = Field(default="127.0.0.1", description="Gateway listen address.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Gateway listen port.")
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest control request body."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
+import httpx
 import pytest
 import redis
 
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings, load_settings
-from listenerpool.testing.redis_server import RedisServer
+from listenerpool.testing.redis_server import RedisServer, free_port
 from listenerpool.testing.upstream import SSEUpstream
 from workers.worker import Worker
 
@@ -254,3 +255,57 @@ def _stack(task: asyncio.Task[Any]) -> str:
             lines.append(f"  awaiting {obj!r:.200}")
         obj = nxt
     return "\n".join(lines)
+
+
+# -- gateways ----------------------------------------------------------------------------------
+class GatewayProcesses:
+    """``python -m gateway`` children on free ports; all are killed at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, redis_url: str, name: str, **settings: Any
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start a gateway; returns the process and its base URL once ``/healthz`` answers."""
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
+        for key, value in {**FAST, **settings}.items():
+            env[f"LP_{key.upper()}"] = str(value)
+        env.update(LP_REDIS_URL=redis_url, LP_PORT=str(port), LP_LOG_LEVEL="WARNING")
+        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env=env, cwd=ROOT, stdout=log, stderr=log
+        )
+        log.close()
+        self.procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    return proc, base
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway {name} did not start: {self.log(name)[-2000:]}")
+            time.sleep(0.05)
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def gateway_processes(tmp_path: Path) -> Iterator[GatewayProcesses]:
+    procs = GatewayProcesses(tmp_path)
+    yield procs
+    procs.stop_all()

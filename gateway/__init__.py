@@ -1,0 +1,5 @@
+"""The listenerpool gateway: control API and fan-out of session events to WS/SSE clients."""
+
+from gateway.app import create_app, gateway_lifespan
+
+__all__ = ["create_app", "gateway_lifespan"]

@@ -1,0 +1,134 @@
+"""The gateway ASGI app: control API, fan-out of session events, health and readiness.
+
+``create_app(settings)`` builds a FastAPI app whose lifespan opens the Redis clients and the
+fan-out hub. To mount it in another Starlette/FastAPI app, enter :func:`gateway_lifespan` from
+the host app's lifespan (mounted apps' own lifespans are not run by Starlette).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import control_api, events_api
+from gateway.errors import error_response, install_error_handlers
+from gateway.hub import REDIS_ERRORS, FanoutHub
+from gateway.state import GatewayState
+from listenerpool.connections import async_redis, listen_queue, sync_redis
+from listenerpool.control import SessionControl
+from listenerpool.settings import Settings
+
+
+@asynccontextmanager
+async def gateway_lifespan(
+    app: FastAPI, *, redis: Any = None, sync: Any = None
+) -> AsyncIterator[None]:
+    """Open what the gateway needs on ``app.state.gateway`` and close it on exit. Clients
+    passed in (e.g. fakeredis in tests) are used and not closed."""
+    settings: Settings = app.state.settings
+    own = redis is None
+    redis = redis if redis is not None else async_redis(settings)
+    sync = sync if sync is not None else sync_redis(settings)
+    hub = FanoutHub(
+        redis,
+        max_items=settings.client_queue,
+        max_bytes=settings.client_queue_bytes,
+        check_interval=settings.stream_check_interval,
+    )
+    control = SessionControl(redis, listen_queue(sync, settings), settings)
+    app.state.gateway = GatewayState(settings, redis, control, hub)
+    await hub.start()
+    try:
+        yield
+    finally:
+        await hub.aclose()
+        if own:
+            await redis.aclose()
+            sync.close()
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413 before any route reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_response(413, "body_too_large", f"body over {self.limit} bytes")(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await error_response(413, "body_too_large", f"body over {self.limit} bytes")(
+                scope, receive, send
+            )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> FastAPI:
+    """The gateway app. ``redis``/``sync`` override the clients built from ``settings``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with gateway_lifespan(app, redis=redis, sync=sync):
+            yield
+
+    app = FastAPI(
+        title="listenerpool gateway",
+        version="0.1.0",
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(control_api.router)
+    app.include_router(events_api.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Redis answers: the gateway can take control calls and serve clients."""
+        state: GatewayState = app.state.gateway
+        try:
+            async with asyncio.timeout(1.0):
+                await state.redis.ping()
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            return error_response(503, "redis_unavailable", f"Redis is unavailable: {exc}")
+        return JSONResponse({"status": "ready"})
+
+    return app

@@ -1,0 +1,188 @@
+"""A session's events to one client, as Server-Sent Events or over a WebSocket (same path).
+
+Both transports run the same :class:`~gateway.feed.SessionFeed` in a sender task, beside a
+watcher that ends the connection when the client leaves or falls behind. Only event frames
+carry an SSE ``id:``; heartbeats and notices carry none, so ``Last-Event-ID`` never moves past
+an event the client did not receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
+
+from gateway.errors import ApiError
+from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
+from gateway.state import GatewayState
+from listenerpool.envelope import Envelope
+from listenerpool.keys import SessionKeys
+
+router = APIRouter(prefix="/v1")
+
+TOO_SLOW = 1013  # WebSocket "try again later"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def parse_after(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    if not value.isdigit() or len(value) > 18:
+        raise ApiError(
+            400, "invalid_after", f"after/Last-Event-ID must be a seq number, not {value!r}"
+        )
+    return int(value)
+
+
+async def require_session(state: GatewayState, sid: str) -> None:
+    if not await state.redis.exists(SessionKeys(sid).spec):
+        raise ApiError(404, "unknown_session", f"session {sid!r} does not exist")
+
+
+def sse_bytes(frame: Frame) -> bytes:
+    if isinstance(frame, ResetFrame):
+        notice = json.dumps({"after": frame.after, "first_seq": frame.first_seq})
+        return f"event: lp-reset\ndata: {notice}\n\n".encode()
+    env = Envelope.from_json(frame.raw)
+    lines = "".join(f"data: {line}\n" for line in env.data.split("\n"))
+    return f"id: {env.seq}\nevent: {env.event}\n{lines}\n".encode()
+
+
+def ws_text(frame: Frame) -> str:
+    if isinstance(frame, ResetFrame):
+        return json.dumps({"type": "reset", "after": frame.after, "first_seq": frame.first_seq})
+    return frame.raw
+
+
+class SSEStream(Response):
+    """An ASGI response streaming a feed as text/event-stream with heartbeats."""
+
+    def __init__(self, feed: SessionFeed, heartbeat: float) -> None:
+        # Response's body handling is not used: __call__ streams the feed itself.
+        self.status_code = 200
+        self.background = None
+        self._feed = feed
+        self._heartbeat = heartbeat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._feed:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            sender = asyncio.create_task(self._send_frames(send))
+            watcher = asyncio.create_task(_wait_http_disconnect(receive))
+            overflow = asyncio.create_task(self._feed.overflowed.wait())
+            try:
+                await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sender, watcher, overflow):
+                    task.cancel()
+                await asyncio.gather(sender, watcher, overflow, return_exceptions=True)
+            if not watcher.done() or watcher.cancelled():
+                # Falling behind ends the stream; the client resumes with Last-Event-ID.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_frames(self, send: Send) -> None:
+        async for chunk in _with_heartbeats(self._feed.frames(), self._heartbeat):
+            data = b": heartbeat\n\n" if chunk is None else sse_bytes(chunk)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _with_heartbeats(
+    frames: AsyncIterator[Frame], every: float
+) -> AsyncIterator[Frame | None]:
+    """The frames, with ``None`` whenever ``every`` seconds pass without one."""
+    pending: asyncio.Future[Frame] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(frames))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            frame = pending.result()
+            pending = None
+            yield frame
+    except (StopAsyncIteration, ClientTooSlow):
+        return
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
+async def _wait_http_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.get("/sessions/{sid}/events", response_model=None)
+async def sse_events(sid: str, request: Request) -> Any:
+    """The session's events as Server-Sent Events (``id:`` = seq). Resume with the
+    ``Last-Event-ID`` header or ``?after=<seq>``."""
+    state: GatewayState = request.app.state.gateway
+    after = parse_after(request.headers.get("last-event-id") or request.query_params.get("after"))
+    await require_session(state, sid)
+    return SSEStream(
+        SessionFeed(state.hub, state.redis, sid, after), state.settings.client_heartbeat
+    )
+
+
+@router.websocket("/sessions/{sid}/events")
+async def ws_events(websocket: WebSocket, sid: str) -> None:
+    """The session's events as WebSocket text frames: envelopes ``{"seq", "epoch", "event",
+    "data", "id"}`` and notices ``{"type": "reset", ...}``. Resume with ``?after=<seq>``."""
+    state: GatewayState = websocket.app.state.gateway
+    try:
+        SessionKeys(sid)
+        after = parse_after(websocket.query_params.get("after"))
+        await require_session(state, sid)
+    except Exception as exc:
+        await websocket.close(
+            code=4400 if not isinstance(exc, ApiError) or exc.status == 400 else 4404,
+            reason=str(exc)[:120],
+        )
+        return
+    feed = SessionFeed(state.hub, state.redis, sid, after)
+    async with feed:
+        await websocket.accept()
+        sender = asyncio.create_task(_ws_send(websocket, feed))
+        watcher = asyncio.create_task(_ws_wait_disconnect(websocket))
+        overflow = asyncio.create_task(feed.overflowed.wait())
+        try:
+            await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, watcher, overflow):
+                task.cancel()
+            await asyncio.gather(sender, watcher, overflow, return_exceptions=True)
+        if overflow.done() and not overflow.cancelled():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await websocket.close(code=TOO_SLOW, reason="client too slow: resume by seq")
+
+
+async def _ws_send(websocket: WebSocket, feed: SessionFeed) -> None:
+    with contextlib.suppress(ClientTooSlow):
+        async for frame in feed.frames():
+            await websocket.send_text(ws_text(frame))
+
+
+async def _ws_wait_disconnect(websocket: WebSocket) -> None:
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
