@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.hub import CATCH_UP, FanoutHub, Live, Subscriber
+from gateway.hub import CATCH_UP, FanoutHub, Live, Overflowed, Subscriber
 from listenerpool.envelope import Envelope
 from listenerpool.keys import SessionKeys
 
@@ -75,9 +75,10 @@ class SessionFeed:
         async for frame in self._from_history(until=None):
             yield frame
         while True:
-            item = await self._sub.get()
-            if self._sub.overflowed.is_set():
-                raise ClientTooSlow
+            try:
+                item = await self._sub.get()
+            except Overflowed:
+                raise ClientTooSlow from None
             if item is CATCH_UP:
                 async for frame in self._from_history(until=None):
                     yield frame

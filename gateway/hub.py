@@ -44,6 +44,10 @@ class _CatchUp:
 CATCH_UP: Final = _CatchUp()
 
 
+class Overflowed(Exception):
+    """The subscriber's queue overflowed; what it held was dropped with it."""
+
+
 class HubUnavailable(Exception):
     """The hub could not subscribe in time (Redis unreachable)."""
 
@@ -68,6 +72,7 @@ class Subscriber:
                 self.overflowed.set()
                 self._items.clear()
                 self._bytes = 0
+                self._ready.set()
                 return
             self._bytes += len(item.raw)
         elif self._items and self._items[-1] is CATCH_UP:
@@ -76,7 +81,10 @@ class Subscriber:
         self._ready.set()
 
     async def get(self) -> Live | _CatchUp:
+        """The next item; raises :class:`Overflowed` once the queue has overflowed."""
         while not self._items:
+            if self.overflowed.is_set():
+                raise Overflowed
             self._ready.clear()
             await self._ready.wait()
         item = self._items.popleft()

@@ -1,0 +1,135 @@
+"""The fan-out hub and a client's feed against a real Redis, with a simulated worker writing
+history entries and live envelopes (so each can be withheld to make gaps)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.feed import ClientTooSlow, EventFrame, Frame, ResetFrame, SessionFeed
+from gateway.hub import FanoutHub
+from listenerpool.envelope import Envelope
+from listenerpool.keys import SessionKeys
+from tests.conftest import Pool, eventually
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def emit(redis: Any, sid: str, seq: int, *, publish: bool = True, store: bool = True) -> None:
+    """What the publish script does for one event, with either half optional."""
+    k = SessionKeys(sid)
+    env = Envelope(seq=seq, epoch=1, event="message", data=f"event {seq}", id=str(seq))
+    if store:
+        await redis.xadd(
+            k.events,
+            {"seq": seq, "epoch": 1, "event": env.event, "data": env.data, "uid": env.id},
+            id=f"{seq}-0",
+        )
+    if publish:
+        await redis.publish(k.live, env.to_json())
+
+
+@pytest.fixture
+async def hub(pool: Pool) -> AsyncIterator[FanoutHub]:
+    h = FanoutHub(pool.redis, max_items=16, max_bytes=1 << 20, check_interval=0.2)
+    await h.start()
+    yield h
+    await h.aclose()
+
+
+async def take(frames: AsyncIterator[Frame], count: int) -> list[Frame]:
+    out = []
+    async with asyncio.timeout(10):
+        while len(out) < count:
+            out.append(await anext(frames))
+    return out
+
+
+def seqs(frames: list[Frame]) -> list[int]:
+    return [f.seq for f in frames if isinstance(f, EventFrame)]
+
+
+async def test_history_then_live_without_gap_or_duplicate(pool: Pool, hub: FanoutHub) -> None:
+    for seq in range(1, 6):
+        await emit(pool.redis, "j", seq)
+    async with SessionFeed(hub, pool.redis, "j", after=2) as feed:
+        frames = feed.frames()
+        assert seqs(await take(frames, 3)) == [3, 4, 5]
+        for seq in range(6, 9):
+            await emit(pool.redis, "j", seq)
+        got = await take(frames, 3)
+        assert seqs(got) == [6, 7, 8]
+        assert Envelope.from_json(got[0].raw).data == "event 6"  # type: ignore[union-attr]
+
+
+async def test_a_live_gap_is_filled_from_history(pool: Pool, hub: FanoutHub) -> None:
+    async with SessionFeed(hub, pool.redis, "g", after=0) as feed:
+        frames = feed.frames()
+        await emit(pool.redis, "g", 1)
+        await emit(pool.redis, "g", 2, publish=False)  # lost on the live path
+        await emit(pool.redis, "g", 3, publish=False)
+        await emit(pool.redis, "g", 4)
+        assert seqs(await take(frames, 4)) == [1, 2, 3, 4]
+
+
+async def test_a_position_older_than_history_gets_a_reset(pool: Pool, hub: FanoutHub) -> None:
+    for seq in range(10, 13):  # 1..9 were trimmed away
+        await emit(pool.redis, "r", seq, publish=False)
+    async with SessionFeed(hub, pool.redis, "r", after=3) as feed:
+        got = await take(feed.frames(), 4)
+        assert got[0] == ResetFrame(after=3, first_seq=10)
+        assert seqs(got) == [10, 11, 12]
+
+
+async def test_silence_after_a_lost_message_is_caught_by_the_stream_check(
+    pool: Pool, hub: FanoutHub
+) -> None:
+    async with SessionFeed(hub, pool.redis, "quiet", after=0) as feed:
+        frames = feed.frames()
+        await emit(pool.redis, "quiet", 1)
+        await emit(pool.redis, "quiet", 2, publish=False)  # lost, and nothing follows
+        assert seqs(await take(frames, 2)) == [1, 2]
+
+
+async def test_pubsub_connection_killed_then_clients_catch_up(pool: Pool, hub: FanoutHub) -> None:
+    async with SessionFeed(hub, pool.redis, "k", after=0) as feed:
+        frames = feed.frames()
+        await emit(pool.redis, "k", 1)
+        assert seqs(await take(frames, 1)) == [1]
+        await pool.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await emit(pool.redis, "k", 2, publish=False)  # published while we were away
+        await eventually(lambda: hub.resubscribes >= 1, 10, "the hub did not resubscribe")
+        await emit(pool.redis, "k", 3)
+        assert seqs(await take(frames, 2)) == [2, 3]
+
+
+async def test_a_client_that_falls_behind_is_cut_off(pool: Pool, hub: FanoutHub) -> None:
+    async with SessionFeed(hub, pool.redis, "slow", after=0) as feed:
+        for seq in range(1, 40):  # queue holds 16
+            await emit(pool.redis, "slow", seq)
+        await eventually(feed.overflowed.is_set, 5, "no overflow")
+        with pytest.raises(ClientTooSlow):
+            await take(feed.frames(), 40)
+
+
+async def test_one_subscription_per_session_while_it_has_clients(
+    pool: Pool, hub: FanoutHub
+) -> None:
+    live = SessionKeys("shared").live
+
+    async def subscribers() -> int:
+        [(_, count)] = await pool.redis.pubsub_numsub(live)
+        return int(count)
+
+    async with SessionFeed(hub, pool.redis, "shared", 0), SessionFeed(hub, pool.redis, "shared", 0):
+        assert hub.channels() == 1
+        assert await subscribers() == 1
+    assert hub.channels() == 0
+
+    async def none_left() -> bool:
+        return await subscribers() == 0
+
+    await eventually(none_left, 5, "still subscribed after the last client left")
