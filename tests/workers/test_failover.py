@@ -139,6 +139,7 @@ async def test_sigkill_of_a_worker_moves_its_100_sessions_within_ttl_plus_reconc
         states = await wait_listening(pool, sids, owner="kill-b", timeout=15)
         failover = time.monotonic() - killed_at
         bound = TIMING.lease_ttl + TIMING.reconcile_period + 1.0
+        print(f"SIGKILL failover of 100 sessions: {failover:.2f}s (bound {bound:.2f}s)")
         assert failover <= bound, f"failover took {failover:.2f}s, bound {bound:.2f}s"
         assert all(int(s["epoch"]) >= 2 for s in states.values())
 
@@ -181,9 +182,12 @@ async def test_a_partitioned_worker_fences_itself_before_its_leases_expire(
                 TIMING.lease_ttl + 1,
                 "the partitioned worker kept reading",
             )
+            leads = []
             for sid in sids:
                 fenced_at = upstream.stats(sid).disconnects[0]
                 assert fenced_at < expiry[sid], f"{sid}: reader outlived its lease"
+                leads.append(expiry[sid] - fenced_at)
+            print(f"partition: readers stopped {min(leads):.2f}-{max(leads):.2f}s before expiry")
 
             after = await wait_listening(pool, sids, owner="part-b", timeout=15)
             for sid in sids:
@@ -216,6 +220,7 @@ async def test_sigterm_hands_every_session_to_another_worker_without_loss(
         leaving.send_signal(signal.SIGTERM)
         await wait_listening(pool, sids, owner="term-b", timeout=10)
         handover = time.monotonic() - signalled_at
+        print(f"SIGTERM hand-over of 50 sessions: {handover:.2f}s")
         # A drain hands over at once; it does not wait for leases to expire.
         assert handover < TIMING.lease_ttl, f"hand-over took {handover:.2f}s"
         assert await asyncio.to_thread(leaving.wait, 10) == 0
