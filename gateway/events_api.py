@@ -21,8 +21,10 @@ from starlette.websockets import WebSocketDisconnect
 
 from gateway.errors import ApiError
 from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
+from gateway.hub import REDIS_ERRORS, HubUnavailable
 from gateway.state import GatewayState
 from listenerpool.envelope import Envelope
+from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
 
 router = APIRouter(prefix="/v1")
@@ -146,19 +148,23 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
     """The session's events as WebSocket text frames: envelopes ``{"seq", "epoch", "event",
     "data", "id"}`` and notices ``{"type": "reset", ...}``. Resume with ``?after=<seq>``."""
     state: GatewayState = websocket.app.state.gateway
+    # Accept first so that a refusal reaches the client as a close code (4000 + the HTTP
+    # status a plain request would get) rather than a bare 403 handshake failure.
+    await websocket.accept()
     try:
         SessionKeys(sid)
         after = parse_after(websocket.query_params.get("after"))
         await require_session(state, sid)
-    except Exception as exc:
-        await websocket.close(
-            code=4400 if not isinstance(exc, ApiError) or exc.status == 400 else 4404,
-            reason=str(exc)[:120],
-        )
+        feed = SessionFeed(state.hub, state.redis, sid, after)
+        await feed.__aenter__()
+    except (ApiError, InvalidInput) as exc:
+        status = exc.status if isinstance(exc, ApiError) else 400
+        await websocket.close(code=4000 + status, reason=str(exc)[:120])
         return
-    feed = SessionFeed(state.hub, state.redis, sid, after)
-    async with feed:
-        await websocket.accept()
+    except (*REDIS_ERRORS, HubUnavailable) as exc:
+        await websocket.close(code=4503, reason=f"Redis is unavailable: {exc}"[:120])
+        return
+    try:
         sender = asyncio.create_task(_ws_send(websocket, feed))
         watcher = asyncio.create_task(_ws_wait_disconnect(websocket))
         overflow = asyncio.create_task(feed.overflowed.wait())
@@ -172,6 +178,8 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await websocket.close(code=TOO_SLOW, reason="client too slow: resume by seq")
+    finally:
+        await feed.__aexit__(None, None, None)
 
 
 async def _ws_send(websocket: WebSocket, feed: SessionFeed) -> None:

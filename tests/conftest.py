@@ -266,10 +266,11 @@ class GatewayProcesses:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, redis_url: str, name: str, **settings: Any
+        self, redis_url: str, name: str, *, port: int | None = None, **settings: Any
     ) -> tuple[subprocess.Popen[bytes], str]:
-        """Start a gateway; returns the process and its base URL once ``/healthz`` answers."""
-        port = free_port()
+        """Start a gateway (on ``port``, default a free one); returns the process and its base
+        URL once ``/healthz`` answers."""
+        port = port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
         for key, value in {**FAST, **settings}.items():
             env[f"LP_{key.upper()}"] = str(value)

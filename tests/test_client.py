@@ -1,0 +1,243 @@
+"""listenerpool.client against a real gateway process, worker process and redis-server, plus
+the stream's protocol edge cases against a scripted WebSocket server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from listenerpool.client import Event, PoolClient, PoolClientError, Reset
+from listenerpool.testing.upstream import SSEUpstream
+from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
+
+
+@pytest.fixture
+def gateway(
+    redis_url: str, gateway_processes: GatewayProcesses, worker_processes: WorkerProcesses
+) -> tuple[subprocess.Popen[bytes], str]:
+    """One worker process and one gateway process on the test's Redis."""
+    worker_processes.start(redis_url, "w1")
+    return gateway_processes.start(redis_url, "gw1")
+
+
+@pytest.fixture
+async def client(gateway: tuple[subprocess.Popen[bytes], str]) -> AsyncIterator[PoolClient]:
+    async with PoolClient(gateway[1]) as c:
+        yield c
+
+
+async def listening(client: PoolClient, sid: str) -> None:
+    async def check() -> bool:
+        return bool((await client.status(sid))["state"] == "listening")
+
+    await eventually(check, 20, f"{sid} is not listening")
+
+
+async def take(client: PoolClient, sid: str, n: int, **kwargs: int) -> list[Event | Reset]:
+    items: list[Event | Reset] = []
+    async with asyncio.timeout(20):
+        async for item in client.events(sid, **kwargs):
+            items.append(item)
+            if len(items) == n:
+                break
+    return items
+
+
+def assert_numbered(items: list[Event | Reset], first: int) -> None:
+    """Events ``first, first+1, ...`` with the upstream's payloads, no reset, no duplicate."""
+    assert all(isinstance(i, Event) for i in items), items
+    events = [i for i in items if isinstance(i, Event)]
+    assert [e.seq for e in events] == list(range(first, first + len(events)))
+    assert [SSEUpstream.number_of(e.data) for e in events] == [e.seq for e in events]
+    assert [e.event for e in events] == [SSEUpstream.event_type(e.seq) for e in events]
+    assert all(e.id == str(e.seq) and e.epoch >= 1 for e in events)
+
+
+async def live_subscribers(pool: Pool, sid: str) -> int:
+    """Subscribers of the session's live channel: 1 while the gateway has a client for it."""
+    [(_, count)] = await pool.redis.pubsub_numsub(f"lp:{{{sid}}}:live")
+    return int(count)
+
+
+@pytest.mark.timeout(60)
+async def test_start_status_events_and_resume(client: PoolClient, upstream: SSEUpstream) -> None:
+    started = await client.start("s1", upstream.url("s1"))
+    assert started == {"sid": "s1", "outcome": "created", "epoch": started["epoch"]}
+    assert (await client.start("s1", upstream.url("s1")))["outcome"] == "unchanged"
+    await listening(client, "s1")
+    status = await client.status("s1")
+    assert status["owner"] == "w1" and status["url"] == upstream.url("s1")
+
+    assert_numbered(await take(client, "s1", 30), first=1)
+    assert_numbered(await take(client, "s1", 10, after=25), first=26)
+
+    page = await client.sessions(offset=0, limit=10)
+    assert [s["sid"] for s in page["sessions"]] == ["s1"]
+    assert page["total"] == 1 and page["next_offset"] is None
+
+    await client.cancel("s1")
+    assert (await client.status("s1"))["desired"] is False
+
+
+@pytest.mark.timeout(60)
+async def test_stopping_iteration_closes_the_websocket(
+    client: PoolClient, upstream: SSEUpstream, pool: Pool
+) -> None:
+    await client.start("s1", upstream.url("s1"))
+    await listening(client, "s1")
+
+    # break out of the loop: dropping the iterator closes its connection
+    async for item in client.events("s1"):
+        assert isinstance(item, Event)
+        assert await live_subscribers(pool, "s1") == 1
+        break
+    await eventually(lambda: live_subscribers_is(pool, "s1", 0), 10, "connection left open")
+
+    # explicit aclose, and last_seq to resume from
+    stream = client.events("s1", after=3)
+    first = await anext(stream)
+    assert isinstance(first, Event) and first.seq == 4 and stream.last_seq == 4
+    assert await live_subscribers(pool, "s1") == 1
+    await stream.aclose()
+    await eventually(lambda: live_subscribers_is(pool, "s1", 0), 10, "connection left open")
+
+    # closing the client ends an iterator that is waiting for events
+    items: list[Event | Reset] = []
+
+    async def consume() -> None:
+        async for item in client.events("s1"):
+            items.append(item)
+
+    task = asyncio.create_task(consume())
+    await eventually(lambda: len(items) >= 3, 10)
+    await client.aclose()
+    async with asyncio.timeout(10):
+        await task  # ends without an error
+    await eventually(lambda: live_subscribers_is(pool, "s1", 0), 10, "connection left open")
+
+
+async def live_subscribers_is(pool: Pool, sid: str, n: int) -> bool:
+    return await live_subscribers(pool, sid) == n
+
+
+@pytest.mark.timeout(60)
+async def test_reconnects_across_a_gateway_restart_without_gap_or_duplicate(
+    redis_url: str,
+    gateway: tuple[subprocess.Popen[bytes], str],
+    gateway_processes: GatewayProcesses,
+    upstream: SSEUpstream,
+    pool: Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proc, base = gateway
+    items: list[Event | Reset] = []
+    async with PoolClient(base) as client:
+        await client.start("s1", upstream.url("s1"))
+        await listening(client, "s1")
+
+        async def consume() -> None:
+            stream = client.events("s1", reconnect_delay=0.05, max_reconnect_delay=0.5)
+            async for item in stream:
+                items.append(item)
+
+        task = asyncio.create_task(consume())
+        try:
+            await eventually(lambda: len(items) >= 20, 20, "no events before the restart")
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            at_kill = len(items)
+
+            # The worker keeps publishing while no gateway runs; the client keeps retrying.
+            async def published_while_down() -> bool:
+                return int(await pool.redis.xlen("lp:{s1}:events")) >= at_kill + 25
+
+            await eventually(published_while_down, 20, "worker stopped publishing")
+            assert len(items) <= at_kill + 1  # at most one already in flight
+            assert not task.done()
+
+            port = urlsplit(base).port
+            _, base_b = await asyncio.to_thread(
+                gateway_processes.start, redis_url, "gw1b", port=port
+            )
+            assert base_b == base
+
+            await eventually(lambda: len(items) >= at_kill + 60, 20, "did not reconnect")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert_numbered(items, first=1)
+
+
+@pytest.mark.timeout(60)
+async def test_errors(client: PoolClient, upstream: SSEUpstream) -> None:
+    for call in (
+        client.start("bad sid!", upstream.url("x")),
+        client.status("bad sid!"),
+        client.cancel(""),
+        anext(client.events("a/b")),
+    ):
+        with pytest.raises(PoolClientError) as bad:
+            await call
+        assert (bad.value.status, bad.value.code) == (400, "invalid_session_id")
+
+    with pytest.raises(PoolClientError) as bad_url:
+        await client.start("s1", "ftp://example.invalid/x")
+    assert (bad_url.value.status, bad_url.value.code) == (400, "invalid_upstream")
+    assert bad_url.value.message
+
+    for call in (client.status("nope"), client.cancel("nope"), anext(client.events("nope"))):
+        with pytest.raises(PoolClientError) as unknown:
+            await call
+        assert (unknown.value.status, unknown.value.code) == (404, "unknown_session")
+        assert "nope" in unknown.value.message
+
+
+# -- protocol edge cases against a scripted server -------------------------------------------
+def envelope(seq: int) -> str:
+    return json.dumps({"seq": seq, "epoch": 1, "event": "e", "data": f"d{seq}", "id": str(seq)})
+
+
+@pytest.mark.timeout(60)
+async def test_stream_dedupes_resumes_after_1013_and_gaps_and_surfaces_resets() -> None:
+    afters: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        assert urlsplit(ws.request.path).path == "/v1/sessions/s1/events"
+        after = int(parse_qs(urlsplit(ws.request.path).query)["after"][0])
+        afters.append(after)
+        if len(afters) == 1:  # history trimmed: a reset, a duplicate, junk, then "too slow"
+            for frame in ['{"type":"reset","after":0,"first_seq":3}', envelope(3), envelope(4)]:
+                await ws.send(frame)
+            await ws.send(envelope(4))
+            await ws.send("not json")
+            await ws.send(b"binary")
+            await ws.close(1013, "client too slow: resume by seq")
+        elif len(afters) == 2:  # replays one it already has, then jumps over 7
+            for seq in (4, 5, 6, 8):
+                await ws.send(envelope(seq))
+            await ws.wait_closed()
+        else:  # a stale reset (already past it), the rest, then the session is gone
+            for frame in ['{"type":"reset","after":0,"first_seq":3}', envelope(7), envelope(8)]:
+                await ws.send(frame)
+            await ws.close(4404, "session 's1' does not exist")
+
+    items: list[Event | Reset] = []
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with PoolClient(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(PoolClientError) as gone:
+                async for item in client.events("s1", reconnect_delay=0.01):
+                    items.append(item)
+    assert (gone.value.status, gone.value.code) == (404, "unknown_session")
+    assert afters == [0, 4, 6]
+    assert items[0] == Reset(after=0, first_seq=3)
+    assert [i.seq for i in items[1:] if isinstance(i, Event)] == [3, 4, 5, 6, 7, 8]
+    assert len(items) == 7
+    assert items[1] == Event(seq=3, epoch=1, event="e", data="d3", id="3")
