@@ -15,7 +15,11 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_readme_example_runs(redis_url: str) -> None:
     readme = (ROOT / "README.md").read_text()
-    [example] = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    [example] = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+        if "asyncio.run(main())" in block
+    ]
     assert "redis://127.0.0.1:6379/0" in example
     code = example.replace("redis://127.0.0.1:6379/0", redis_url)
     result = subprocess.run(
