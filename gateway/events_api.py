@@ -26,6 +26,7 @@ from gateway.state import GatewayState
 from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
+from listenerpool.tasks import cancel_until_done
 
 router = APIRouter(prefix="/v1")
 
@@ -86,9 +87,7 @@ class SSEStream(Response):
             try:
                 await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (sender, watcher, overflow):
-                    task.cancel()
-                await asyncio.gather(sender, watcher, overflow, return_exceptions=True)
+                await _finish(sender, watcher, overflow)
             if not watcher.done() or watcher.cancelled():
                 # Falling behind ends the stream; the client resumes with Last-Event-ID.
                 with contextlib.suppress(Exception):
@@ -99,6 +98,15 @@ class SSEStream(Response):
         async for chunk in _with_heartbeats(self._feed.frames(), self._heartbeat):
             data = b": heartbeat\n\n" if chunk is None else sse_bytes(chunk)
             await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _finish(*tasks: asyncio.Task[Any]) -> None:
+    """Stop the tasks of one connection and collect their outcomes (a client that vanished
+    makes sends fail; that is how a connection ends, not an error to report)."""
+    await asyncio.gather(*(cancel_until_done(t) for t in tasks))
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 async def _with_heartbeats(
@@ -171,9 +179,7 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
         try:
             await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sender, watcher, overflow):
-                task.cancel()
-            await asyncio.gather(sender, watcher, overflow, return_exceptions=True)
+            await _finish(sender, watcher, overflow)
         if overflow.done() and not overflow.cancelled():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):

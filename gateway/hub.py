@@ -23,6 +23,7 @@ import redis.exceptions
 
 from listenerpool import keys
 from listenerpool.envelope import seq_of
+from listenerpool.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,7 @@ class FanoutHub:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_until_done(self._task)
             self._task = None
         await self._close_pubsub()
 

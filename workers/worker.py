@@ -27,6 +27,7 @@ from listenerpool.errors import InvalidInput, NotOwner
 from listenerpool.lease import LeaseClock
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
+from listenerpool.tasks import cancel_until_done
 from workers import registry
 from workers.dispatch import JobFeed, ListenJob
 from workers.reader import REDIS_ERRORS, Reader
@@ -66,18 +67,6 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=settings.max_redirects > 0,
         max_redirects=settings.max_redirects,
     )
-
-
-async def cancel_until_done(task: asyncio.Task[None], retry_after: float = 0.05) -> None:
-    """Cancel ``task`` and wait for it to end.
-
-    A cancellation that lands inside a deadline scope just as it expires can be absorbed as if
-    it were the scope's own timeout (anyio's scopes under httpx; ``asyncio.timeout`` on 3.11);
-    cancelling again until the task is done makes stopping reliable.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=retry_after)
 
 
 class Worker:
@@ -378,10 +367,11 @@ class Worker:
             return
         if sid not in self._readers:
             return
-        if op == "cancel":
-            await self.stop_reader(sid, StopReason.CANCELLED)
-        elif op == "reconnect":
-            await self.stop_reader(sid, StopReason.RECONNECT)
+        reason = {"cancel": StopReason.CANCELLED, "reconnect": StopReason.RECONNECT}.get(op)
+        if reason is not None and self._tg is not None:
+            # Each stop runs on its own so a burst of notices is handled in parallel, not
+            # one socket close and release round trip after another.
+            self._tg.create_task(self.stop_reader(sid, reason), name=f"stop:{sid}")
 
     async def _reconcile_loop(self) -> None:
         period = self.settings.reconcile_period

@@ -1,0 +1,127 @@
+"""The gateway app in-process on fakeredis: the control API's contract, and mounting it inside
+another application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway import create_app
+from tests.conftest import fast_settings
+
+pytestmark = pytest.mark.timeout(30)
+URL = "http://127.0.0.1:9/events/s1"
+
+
+@pytest.fixture
+async def client(fake_redis: Any, fake_sync_redis: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        fast_settings(redis_url="redis://unused"), redis=fake_redis, sync=fake_sync_redis
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c
+
+
+async def test_put_is_idempotent_and_get_reports_the_session(client: httpx.AsyncClient) -> None:
+    first = await client.put("/v1/sessions/s1", json={"url": URL})
+    assert first.status_code == 201
+    assert first.json() == {"sid": "s1", "outcome": "created", "epoch": 1}
+    again = await client.put("/v1/sessions/s1", json={"url": URL})
+    assert (again.status_code, again.json()["outcome"]) == (200, "unchanged")
+    status = (await client.get("/v1/sessions/s1")).json()
+    assert (status["sid"], status["url"], status["state"], status["desired"]) == (
+        "s1", URL, "pending", True,
+    )  # fmt: skip
+    listing = (await client.get("/v1/sessions")).json()
+    assert [s["sid"] for s in listing["sessions"]] == ["s1"]
+    assert listing["next_offset"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/sessions/bad%20id", {"url": URL}, 400, "invalid_session_id"),
+        ("/v1/sessions/" + "x" * 129, {"url": URL}, 400, "invalid_session_id"),
+        ("/v1/sessions/s2", {"url": "ftp://host/x"}, 400, "invalid_upstream"),
+        (
+            "/v1/sessions/s2",
+            {"url": URL, "headers": {"Last-Event-ID": "1"}},
+            400,
+            "invalid_upstream",
+        ),
+        ("/v1/sessions/s2", {"headers": {}}, 400, "invalid_request"),
+        ("/v1/sessions/s2", {"url": URL, "headers": {"a": 1}}, 400, "invalid_request"),
+    ],
+)
+async def test_bad_input_gets_a_json_4xx(
+    client: httpx.AsyncClient, path: str, body: Any, status: int, code: str
+) -> None:
+    response = await client.put(path, json=body)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+
+
+async def test_oversized_and_malformed_bodies(client: httpx.AsyncClient) -> None:
+    big = await client.put("/v1/sessions/s3", content=b"{" + b" " * 70_000 + b"}")
+    assert (big.status_code, big.json()["error"]["code"]) == (413, "body_too_large")
+    broken = await client.put(
+        "/v1/sessions/s3", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert (broken.status_code, broken.json()["error"]["code"]) == (400, "invalid_request")
+
+
+async def test_unknown_sessions_are_404(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "DELETE"):
+        response = await client.request(method, "/v1/sessions/nobody")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "unknown_session"
+    events = await client.get("/v1/sessions/nobody/events")
+    assert events.status_code == 404
+
+
+async def test_delete_cancels(client: httpx.AsyncClient) -> None:
+    await client.put("/v1/sessions/s4", json={"url": URL})
+    response = await client.delete("/v1/sessions/s4")
+    assert response.status_code == 202
+    assert (await client.get("/v1/sessions/s4")).json()["state"] == "stopped"
+
+
+async def test_health_readiness_and_schema(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    schema = (await client.get("/v1/openapi.json")).json()
+    assert "/v1/sessions/{sid}" in schema["paths"]
+
+
+async def test_mounted_inside_another_app(fake_redis: Any, fake_sync_redis: Any) -> None:
+    pool_app = create_app(
+        fast_settings(redis_url="redis://unused"), redis=fake_redis, sync=fake_sync_redis
+    )
+
+    @asynccontextmanager
+    async def host_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with pool_app.router.lifespan_context(pool_app):
+            yield
+
+    host = FastAPI(lifespan=host_lifespan)
+    host.mount("/pool", pool_app)
+
+    @host.get("/own")
+    async def own() -> dict[str, str]:
+        return {"host": "yes"}
+
+    async with host.router.lifespan_context(host):
+        transport = httpx.ASGITransport(app=host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://host") as c:
+            assert (await c.get("/own")).json() == {"host": "yes"}
+            created = await c.put("/pool/v1/sessions/m1", json={"url": URL})
+            assert created.status_code == 201
+            assert (await c.get("/pool/v1/sessions/m1")).json()["sid"] == "m1"
