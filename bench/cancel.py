@@ -254,7 +254,7 @@ def run_variant(
             if proc.poll() is not None:
                 raise BenchError(f"worker died with {proc.returncode}: see {log.name}")
             load = sync.hget(keys.worker_key(WORKER_ID), "load")
-            result.worker_load_after = load.decode() if load else "?"
+            result.worker_load_after = load.decode() if isinstance(load, bytes) else "?"
         finally:
             result.drain_seconds = Children.stop(proc, timeout=30)
             result.worker_exit = proc.returncode
