@@ -63,9 +63,42 @@ async def list_sessions(
     raw = await state.redis.zrevrange(keys.SESSIONS, offset, offset + limit - 1)
     sessions = []
     for item in raw:
-        status = await state.control.status(item.decode() if isinstance(item, bytes) else item)
+        status = await state.control.status(_text(item))
         if status is not None:
             sessions.append(status.as_dict())
     total = await state.redis.zcard(keys.SESSIONS)
     following = offset + limit if offset + limit < total else None
     return {"sessions": sessions, "total": total, "next_offset": following}
+
+
+@router.get("/workers")
+async def list_workers(request: Request) -> dict[str, Any]:
+    """Registered workers: capacity, load, host, pid and how long ago each last beat."""
+    state = state_of(request)
+    ids = await state.redis.zrange(keys.WORKERS, 0, -1)
+    async with state.redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.hgetall(keys.worker_key(_text(worker_id)))
+        pipe.time()
+        *hashes, (seconds, micros) = await pipe.execute()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    workers = []
+    for worker_id, raw in zip(ids, hashes, strict=True):
+        if not raw:
+            continue  # its hash expired: the worker is gone
+        info = {_text(k): _text(v) for k, v in raw.items()}
+        workers.append(
+            {
+                "id": _text(worker_id),
+                "capacity": int(info.get("capacity", 0)),
+                "load": int(info.get("load", 0)),
+                "host": info.get("host", ""),
+                "pid": int(info.get("pid", 0)),
+                "heartbeat_age_s": round((now_ms - int(info.get("heartbeat", now_ms))) / 1000, 1),
+            }
+        )
+    return {"workers": workers}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
