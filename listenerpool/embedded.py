@@ -35,8 +35,8 @@ class EmbeddedRedis(Service):
 
     def describe(self) -> str:
         if self.kind == "redis-server":
-            return f"embedded Redis: a child redis-server on 127.0.0.1:{self.port} (no persistence)"
-        return f"embedded Redis: in-process fakeredis served on 127.0.0.1:{self.port} (no redis-server on PATH)"
+            return f"embedded Redis: a child redis-server on {self.url} (nothing persisted)"
+        return f"embedded Redis: in-process fakeredis on {self.url} (no redis-server on PATH)"
 
     def start(self) -> None:
         if self.kind == "redis-server":
