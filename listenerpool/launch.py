@@ -78,12 +78,12 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
 
 async def serve_gateway(settings: Settings, stop: asyncio.Event) -> None:
     server = gateway_server(settings)
-    task = asyncio.create_task(server.serve())
-    await asyncio.wait(
-        [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
+    serving = asyncio.create_task(server.serve(), name="uvicorn")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     server.should_exit = True
-    await task
+    await serving
 
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
