@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws="websockets",
+        ws="websockets-sansio",
         ws_ping_interval=settings.client_heartbeat,
         ws_ping_timeout=settings.client_heartbeat,
         log_level=settings.log_level.lower(),

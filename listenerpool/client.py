@@ -182,6 +182,13 @@ class PoolClient:
         result: dict[str, Any] = response.json()
         return result
 
+    async def workers(self) -> dict[str, Any]:
+        """Registered workers: ``{"workers": [{"id", "capacity", "load", "host", "pid",
+        "heartbeat_age_s"}]}``."""
+        response = await self._call("GET", "/v1/workers")
+        result: dict[str, Any] = response.json()
+        return result
+
     # -- events ------------------------------------------------------------------------------
     def events(
         self,

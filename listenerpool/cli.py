@@ -1,0 +1,199 @@
+"""The ``listenerpool`` command. It parses arguments and calls the library; nothing lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from listenerpool.client import Event, PoolClient, PoolClientError, Reset
+from listenerpool.errors import ListenerPoolError
+from listenerpool.settings import Settings, load_settings
+
+DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+
+# Flags that mirror LP_* settings, by the subcommands that take them.
+SERVER_FLAGS: dict[str, tuple[str, type]] = {
+    "--redis-url": ("redis_url", str),
+    "--lease-ttl": ("lease_ttl", float),
+    "--idle-timeout": ("idle_timeout", float),
+    "--log-level": ("log_level", str),
+}
+GATEWAY_FLAGS = {"--host": ("host", str), "--port": ("port", int)}
+WORKER_FLAGS = {"--capacity": ("worker_capacity", int), "--worker-id": ("worker_id", str)}
+
+
+class CliError(ListenerPoolError):
+    """A user error reported as one line on stderr."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="listenerpool",
+        description="A Redis-backed pool of long-lived upstream SSE listeners. Settings come "
+        "from LP_* environment variables; flags override them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server(name: str, help_text: str, *groups: dict[str, tuple[str, type]]) -> Any:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        for group in (SERVER_FLAGS, *groups):
+            for flag, (setting, kind) in group.items():
+                cmd.add_argument(
+                    flag,
+                    dest=setting,
+                    type=kind,
+                    default=None,
+                    help=f"overrides LP_{setting.upper()}",
+                )
+        return cmd
+
+    server("up", "Run a gateway and a worker in one process (embedded Redis without "
+           "LP_REDIS_URL).", GATEWAY_FLAGS, WORKER_FLAGS)  # fmt: skip
+    server("gateway", "Run a gateway (control API and event fan-out).", GATEWAY_FLAGS)
+    server("worker", "Run a worker (the upstream readers).", WORKER_FLAGS)
+    demo = server("demo", "Run the pool, a demo upstream and a few sessions, and say how to "
+                  "watch them.", GATEWAY_FLAGS, WORKER_FLAGS)  # fmt: skip
+    demo.add_argument("--sessions", type=int, default=3, help="demo sessions to start (3)")
+    demo.add_argument("--upstream-port", type=int, default=0, help="demo upstream port (free)")
+    up_demo = sub.add_parser(
+        "upstream-demo",
+        help="Run the AG-UI-style demo upstream (GET /events/{session}).",
+        description="Run the AG-UI-style demo upstream (GET /events/{session}).",
+    )
+    up_demo.add_argument("--host", default="127.0.0.1")
+    up_demo.add_argument("--port", type=int, default=8001)
+    up_demo.add_argument("--rate", type=float, default=5.0, help="events/s per stream (5)")
+
+    def client(name: str, help_text: str) -> Any:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument(
+            "--gateway",
+            default=os.environ.get("LP_GATEWAY_URL", DEFAULT_GATEWAY),
+            help=f"gateway base URL (LP_GATEWAY_URL, default {DEFAULT_GATEWAY})",
+        )
+        return cmd
+
+    status = client("status", "Show sessions and workers.")
+    status.add_argument("--limit", type=int, default=100, help="sessions to show (100)")
+    status.add_argument("--interval", type=float, default=1.0, help="events/s sampling (1 s)")
+    tail = client("tail", "Print a session's events live, resuming by seq after a disconnect.")
+    tail.add_argument("sid")
+    tail.add_argument("--after", type=int, default=0, help="start after this seq (0: all)")
+    cancel = client("cancel", "Stop listening to a session, fleet-wide.")
+    cancel.add_argument("sid")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = {setting for group in (SERVER_FLAGS, GATEWAY_FLAGS, WORKER_FLAGS)
+             for setting, _ in group.values()}  # fmt: skip
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return load_settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
+    except (ListenerPoolError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if not isinstance(exc, PoolClientError) else 1
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from listenerpool import launch
+
+    command = args.command
+    if command in ("status", "tail", "cancel"):
+        return asyncio.run(CLIENT_COMMANDS[command](args))
+    if command == "upstream-demo":
+        from listenerpool.demo_upstream import serve_demo_upstream
+
+        _logging("INFO")
+        print(f"demo upstream on http://{args.host}:{args.port}/events/<session>", flush=True)
+        asyncio.run(
+            launch.until_signalled(serve_demo_upstream(args.host, args.port, rate=args.rate))
+        )
+        return 0
+    settings = settings_from(args)
+    _logging(settings.log_level)
+    if command in ("gateway", "worker") and not settings.redis_url:
+        raise CliError(f"LP_REDIS_URL (or --redis-url) is required for `listenerpool {command}`")
+    with launch.redis_for(settings, lambda line: print(line, flush=True)) as settings:
+        asyncio.run(launch.serve_command(command, settings, args))
+    return 0
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with PoolClient(args.gateway) as client:
+        workers = (await client.workers())["workers"]
+        first = (await client.sessions(limit=args.limit))["sessions"]
+        started = time.monotonic()
+        await asyncio.sleep(args.interval)  # two samples make a rate
+        second = {s["sid"]: s for s in (await client.sessions(limit=args.limit))["sessions"]}
+        elapsed = time.monotonic() - started
+    print(f"workers ({len(workers)})")
+    print(_table(["id", "load", "capacity", "host", "pid", "heartbeat"],
+                 [[w["id"], w["load"], w["capacity"], w["host"], w["pid"],
+                   f"{w['heartbeat_age_s']}s ago"] for w in workers]))  # fmt: skip
+    rows = []
+    for s in first:
+        now = second.get(s["sid"], s)
+        rate = max(0, now["seq"] - s["seq"]) / elapsed if elapsed > 0 else 0.0
+        rows.append([now["sid"], now["state"], now["owner"] or "-", now["epoch"], now["seq"],
+                     now["retries"], f"{rate:.1f}", now["last_error"][:40]])  # fmt: skip
+    print(f"\nsessions ({len(rows)})")
+    print(
+        _table(["sid", "state", "owner", "epoch", "seq", "retries", "events/s", "last error"], rows)
+    )
+    return 0
+
+
+async def cmd_tail(args: argparse.Namespace) -> int:
+    async with PoolClient(args.gateway) as client:
+        async for item in client.events(args.sid, after=args.after):
+            if isinstance(item, Reset):
+                print(f"-- history starts at seq {item.first_seq}: events after "
+                      f"{item.after} up to it are gone --", flush=True)  # fmt: skip
+            elif isinstance(item, Event):
+                print(f"{item.seq}\t{item.event}\t{item.data}", flush=True)
+    return 0
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    async with PoolClient(args.gateway) as client:
+        await client.cancel(args.sid)
+    print(f"cancelled {args.sid}")
+    return 0
+
+
+CLIENT_COMMANDS = {"status": cmd_status, "tail": cmd_tail, "cancel": cmd_cancel}
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
