@@ -8,6 +8,7 @@ the host app's lifespan (mounted apps' own lifespans are not run by Starlette).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,8 @@ async def gateway_lifespan(
     )
     control = SessionControl(redis, listen_queue(sync, settings), settings)
     app.state.gateway = GatewayState(settings, redis, control, hub)
+    with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
+        await control.scripts.preload(redis)
     await hub.start()
     try:
         yield

@@ -6,6 +6,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -43,9 +46,12 @@ def async_redis(settings: Settings) -> Any:
 
 
 def sync_redis(settings: Settings) -> redis.Redis:
-    """The blocking client rq uses (its reads block up to a second on BLMOVE)."""
+    """The blocking client rq uses (its reads block up to a second on BLMOVE). A connection the
+    server closed (a restart, or fakeredis after an unknown command) is retried on a new one."""
     return redis.Redis.from_url(
         redis_url(settings),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[redis.exceptions.ConnectionError],
         socket_connect_timeout=5.0,
         socket_timeout=10.0,
         socket_keepalive=True,

@@ -31,7 +31,9 @@ class EmbeddedRedis(Service):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        # fakeredis over TCP is dependable with RESP2 only; redis-server speaks either.
+        suffix = "?protocol=2" if self.kind == "fakeredis" else ""
+        return f"redis://127.0.0.1:{self.port}/0{suffix}"
 
     def describe(self) -> str:
         if self.kind == "redis-server":

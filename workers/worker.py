@@ -115,6 +115,7 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: every session moves to another worker."""
+        await self._scripts.preload(self._redis)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

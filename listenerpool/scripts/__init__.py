@@ -35,6 +35,13 @@ class Scripts:
     release: AsyncScript
     cancel: AsyncScript
 
+    async def preload(self, redis: Any) -> None:
+        """SCRIPT LOAD every script now, so calls start with a hit instead of a NOSCRIPT round
+        trip (and so servers that mishandle NOSCRIPT, like fakeredis over TCP, never see one)."""
+        for script in (self.claim, self.adopt, self.renew, self.publish, self.report,
+                       self.release, self.cancel):  # fmt: skip
+            await redis.script_load(script.script)
+
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Register every script on ``redis`` (an asyncio Redis client); no round trip is made."""
