@@ -37,6 +37,14 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeo
     raise AssertionError(f"no {pattern!r} in the output:\n{path.read_text()}")
 
 
+def start_demo(port: int, env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
+    with open(out, "wb") as sink:
+        return subprocess.Popen(
+            [str(BIN / "listenerpool"), "demo", "--port", str(port), "--sessions", "2"],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )  # fmt: skip
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "listenerpool"), *args], capture_output=True, text=True, timeout=30, cwd=ROOT
@@ -50,11 +58,7 @@ async def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path, variant: str
         env["PATH"] = str(BIN)  # no redis-server on PATH: the in-process fakeredis is used
     port = free_port()
     out = tmp_path / "demo.out"
-    with open(out, "wb") as sink:
-        proc = subprocess.Popen(
-            [str(BIN / "listenerpool"), "demo", "--port", str(port), "--sessions", "2"],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        )  # fmt: skip
+    proc = start_demo(port, env, out)
     base = f"http://127.0.0.1:{port}"
     try:
         announced = wait_for_line(out, r"embedded Redis: [^\n]*", proc, 30)
