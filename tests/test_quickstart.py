@@ -45,6 +45,20 @@ def start_demo(port: int, env: dict[str, str], out: Path) -> subprocess.Popen[by
         )  # fmt: skip
 
 
+def tail_lines(sid: str, base: str, count: int) -> list[str]:
+    """The first lines `listenerpool tail` prints, then it is stopped."""
+    proc = subprocess.Popen(
+        [str(BIN / "listenerpool"), "tail", sid, "--gateway", base],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        return [proc.stdout.readline().rstrip("\n") for _ in range(count)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "listenerpool"), *args], capture_output=True, text=True, timeout=30, cwd=ROOT
@@ -86,6 +100,7 @@ async def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path, variant: str
         assert status.returncode == 0, status.stderr
         assert re.search(r"mine\s+listening", status.stdout)
         assert re.search(r"demo-1\s+listening", status.stdout)
+        assert [line.split("\t")[0] for line in tail_lines("demo-1", base, 3)] == ["1", "2", "3"]
         cancelled = cli("cancel", "mine", "--gateway", base)
         assert (cancelled.returncode, cancelled.stdout.strip()) == (0, "cancelled mine")
         unknown = cli("cancel", "nobody", "--gateway", base)
