@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import control_api, events_api
 from gateway.errors import error_response, install_error_handlers
@@ -57,43 +57,50 @@ async def gateway_lifespan(
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413 before any route reads them."""
+    """Refuses request bodies over ``limit`` bytes with 413 before any route reads them.
+
+    Bodies of the control API are small JSON documents, so they are read here in full (up to the
+    limit) and handed to the route afterwards; a declared Content-Length over the limit is
+    refused without reading anything.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        too_large = error_response(413, "body_too_large", f"body over {self.limit} bytes")
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await error_response(413, "body_too_large", f"body over {self.limit} bytes")(
-                scope, receive, send
-            )
+            await too_large(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except BodyTooLarge:
-            await error_response(413, "body_too_large", f"body over {self.limit} bytes")(
-                scope, receive, send
-            )
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> FastAPI:

@@ -229,6 +229,9 @@ class FanoutHub:
             message = await self._pubsub.get_message(timeout=1.0)
             if message is not None:
                 self._on_message(message)
+                # Buffered messages are returned without awaiting the socket: yield so the
+                # clients' senders drain their queues between messages, not after a burst.
+                await asyncio.sleep(0)
             if loop.time() >= next_check:
                 next_check = loop.time() + self._check_interval
                 await self._check_streams()
