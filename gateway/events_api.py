@@ -181,11 +181,18 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
         finally:
             await _finish(sender, watcher, overflow)
         if overflow.done() and not overflow.cancelled():
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await websocket.close(code=TOO_SLOW, reason="client too slow: resume by seq")
+            await _ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
+        elif sender.done() and not sender.cancelled() and sender.exception() is not None:
+            # Redis failed mid-stream: say so, so the client resumes by seq.
+            await _ws_close(websocket, 4503, "Redis is unavailable: resume by seq")
     finally:
         await feed.__aexit__(None, None, None)
+
+
+async def _ws_close(websocket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1):
+            await websocket.close(code=code, reason=reason)
 
 
 async def _ws_send(websocket: WebSocket, feed: SessionFeed) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from rq import Queue
@@ -41,6 +42,10 @@ def async_redis(settings: Settings) -> Any:
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=30,
+        # A pooled connection left over from before a Redis restart fails once; retry it on a
+        # fresh connection instead of failing the caller.
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+        retry_on_error=[redis.exceptions.ConnectionError],
     )
     return aioredis.Redis.from_pool(pool)
 
