@@ -174,29 +174,30 @@ def upstream() -> Iterator[SSEUpstream]:
 
 
 # -- workers -----------------------------------------------------------------------------------
-class WorkerProcesses:
-    """``python -m workers`` children with the test's settings; all are killed at teardown."""
+class ChildProcesses:
+    """Children started by a test, each logging to ``<name>.log``; all killed at teardown."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, redis_url: str, worker_id: str, **settings: Any) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, module: str, name: str, env_settings: dict[str, Any]
+    ) -> subprocess.Popen[bytes]:
+        """``python -m <module>`` with the test's timings and ``env_settings`` as LP_* vars."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
-        for name, value in {**FAST, **settings}.items():
-            env[f"LP_{name.upper()}"] = str(value)
-        env["LP_REDIS_URL"] = redis_url
-        env["LP_WORKER_ID"] = worker_id
-        log = open(self.tmp_path / f"{worker_id}.log", "ab")  # noqa: SIM115 - owned by the child
+        for key, value in {**FAST, **env_settings}.items():
+            env[f"LP_{key.upper()}"] = str(value)
+        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers"], env=env, cwd=ROOT, stdout=log, stderr=log
+            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log
         )
         log.close()
         self.procs.append(proc)
         return proc
 
-    def log(self, worker_id: str) -> str:
-        return (self.tmp_path / f"{worker_id}.log").read_text(errors="replace")
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -205,6 +206,15 @@ class WorkerProcesses:
                     proc.send_signal(signal.SIGCONT)
                 proc.kill()
             proc.wait()
+
+
+class WorkerProcesses(ChildProcesses):
+    """``python -m workers`` children with the test's settings."""
+
+    def start(self, redis_url: str, worker_id: str, **settings: Any) -> subprocess.Popen[bytes]:
+        return self.spawn(
+            "workers", worker_id, {**settings, "redis_url": redis_url, "worker_id": worker_id}
+        )
 
 
 @pytest.fixture
@@ -258,12 +268,8 @@ def _stack(task: asyncio.Task[Any]) -> str:
 
 
 # -- gateways ----------------------------------------------------------------------------------
-class GatewayProcesses:
-    """``python -m gateway`` children on free ports; all are killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen[bytes]] = []
+class GatewayProcesses(ChildProcesses):
+    """``python -m gateway`` children on free ports."""
 
     def start(
         self, redis_url: str, name: str, *, port: int | None = None, **settings: Any
@@ -271,16 +277,11 @@ class GatewayProcesses:
         """Start a gateway (on ``port``, default a free one); returns the process and its base
         URL once ``/healthz`` answers."""
         port = port or free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
-        for key, value in {**FAST, **settings}.items():
-            env[f"LP_{key.upper()}"] = str(value)
-        env.update(LP_REDIS_URL=redis_url, LP_PORT=str(port), LP_LOG_LEVEL="WARNING")
-        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], env=env, cwd=ROOT, stdout=log, stderr=log
+        proc = self.spawn(
+            "gateway",
+            name,
+            {"log_level": "WARNING", **settings, "redis_url": redis_url, "port": port},
         )
-        log.close()
-        self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while True:
@@ -292,17 +293,6 @@ class GatewayProcesses:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gateway {name} did not start: {self.log(name)[-2000:]}")
             time.sleep(0.05)
-
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

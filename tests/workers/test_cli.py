@@ -30,7 +30,9 @@ def test_help_lists_the_flags() -> None:
 def test_missing_redis_url_is_a_one_line_error() -> None:
     result = run_worker()
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: LP_REDIS_URL (or --redis-url) is required for a worker"
+    assert result.stderr.strip() == (
+        "error: LP_REDIS_URL (or --redis-url) is required for `listenerpool worker`"
+    )
 
 
 def test_bad_setting_is_named() -> None:
