@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class VariantResult:
         return sum(1 for x in self.latencies if math.isinf(x))
 
 
-class Watcher:
+class Watcher(ABC):
     """Resolves, every ``poll`` seconds, the cancels whose session has been let go.
 
     ``check`` gets ``{sid: t0}`` of the pending cancels and returns ``{sid: done_at}``.
@@ -116,8 +117,9 @@ class Watcher:
         self.pending[sid] = (t0, fut)
         return fut
 
+    @abstractmethod
     async def check(self, started: dict[str, float]) -> dict[str, float]:
-        raise NotImplementedError
+        """The sessions among ``started`` (sid -> t0) that are done, with their done time."""
 
     async def run(self) -> None:
         while True:
