@@ -9,6 +9,7 @@ taking jobs, hand every session to the rest of the fleet, deregister.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -115,7 +116,8 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: every session moves to another worker."""
-        await self._scripts.preload(self._redis)
+        with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
+            await self._scripts.preload(self._redis)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

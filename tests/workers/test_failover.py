@@ -267,3 +267,25 @@ async def test_redis_killed_and_restarted_sessions_resume(
         assert worker.poll() is None, "the worker died with Redis"
     finally:
         await pool.aclose()
+
+
+async def test_a_worker_started_before_redis_waits_for_it(
+    slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
+) -> None:
+    server = RedisServer()  # not started yet: the worker comes up first
+    worker = worker_processes.start(server.url, "early")
+    try:
+        # It must survive its failed connection attempts (the log shows them).
+        await eventually(lambda: "Error" in worker_processes.log("early"), 10, "no attempt seen")
+        assert worker.poll() is None
+        server.start()
+        pool = Pool(server.url)
+        try:
+            await wait_registered(pool, "early")
+            await pool.control.claim("late", slow_upstream.url("late"))
+            await wait_listening(pool, ["late"], owner="early")
+            assert worker.poll() is None
+        finally:
+            await pool.aclose()
+    finally:
+        server.stop()
