@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import math
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,11 +43,18 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
-from density import BenchError, Children, count_states, machine_line, verdict, worker_env
+from density import (
+    BenchError,
+    Children,
+    count_states,
+    machine_line,
+    run_guarded,
+    verdict,
+    worker_env,
+)
 
 if TYPE_CHECKING:
     import psutil
@@ -517,23 +523,8 @@ def run(opts: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        return run(opts)
-    except KeyboardInterrupt:
-        print("\ninterrupted; children stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -724,6 +724,23 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_guarded(run: Callable[[argparse.Namespace], int], opts: argparse.Namespace) -> int:
+    """Run a bench so that Ctrl-C, SIGTERM and SIGHUP stop its children (through the ``finally``
+    blocks of ``run``) and a broken run exits 1 with one line."""
+    # SIGINT too: a shell starts background jobs with it ignored, and Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        return run(opts)
+    except KeyboardInterrupt:
+        print("\ninterrupted; children stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 @contextlib.contextmanager
 def log_directory(given: str) -> Iterator[Path]:
     if given:
@@ -779,18 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return upstream_child(opts.heartbeat)
     if opts.child == "_bare":
         return bare_child(opts.port, opts.count, opts.prefix, opts.batch)
-    # SIGINT too: a shell starts background jobs with it ignored, and Ctrl-C must still clean up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        return run(opts)
-    except KeyboardInterrupt:
-        print("\ninterrupted; children stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_guarded(run, opts)
 
 
 if __name__ == "__main__":

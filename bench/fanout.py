@@ -47,7 +47,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
@@ -67,6 +65,7 @@ from density import (
     count_states,
     machine_line,
     read_line,
+    run_guarded,
     send_line,
     verdict,
     worker_env,
@@ -1213,10 +1212,6 @@ def run(opts: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.child == "_upstream":
@@ -1226,18 +1221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publisher_child(opts.redis_url, sids, opts.rate, opts.payload_bytes)
     if opts.child == "_clients":
         return clients_child(opts)
-    # SIGINT too: a shell starts background jobs with it ignored, and Ctrl-C must still clean up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        return run(opts)
-    except KeyboardInterrupt:
-        print("\ninterrupted; children stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_guarded(run, opts)
 
 
 if __name__ == "__main__":
