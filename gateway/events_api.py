@@ -23,6 +23,7 @@ from gateway.errors import ApiError
 from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
 from gateway.hub import REDIS_ERRORS, HubUnavailable
 from gateway.state import GatewayState
+from gateway.wsprotocol import FORCE_CLOSE
 from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
@@ -190,6 +191,12 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
 
 
 async def _ws_close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close without waiting on a client that may have stopped reading (see
+    :mod:`gateway.wsprotocol`); under another server, a plain close with a timeout."""
+    force = websocket.scope.get("extensions", {}).get(FORCE_CLOSE)
+    if force is not None:
+        force["close"](code, reason)
+        return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(1):
             await websocket.close(code=code, reason=reason)

@@ -60,6 +60,7 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.wsprotocol import GatewayWebSocketProtocol
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -70,7 +71,7 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
         app or create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=GatewayWebSocketProtocol,
         ws_ping_interval=settings.client_heartbeat,
         ws_ping_timeout=settings.client_heartbeat,
         log_level=settings.log_level.lower(),
