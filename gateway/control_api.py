@@ -3,18 +3,21 @@ call :class:`~listenerpool.control.SessionControl`."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
+from gateway.auth import require_api_token
 from gateway.errors import ApiError
 from gateway.state import GatewayState
 from listenerpool import keys
+from listenerpool.auth import sign_subscribe_token
 from listenerpool.control import ClaimOutcome
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
 
 class SessionSpec(BaseModel):
@@ -50,6 +53,29 @@ async def get_session(sid: str, request: Request) -> dict[str, Any]:
     if status is None:
         raise ApiError(404, "unknown_session", f"session {sid!r} does not exist")
     return status.as_dict()
+
+
+class SubscribeTokenRequest(BaseModel):
+    ttl: float | None = Field(
+        default=None, gt=0, le=86_400, description="Lifetime in seconds (LP_SUBSCRIBE_TOKEN_TTL)."
+    )
+
+
+@router.post("/sessions/{sid}/subscribe-token", status_code=201)
+async def issue_subscribe_token(
+    sid: str, request: Request, body: SubscribeTokenRequest | None = None
+) -> JSONResponse:
+    """A short-lived token that lets a browser follow ``sid``'s events (``?token=``)."""
+    state = state_of(request)
+    keys_ = state.settings.signing_keys
+    if not keys_:
+        raise ApiError(409, "signing_disabled", "set LP_SIGNING_KEY to issue subscribe tokens")
+    if await state.control.status(sid) is None:
+        raise ApiError(404, "unknown_session", f"session {sid!r} does not exist")
+    ttl = body.ttl if body is not None and body.ttl is not None else None
+    expires_at = int(time.time() + (ttl or state.settings.subscribe_token_ttl))
+    token = sign_subscribe_token(keys_, sid, expires_at)
+    return JSONResponse({"sid": sid, "token": token, "expires_at": expires_at}, status_code=201)
 
 
 @router.get("/sessions")

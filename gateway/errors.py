@@ -14,11 +14,14 @@ from listenerpool.errors import InvalidSessionId, InvalidUpstream
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
@@ -30,7 +33,7 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, **exc.headers)
 
     async def invalid_sid(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "invalid_session_id", str(exc))

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
+from gateway.auth import check_subscriber
 from gateway.errors import ApiError
 from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
 from gateway.hub import REDIS_ERRORS, HubUnavailable
@@ -143,8 +144,10 @@ async def _wait_http_disconnect(receive: Receive) -> None:
 @router.get("/sessions/{sid}/events", response_model=None)
 async def sse_events(sid: str, request: Request) -> Any:
     """The session's events as Server-Sent Events (``id:`` = seq). Resume with the
-    ``Last-Event-ID`` header or ``?after=<seq>``."""
+    ``Last-Event-ID`` header or ``?after=<seq>``. With auth configured, pass a subscribe token
+    as ``?token=`` (or an API token as a bearer header)."""
     state: GatewayState = request.app.state.gateway
+    check_subscriber(state.settings, sid, request.headers, request.query_params)
     after = parse_after(request.headers.get("last-event-id") or request.query_params.get("after"))
     await require_session(state, sid)
     return SSEStream(
@@ -162,6 +165,7 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
     await websocket.accept()
     try:
         SessionKeys(sid)
+        check_subscriber(state.settings, sid, websocket.headers, websocket.query_params)
         after = parse_after(websocket.query_params.get("after"))
         await require_session(state, sid)
         feed = SessionFeed(state.hub, state.redis, sid, after)

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from listenerpool.auth import split_secrets
 from listenerpool.client import Event, PoolClient, PoolClientError, Reset
 from listenerpool.errors import ListenerPoolError
 from listenerpool.settings import Settings, load_settings
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("LP_GATEWAY_URL", DEFAULT_GATEWAY),
             help=f"gateway base URL (LP_GATEWAY_URL, default {DEFAULT_GATEWAY})",
         )
+        cmd.add_argument(
+            "--token",
+            default=(split_secrets(os.environ.get("LP_API_TOKEN")) or (None,))[0],
+            help="API token for a gateway that requires one (default: the first of LP_API_TOKEN)",
+        )
         return cmd
 
     status = client("status", "Show sessions and workers.")
@@ -142,7 +148,7 @@ def _logging(level: str) -> None:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    async with PoolClient(args.gateway) as client:
+    async with PoolClient(args.gateway, token=args.token) as client:
         workers = (await client.workers())["workers"]
         first = (await client.sessions(limit=args.limit))["sessions"]
         started = time.monotonic()
@@ -167,7 +173,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_tail(args: argparse.Namespace) -> int:
-    async with PoolClient(args.gateway) as client:
+    async with PoolClient(args.gateway, token=args.token) as client:
         async for item in client.events(args.sid, after=args.after):
             if isinstance(item, Reset):
                 print(f"-- history starts at seq {item.first_seq}: events after "
@@ -178,7 +184,7 @@ async def cmd_tail(args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with PoolClient(args.gateway) as client:
+    async with PoolClient(args.gateway, token=args.token) as client:
         await client.cancel(args.sid)
     print(f"cancelled {args.sid}")
     return 0

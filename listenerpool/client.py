@@ -189,6 +189,15 @@ class PoolClient:
         result: dict[str, Any] = response.json()
         return result
 
+    async def subscribe_token(self, sid: str, ttl: float | None = None) -> dict[str, Any]:
+        """A token that lets a browser follow ``sid`` for ``ttl`` seconds (the gateway's
+        default when None): ``{"sid", "token", "expires_at"}``. Needs ``LP_SIGNING_KEY`` on
+        the gateway (409 otherwise)."""
+        body = {} if ttl is None else {"ttl": ttl}
+        response = await self._call("POST", _session_path(sid) + "/subscribe-token", json=body)
+        result: dict[str, Any] = response.json()
+        return result
+
     # -- events ------------------------------------------------------------------------------
     def events(
         self,

@@ -60,6 +60,7 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.auth import listen_host, redact_server_logs
     from gateway.wsprotocol import GatewayWebSocketProtocol
 
     class Server(uvicorn.Server):
@@ -69,7 +70,7 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
 
     config = uvicorn.Config(
         app or create_app(settings),
-        host=settings.host,
+        host=listen_host(settings),
         port=settings.port,
         ws=GatewayWebSocketProtocol,
         ws_ping_interval=settings.client_heartbeat,
@@ -78,6 +79,7 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
         lifespan="on",
         timeout_graceful_shutdown=3,
     )
+    redact_server_logs()  # after Config, which (re)configures uvicorn's loggers
     return Server(config)
 
 

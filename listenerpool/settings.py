@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from listenerpool.auth import split_secrets
 from listenerpool.errors import ListenerPoolError
+
+MIN_API_TOKEN_CHARS = 16
+MIN_SIGNING_KEY_CHARS = 32
 
 
 class SettingsError(ListenerPoolError):
@@ -21,7 +25,9 @@ class Settings(BaseSettings):
     to turn validation failures into one readable :class:`SettingsError`.
     """
 
-    model_config = SettingsConfigDict(env_prefix="LP_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LP_", extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     redis_url: str | None = Field(
         default=None, description="Redis URL of the pool (required by workers)."
@@ -74,6 +80,19 @@ class Settings(BaseSettings):
         default="INFO", description="Log level."
     )
     queue_name: str = Field(default="lp-listen", min_length=1, description="rq queue of jobs.")
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token(s) for the control API, comma-separated to rotate; unset: "
+        "no auth and the gateway listens on loopback only.",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Key(s) signing subscribe tokens, comma-separated; the first signs, any "
+        "verifies. Set: following a session needs a subscribe token or an API token.",
+    )
+    subscribe_token_ttl: float = Field(
+        default=300.0, gt=0, le=86_400, description="Default lifetime of subscribe tokens (s)."
+    )
 
     # Field validators (not a model validator) so an error names the setting at fault; each
     # runs after the fields it compares with, which are declared before it.
@@ -100,6 +119,38 @@ class Settings(BaseSettings):
         if base is not None and value < base:
             raise ValueError(f"must be >= LP_BACKOFF_BASE ({base:g}s)")
         return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _tokens_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            tokens = split_secrets(value.get_secret_value())
+            if not tokens:
+                raise ValueError("is set but holds no token")
+            if any(len(t) < MIN_API_TOKEN_CHARS for t in tokens):
+                raise ValueError(f"each token needs at least {MIN_API_TOKEN_CHARS} characters")
+        return value
+
+    @field_validator("signing_key")
+    @classmethod
+    def _keys_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            keys = split_secrets(value.get_secret_value())
+            if not keys:
+                raise ValueError("is set but holds no key")
+            if any(len(k) < MIN_SIGNING_KEY_CHARS for k in keys):
+                raise ValueError(f"each key needs at least {MIN_SIGNING_KEY_CHARS} characters")
+        return value
+
+    @property
+    def api_tokens(self) -> tuple[str, ...]:
+        """The valid control API tokens (none: the control API is open)."""
+        return split_secrets(self.api_token.get_secret_value() if self.api_token else None)
+
+    @property
+    def signing_keys(self) -> tuple[str, ...]:
+        """The subscribe-token keys, the signing one first (none: subscribing is open)."""
+        return split_secrets(self.signing_key.get_secret_value() if self.signing_key else None)
 
     @property
     def renew_interval(self) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -26,13 +27,31 @@ from tests.conftest import ROOT, eventually
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
 CONTAINER_PORTS = {"redis": 6379, "upstream": 8001}  # reached by other services by name
+# What the operator exports before `docker compose up`, as the file's header asks.
+OPERATOR_ENV = {"LP_API_TOKEN": "compose-api-token-0123", "LP_SIGNING_KEY": "s" * 32}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::([?-])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` substitution."""
+
+    def value(match: re.Match[str]) -> str:
+        name, kind, arg = match.groups()
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise AssertionError(f"compose would refuse to start: {name}: {arg}")
+        return arg or ""
+
+    return _VARIABLE.sub(value, text)
 
 
 class ComposeStack:
     """The compose services as local processes."""
 
-    def __init__(self, spec: dict[str, Any], tmp_path: Path) -> None:
+    def __init__(self, spec: dict[str, Any], tmp_path: Path, operator_env: dict[str, str]) -> None:
         self.spec = spec
+        self.operator_env = operator_env
         self.tmp_path = tmp_path
         self.ports = {name: free_port() for name in spec["services"]}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -58,7 +77,7 @@ class ComposeStack:
     def environment(self, name: str) -> dict[str, str]:
         env = {"PATH": f"{BIN}:/usr/bin:/bin"}
         for key, value in (self.spec["services"][name].get("environment") or {}).items():
-            env[key] = self.local(str(value))
+            env[key] = self.local(interpolate(str(value), self.operator_env))
         if "LP_PORT" in env:
             env["LP_PORT"] = str(self.ports[name])
         if env.get("LP_HOST") == "0.0.0.0":
@@ -99,7 +118,7 @@ class ComposeStack:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[ComposeStack]:
     spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    s = ComposeStack(spec, tmp_path)
+    s = ComposeStack(spec, tmp_path, OPERATOR_ENV)
     yield s
     s.stop()
 
@@ -126,6 +145,11 @@ def test_compose_file_describes_the_stack() -> None:
     for name in ("gateway-1", "gateway-2"):
         assert "/readyz" in " ".join(services[name]["healthcheck"]["test"])
     assert (ROOT / "Dockerfile").exists()
+    # The gateways listen on all interfaces, so compose refuses to start them without a token.
+    gateway_env = {k: str(v) for k, v in services["gateway-1"]["environment"].items()}
+    assert gateway_env["LP_HOST"] == "0.0.0.0"
+    with pytest.raises(AssertionError, match="LP_API_TOKEN"):
+        interpolate(gateway_env["LP_API_TOKEN"], {})
 
 
 async def test_failover_tour_on_the_compose_stack(stack: ComposeStack) -> None:
@@ -139,6 +163,7 @@ async def test_failover_tour_on_the_compose_stack(stack: ComposeStack) -> None:
     gw2 = f"127.0.0.1:{stack.ports['gateway-2']}"
     upstream = stack.local("http://upstream:8001/events/tour")
 
+    auth = {"Authorization": f"Bearer {OPERATOR_ENV['LP_API_TOKEN']}"}
     async with httpx.AsyncClient(base_url=gw1, timeout=10) as http:
 
         async def upstream_up() -> bool:
@@ -148,7 +173,10 @@ async def test_failover_tour_on_the_compose_stack(stack: ComposeStack) -> None:
                 return False
 
         await eventually(upstream_up, 20, "demo upstream did not start")
-        assert (await http.put("/v1/sessions/tour", json={"url": upstream})).status_code == 201
+        assert (await http.put("/v1/sessions/tour", json={"url": upstream})).status_code == 401
+        put = await http.put("/v1/sessions/tour", json={"url": upstream}, headers=auth)
+        assert put.status_code == 201
+        http.headers.update(auth)
 
         async def owner() -> str:
             status = (await http.get("/v1/sessions/tour")).json()
@@ -161,7 +189,10 @@ async def test_failover_tour_on_the_compose_stack(stack: ComposeStack) -> None:
         first_owner = await owner()
 
         seqs: list[int] = []
-        async with ws_connect(f"ws://{gw2}/v1/sessions/tour/events?after=0") as ws:
+        # A browser's token, issued by gateway 1, is honoured by gateway 2 (shared key).
+        issued = await http.post("/v1/sessions/tour/subscribe-token")
+        token = issued.json()["token"]
+        async with ws_connect(f"ws://{gw2}/v1/sessions/tour/events?after=0&token={token}") as ws:
             while len(seqs) < 10:
                 seqs.append(json.loads(await ws.recv())["seq"])
             stack.procs[first_owner].send_signal(signal.SIGKILL)

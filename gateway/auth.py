@@ -1,0 +1,125 @@
+"""Who may call the gateway: API tokens on the control API, subscribe tokens on event streams.
+
+With no ``LP_API_TOKEN`` the control API is open, which is why the gateway then listens on
+loopback only (see :func:`listen_host`). With ``LP_SIGNING_KEY`` set, following a session needs
+a subscribe token for it (``?token=`` — browsers cannot set headers on a WebSocket or an
+EventSource — or a bearer header) or an API token; with only ``LP_API_TOKEN`` set, it needs an
+API token. Tokens never reach the logs: :class:`RedactTokens` masks them in uvicorn's lines.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Mapping
+
+from fastapi import Request
+
+from gateway.errors import ApiError
+from listenerpool.auth import InvalidToken, bearer_token, token_matches, verify_subscribe_token
+from listenerpool.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']*")
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, headers=_CHALLENGE)
+
+
+def check_api_token(settings: Settings, authorization: str | None) -> None:
+    """Raise a 401 :class:`ApiError` unless the header carries a valid API token (or none is
+    configured)."""
+    tokens = settings.api_tokens
+    if not tokens:
+        return
+    presented = bearer_token(authorization)
+    if presented is None:
+        raise _unauthorized("missing_token", "this call needs Authorization: Bearer <API token>")
+    if not token_matches(presented, tokens):
+        raise _unauthorized("invalid_token", "the API token is not valid")
+
+
+async def require_api_token(request: Request) -> None:
+    """Route dependency of the control API."""
+    check_api_token(request.app.state.settings, request.headers.get("authorization"))
+
+
+def check_subscriber(
+    settings: Settings, sid: str, headers: Mapping[str, str], query: Mapping[str, str]
+) -> None:
+    """Raise an :class:`ApiError` (401, or 403 for another session's token) unless the caller
+    may follow ``sid``."""
+    tokens, keys = settings.api_tokens, settings.signing_keys
+    if not tokens and not keys:
+        return
+    presented = query.get("token") or bearer_token(headers.get("authorization"))
+    if presented is None:
+        wanted = "a subscribe token (?token=) or an API token" if keys else "an API token"
+        raise _unauthorized("missing_token", f"following a session needs {wanted}")
+    if tokens and token_matches(presented, tokens):
+        return
+    if not keys:
+        raise _unauthorized("invalid_token", "the API token is not valid")
+    try:
+        verify_subscribe_token(keys, presented, sid, time.time())
+    except InvalidToken as exc:
+        if exc.code == "wrong_session":
+            raise ApiError(403, exc.code, str(exc)) from None
+        raise _unauthorized(exc.code, str(exc)) from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_host(settings: Settings) -> str:
+    """Where the gateway may listen: anywhere with an API token, loopback only without."""
+    if settings.api_tokens:
+        return settings.host
+    if not is_loopback(settings.host):
+        log.warning(
+            "LP_API_TOKEN is not set, so the control API is unauthenticated: listening on %s "
+            "only, not on LP_HOST=%s. Set LP_API_TOKEN to listen there.",
+            LOOPBACK,
+            settings.host,
+        )
+        return LOOPBACK
+    log.warning(
+        "LP_API_TOKEN is not set: the control API is unauthenticated and the gateway listens "
+        "on loopback (%s) only",
+        settings.host,
+    )
+    return settings.host
+
+
+class RedactTokens(logging.Filter):
+    """Masks ``token=`` query values in log records (uvicorn logs request paths)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_server_logs() -> None:
+    """Install :class:`RedactTokens` on uvicorn's loggers (idempotent)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
