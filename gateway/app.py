@@ -18,8 +18,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import control_api, events_api
-from gateway.errors import error_response, install_error_handlers
+from gateway.errors import error_response, error_responses, install_error_handlers
 from gateway.hub import REDIS_ERRORS, FanoutHub
+from gateway.limits import ClientLimits
+from gateway.openapi import install_openapi
+from gateway.ratelimit import RateLimit, RateLimiter
 from gateway.state import GatewayState
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
@@ -43,7 +46,8 @@ async def gateway_lifespan(
         check_interval=settings.stream_check_interval,
     )
     control = SessionControl(redis, listen_queue(sync, settings), settings)
-    app.state.gateway = GatewayState(settings, redis, control, hub)
+    clients = ClientLimits(per_session=settings.max_clients_per_session, total=settings.max_clients)
+    app.state.gateway = GatewayState(settings, redis, control, hub, clients)
     with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
         await control.scripts.preload(redis)
     await hub.start()
@@ -124,13 +128,15 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
     app.include_router(control_api.router)
     app.include_router(events_api.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_rate > 0:  # outside the body limit: a refused request is not read
+        app.add_middleware(RateLimit, limiter=RateLimiter(settings.api_rate, settings.api_burst))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=error_responses(503))
     async def readyz() -> JSONResponse:
         """Redis answers: the gateway can take control calls and serve clients."""
         state: GatewayState = app.state.gateway
@@ -141,4 +147,5 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
             return error_response(503, "redis_unavailable", f"Redis is unavailable: {exc}")
         return JSONResponse({"status": "ready"})
 
+    install_openapi(app)
     return app

@@ -6,23 +6,49 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from gateway.auth import require_api_token
-from gateway.errors import ApiError
+from gateway.errors import ApiError, error_responses
 from gateway.state import GatewayState
 from listenerpool import keys
 from listenerpool.auth import sign_subscribe_token
 from listenerpool.control import ClaimOutcome
+from listenerpool.spec import MAX_HEADER_VALUE, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_URL_LENGTH
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
+MAX_OFFSET = 1_000_000_000  # Redis ranges take 64-bit indexes; nothing lists this many sessions
+
+
+# The schema states the limits; the checks themselves stay in the core (listenerpool.spec,
+# listenerpool.keys) so that violations get their own error codes (invalid_session_id,
+# invalid_upstream, headers_too_large) rather than a generic validation error.
+SessionId = Annotated[
+    str,
+    Path(
+        description="Session id",
+        json_schema_extra={"pattern": keys.SESSION_ID_PATTERN.pattern},
+    ),
+]
 
 
 class SessionSpec(BaseModel):
-    url: str = Field(description="The upstream SSE URL (http or https).")
-    headers: dict[str, str] = Field(default_factory=dict, description="Request headers to send.")
+    url: str = Field(
+        description="The upstream SSE URL (http or https), checked against LP_UPSTREAM_ALLOW.",
+        json_schema_extra={
+            "pattern": "^[hH][tT][tT][pP][sS]?://[^/?#\\s]+",
+            "maxLength": MAX_URL_LENGTH,
+        },
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            f"Request headers to send: at most {MAX_HEADERS}, values up to {MAX_HEADER_VALUE} "
+            f"characters, {MAX_HEADERS_BYTES} bytes in all (413 beyond)."
+        ),
+    )
 
 
 def state_of(request: Request) -> GatewayState:
@@ -30,8 +56,22 @@ def state_of(request: Request) -> GatewayState:
     return state
 
 
-@router.put("/sessions/{sid}", status_code=201)
-async def put_session(sid: str, spec: SessionSpec, request: Request) -> JSONResponse:
+class PutResult(BaseModel):
+    sid: str
+    outcome: str = Field(description="created, claimed, unchanged, updated or pending")
+    epoch: int
+
+
+@router.put(
+    "/sessions/{sid}",
+    status_code=201,
+    response_model=PutResult,
+    responses={
+        200: {"model": PutResult, "description": "Known session (outcome tells what changed)"},
+        **error_responses(400, 401, 403, 413, 429, 503),
+    },
+)
+async def put_session(sid: SessionId, spec: SessionSpec, request: Request) -> JSONResponse:
     """Listen to ``sid`` at ``url``. Idempotent: 201 when created, 200 otherwise."""
     result = await state_of(request).control.claim(sid, spec.url, spec.headers)
     status = 201 if result.outcome is ClaimOutcome.CREATED else 200
@@ -39,16 +79,18 @@ async def put_session(sid: str, spec: SessionSpec, request: Request) -> JSONResp
     return JSONResponse(body, status_code=status)
 
 
-@router.delete("/sessions/{sid}", status_code=202)
-async def delete_session(sid: str, request: Request) -> JSONResponse:
+@router.delete(
+    "/sessions/{sid}", status_code=202, responses=error_responses(400, 401, 404, 429, 503)
+)
+async def delete_session(sid: SessionId, request: Request) -> JSONResponse:
     """Stop listening to ``sid`` fleet-wide."""
     if not await state_of(request).control.cancel(sid):
         raise ApiError(404, "unknown_session", f"session {sid!r} does not exist")
     return JSONResponse({"sid": sid, "cancelled": True}, status_code=202)
 
 
-@router.get("/sessions/{sid}")
-async def get_session(sid: str, request: Request) -> dict[str, Any]:
+@router.get("/sessions/{sid}", responses=error_responses(400, 401, 404, 429, 503))
+async def get_session(sid: SessionId, request: Request) -> dict[str, Any]:
     status = await state_of(request).control.status(sid)
     if status is None:
         raise ApiError(404, "unknown_session", f"session {sid!r} does not exist")
@@ -61,9 +103,13 @@ class SubscribeTokenRequest(BaseModel):
     )
 
 
-@router.post("/sessions/{sid}/subscribe-token", status_code=201)
+@router.post(
+    "/sessions/{sid}/subscribe-token",
+    status_code=201,
+    responses=error_responses(400, 401, 404, 409, 429, 503),
+)
 async def issue_subscribe_token(
-    sid: str, request: Request, body: SubscribeTokenRequest | None = None
+    sid: SessionId, request: Request, body: SubscribeTokenRequest | None = None
 ) -> JSONResponse:
     """A short-lived token that lets a browser follow ``sid``'s events (``?token=``)."""
     state = state_of(request)
@@ -78,10 +124,10 @@ async def issue_subscribe_token(
     return JSONResponse({"sid": sid, "token": token, "expires_at": expires_at}, status_code=201)
 
 
-@router.get("/sessions")
+@router.get("/sessions", responses=error_responses(400, 401, 429, 503))
 async def list_sessions(
     request: Request,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Sessions, most recently updated first, ``limit`` per page from ``offset``."""
@@ -97,7 +143,7 @@ async def list_sessions(
     return {"sessions": sessions, "total": total, "next_offset": following}
 
 
-@router.get("/workers")
+@router.get("/workers", responses=error_responses(401, 429, 503))
 async def list_workers(request: Request) -> dict[str, Any]:
     """Registered workers: capacity, load, host, pid and how long ago each last beat."""
     state = state_of(request)

@@ -20,9 +20,10 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from gateway.auth import check_subscriber
-from gateway.errors import ApiError
+from gateway.errors import ApiError, error_response, error_responses
 from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
 from gateway.hub import REDIS_ERRORS, HubUnavailable
+from gateway.limits import ClientLimitReached, ClientLimits
 from gateway.state import GatewayState
 from gateway.wsprotocol import FORCE_CLOSE
 from listenerpool.envelope import Envelope
@@ -73,14 +74,29 @@ def ws_text(frame: Frame) -> str:
 class SSEStream(Response):
     """An ASGI response streaming a feed as text/event-stream with heartbeats."""
 
-    def __init__(self, feed: SessionFeed, heartbeat: float) -> None:
+    def __init__(
+        self, sid: str, feed: SessionFeed, heartbeat: float, clients: ClientLimits
+    ) -> None:
         # Response's body handling is not used: __call__ streams the feed itself.
         self.status_code = 200
         self.background = None
+        self._sid = sid
         self._feed = feed
         self._heartbeat = heartbeat
+        self._clients = clients
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Admitted here, not in the route, so the place is freed whatever ends the stream.
+        try:
+            admission = self._clients.admit(self._sid)
+        except ClientLimitReached as exc:
+            refusal = error_response(exc.status, exc.code, exc.message, **{"Retry-After": "1"})
+            await refusal(scope, receive, send)
+            return
+        with admission:
+            await self._stream(scope, receive, send)
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with self._feed:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             sender = asyncio.create_task(self._send_frames(send))
@@ -141,7 +157,17 @@ async def _wait_http_disconnect(receive: Receive) -> None:
         pass
 
 
-@router.get("/sessions/{sid}/events", response_model=None)
+@router.get(
+    "/sessions/{sid}/events",
+    response_model=None,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The event stream",
+        },
+        **error_responses(400, 401, 403, 404, 429, 503),
+    },
+)
 async def sse_events(sid: str, request: Request) -> Any:
     """The session's events as Server-Sent Events (``id:`` = seq). Resume with the
     ``Last-Event-ID`` header or ``?after=<seq>``. With auth configured, pass a subscribe token
@@ -151,7 +177,10 @@ async def sse_events(sid: str, request: Request) -> Any:
     after = parse_after(request.headers.get("last-event-id") or request.query_params.get("after"))
     await require_session(state, sid)
     return SSEStream(
-        SessionFeed(state.hub, state.redis, sid, after), state.settings.client_heartbeat
+        sid,
+        SessionFeed(state.hub, state.redis, sid, after),
+        state.settings.client_heartbeat,
+        state.clients,
     )
 
 
@@ -168,30 +197,44 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
         check_subscriber(state.settings, sid, websocket.headers, websocket.query_params)
         after = parse_after(websocket.query_params.get("after"))
         await require_session(state, sid)
-        feed = SessionFeed(state.hub, state.redis, sid, after)
-        await feed.__aenter__()
+        admission = state.clients.admit(sid)
     except (ApiError, InvalidInput) as exc:
         status = exc.status if isinstance(exc, ApiError) else 400
         await websocket.close(code=4000 + status, reason=str(exc)[:120])
         return
+    except ClientLimitReached as exc:
+        # 4429: this session's clients; 4503: this gateway is full. The reason says which.
+        await websocket.close(code=4000 + exc.status, reason=f"{exc.code}: {exc.message}"[:120])
+        return
     except (*REDIS_ERRORS, HubUnavailable) as exc:
         await websocket.close(code=4503, reason=f"Redis is unavailable: {exc}"[:120])
         return
-    try:
-        sender = asyncio.create_task(_ws_send(websocket, feed))
-        watcher = asyncio.create_task(_ws_wait_disconnect(websocket))
-        overflow = asyncio.create_task(feed.overflowed.wait())
+    with admission:  # the place is freed however the connection ends
+        feed = SessionFeed(state.hub, state.redis, sid, after)
         try:
-            await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            await feed.__aenter__()
+        except (*REDIS_ERRORS, HubUnavailable) as exc:
+            await websocket.close(code=4503, reason=f"Redis is unavailable: {exc}"[:120])
+            return
+        try:
+            await _ws_serve(websocket, feed)
         finally:
-            await _finish(sender, watcher, overflow)
-        if overflow.done() and not overflow.cancelled():
-            await _ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
-        elif sender.done() and not sender.cancelled() and sender.exception() is not None:
-            # Redis failed mid-stream: say so, so the client resumes by seq.
-            await _ws_close(websocket, 4503, "Redis is unavailable: resume by seq")
+            await feed.__aexit__(None, None, None)
+
+
+async def _ws_serve(websocket: WebSocket, feed: SessionFeed) -> None:
+    sender = asyncio.create_task(_ws_send(websocket, feed))
+    watcher = asyncio.create_task(_ws_wait_disconnect(websocket))
+    overflow = asyncio.create_task(feed.overflowed.wait())
+    try:
+        await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await feed.__aexit__(None, None, None)
+        await _finish(sender, watcher, overflow)
+    if overflow.done() and not overflow.cancelled():
+        await _ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
+    elif sender.done() and not sender.cancelled() and sender.exception() is not None:
+        # Redis failed mid-stream: say so, so the client resumes by seq.
+        await _ws_close(websocket, 4503, "Redis is unavailable: resume by seq")
 
 
 async def _ws_close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.hub import FanoutHub
+from gateway.limits import ClientLimits
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings
 
@@ -16,3 +17,4 @@ class GatewayState:
     redis: Any
     control: SessionControl
     hub: FanoutHub
+    clients: ClientLimits

@@ -5,6 +5,7 @@ from listenerpool.envelope import Envelope
 from listenerpool.errors import (
     Cancelled,
     EventTooLarge,
+    HeadersTooLarge,
     InvalidInput,
     InvalidSessionId,
     InvalidUpstream,
@@ -13,6 +14,7 @@ from listenerpool.errors import (
     NotOwner,
     StreamError,
     UpstreamError,
+    UpstreamNotAllowed,
     UpstreamRejected,
 )
 from listenerpool.settings import Settings, SettingsError, load_settings
@@ -24,6 +26,7 @@ __all__ = [
     "ClaimResult",
     "Envelope",
     "EventTooLarge",
+    "HeadersTooLarge",
     "InvalidInput",
     "InvalidSessionId",
     "InvalidUpstream",
@@ -38,6 +41,7 @@ __all__ = [
     "SettingsError",
     "StreamError",
     "UpstreamError",
+    "UpstreamNotAllowed",
     "UpstreamRejected",
     "load_settings",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 from rq import Queue
 
 from listenerpool import keys
+from listenerpool.allowlist import check_host
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
@@ -77,6 +78,7 @@ class SessionControl:
         self._queue = queue
         self._settings = settings
         self._scripts = Scripts.register(redis)
+        self._allow = settings.allowlist
         # A claimed lease waits, unrenewed, until a worker adopts its job; it gets more time
         # than a held lease so a burst of claims is not re-claimed while still queued.
         self._pending_ttl_ms = int(settings.lease_ttl * PENDING_TTL_FACTOR * 1000)
@@ -91,10 +93,14 @@ class SessionControl:
         """Declare that ``sid`` should be listened to at ``url``; idempotent.
 
         Raises :class:`~listenerpool.errors.InvalidSessionId` or
-        :class:`~listenerpool.errors.InvalidUpstream` for bad input, before touching Redis.
+        :class:`~listenerpool.errors.InvalidUpstream` for bad input (its subclass
+        :class:`~listenerpool.errors.UpstreamNotAllowed` for a host the allowlist clearly
+        refuses, :class:`~listenerpool.errors.HeadersTooLarge` over the header limits), before
+        touching Redis.
         """
         k = keys.SessionKeys(sid)
         spec = UpstreamSpec(url=url, headers=dict(headers or {}))
+        check_host(self._allow, spec.host)
         token = secrets.token_hex(8)
         outcome, epoch = await self._scripts.claim(
             keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],

@@ -23,6 +23,16 @@ class InvalidUpstream(InvalidInput):
     """The upstream URL or headers cannot be used (wrong scheme, no host, bad header)."""
 
 
+class UpstreamNotAllowed(InvalidUpstream):
+    """The upstream's host or address is refused by ``LP_UPSTREAM_ALLOW`` or the guarded ranges
+    (link-local, cloud metadata). Raised by the gateway before Redis is touched, and by a
+    worker's connection when the resolved address is refused; retrying will not change it."""
+
+
+class HeadersTooLarge(InvalidUpstream):
+    """The upstream request headers exceed the count or size limits."""
+
+
 class OwnershipError(ListenerPoolError):
     """A reader no longer owns its session and must stop at once."""
 

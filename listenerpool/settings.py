@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from listenerpool.allowlist import Allowlist
 from listenerpool.auth import split_secrets
 from listenerpool.errors import ListenerPoolError
 
@@ -45,6 +46,18 @@ class Settings(BaseSettings):
         default=45.0, gt=0, description="No bytes from the upstream for this long: reconnect (s)."
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Upstream connect timeout (s).")
+    head_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="The upstream's complete response head must arrive within this long (s).",
+    )
+    upstream_allow: str | None = Field(
+        default=None,
+        description=(
+            "Comma-separated upstream allowlist: host names, *.wildcards, IPs and CIDRs. "
+            "Unset: any address except link-local, cloud metadata, multicast and unspecified."
+        ),
+    )
     backoff_base: float = Field(default=0.5, gt=0, description="Backoff base delay (s).")
     backoff_cap: float = Field(default=30.0, gt=0, description="Backoff maximum delay (s).")
     worker_capacity: int = Field(default=10_000, ge=1, description="Readers per worker process.")
@@ -75,6 +88,22 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535, description="Gateway listen port.")
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest control request body."
+    )
+    max_clients: int = Field(
+        default=10_000, ge=1, description="Event clients (SSE and WebSocket) per gateway process."
+    )
+    max_clients_per_session: int = Field(
+        default=1000, ge=1, description="Event clients of one session per gateway process."
+    )
+    api_rate: float = Field(
+        # High enough for a backend bringing thousands of sessions up at once; the limit is
+        # there to stop a runaway caller, not to shape normal traffic.
+        default=2000.0,
+        ge=0,
+        description="Control API requests per second per token or client address (0: no limit).",
+    )
+    api_burst: int = Field(
+        default=4000, ge=1, description="Control API requests allowed in a burst per token."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
@@ -110,6 +139,12 @@ class Settings(BaseSettings):
         ttl = info.data.get("lease_ttl")
         if value is not None and ttl is not None and value > ttl / 3:
             raise ValueError(f"must be at most LP_LEASE_TTL/3 ({ttl / 3:g}s)")
+        return value
+
+    @field_validator("upstream_allow")
+    @classmethod
+    def _allowlist_parses(cls, value: str | None) -> str | None:
+        Allowlist.parse(value)  # raises ValueError naming the bad entry
         return value
 
     @field_validator("backoff_cap")
@@ -162,6 +197,11 @@ class Settings(BaseSettings):
         """Seconds after the last successful renewal at which a reader stops itself."""
         margin = self.lease_margin if self.lease_margin is not None else self.lease_ttl / 5
         return self.lease_ttl - margin
+
+    @property
+    def allowlist(self) -> Allowlist:
+        """``upstream_allow`` parsed (validated when the settings were built)."""
+        return Allowlist.parse(self.upstream_allow)
 
     @property
     def reconcile_period(self) -> float:

@@ -8,16 +8,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from listenerpool.errors import InvalidUpstream
+from listenerpool.errors import HeadersTooLarge, InvalidUpstream
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
+MAX_URL_LENGTH = 8192
+MAX_HEADERS = 50
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 8192
+MAX_HEADERS_BYTES = 16384  # names + values + ": " and CRLF per header, as sent upstream
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1," + str(MAX_HEADER_NAME) + "}$")
 # Headers the reader sets itself; a caller overriding them would break resumption or framing.
 _RESERVED = frozenset(
     {"last-event-id", "host", "content-length", "transfer-encoding", "connection"}
 )
-MAX_URL_LENGTH = 8192
-MAX_HEADERS = 64
-MAX_HEADER_VALUE = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,11 @@ class UpstreamSpec:
     def __post_init__(self) -> None:
         check_url(self.url)
         check_headers(self.headers)
+
+    @property
+    def host(self) -> str:
+        """The URL's host as written (lower case, IPv6 without brackets)."""
+        return urlsplit(self.url).hostname or ""
 
     def headers_json(self) -> str:
         """Canonical JSON (sorted keys) so an identical spec compares equal in Redis."""
@@ -59,10 +66,13 @@ def check_url(url: str) -> None:
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
+    """Raise :class:`HeadersTooLarge` over the count or total size limits, and
+    :class:`InvalidUpstream` for a bad name or value."""
     if not isinstance(headers, Mapping):
         raise InvalidUpstream("headers must be an object of string names to string values")
     if len(headers) > MAX_HEADERS:
-        raise InvalidUpstream(f"at most {MAX_HEADERS} headers are allowed")
+        raise HeadersTooLarge(f"{len(headers)} headers: at most {MAX_HEADERS} are allowed")
+    total = 0
     for name, value in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise InvalidUpstream(f"invalid header name {name!r}")
@@ -70,5 +80,10 @@ def check_headers(headers: Mapping[str, str]) -> None:
             raise InvalidUpstream(f"header {name!r} is set by the pool and cannot be given")
         if not isinstance(value, str):
             raise InvalidUpstream(f"header {name!r} must have a string value")
-        if len(value) > MAX_HEADER_VALUE or any(ch in value for ch in "\r\n\x00"):
-            raise InvalidUpstream(f"header {name!r} has an invalid or oversized value")
+        if any(ch in value for ch in "\r\n\x00"):
+            raise InvalidUpstream(f"header {name!r} has a CR, LF or NUL in its value")
+        if len(value) > MAX_HEADER_VALUE:
+            raise HeadersTooLarge(f"header {name!r} has a value over {MAX_HEADER_VALUE} characters")
+        total += len(name) + len(value) + 4
+    if total > MAX_HEADERS_BYTES:
+        raise HeadersTooLarge(f"headers total {total} bytes: at most {MAX_HEADERS_BYTES}")

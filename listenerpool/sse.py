@@ -100,6 +100,18 @@ class SSEParser:
         return self._last_event_id
 
     @property
+    def pending_line_bytes(self) -> int:
+        """Bytes of the unterminated line held for the next chunk; at most ``max_event_bytes``
+        whenever :meth:`feed` has returned."""
+        return self._pending_len
+
+    @property
+    def pending_data_bytes(self) -> int:
+        """Bytes of the unfinished event's data (lines joined by LF); at most
+        ``max_event_bytes`` whenever :meth:`feed` has returned."""
+        return max(self._data_len - 1, 0)
+
+    @property
     def retry(self) -> int | None:
         """The last valid ``retry:`` value in milliseconds, or ``None`` if none was seen."""
         return self._retry

@@ -20,7 +20,13 @@ import redis.exceptions
 from listenerpool import keys
 from listenerpool.backoff import reconnect_delay
 from listenerpool.envelope import envelope_parts
-from listenerpool.errors import NotOwner, StreamError, UpstreamError, UpstreamRejected
+from listenerpool.errors import (
+    NotOwner,
+    StreamError,
+    UpstreamError,
+    UpstreamNotAllowed,
+    UpstreamRejected,
+)
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.sse import SSEEvent, SSEParser
@@ -72,7 +78,7 @@ class Reader:
             try:
                 delivered = await self._listen_once()
                 error = "upstream closed the stream"
-            except UpstreamRejected as exc:
+            except (UpstreamRejected, UpstreamNotAllowed) as exc:
                 await self._fail(str(exc))
                 return
             except UpstreamError as exc:
@@ -82,6 +88,9 @@ class Reader:
                 error = f"malformed stream: {exc}"
             except httpx.TimeoutException as exc:
                 error = _timeout_reason(exc, self._settings)
+            except httpx.TooManyRedirects:
+                limit = self._settings.max_redirects
+                error = f"upstream redirected more than LP_MAX_REDIRECTS={limit} times"
             except httpx.HTTPError as exc:
                 error = f"upstream connection failed: {type(exc).__name__}: {exc}"
             except REDIS_ERRORS as exc:

@@ -64,7 +64,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             connect=settings.connect_timeout, read=settings.idle_timeout, write=10.0, pool=None
         ),
-        transport=StreamTransport(),
+        transport=StreamTransport(allow=settings.allowlist, head_timeout=settings.head_timeout),
         follow_redirects=settings.max_redirects > 0,
         max_redirects=settings.max_redirects,
     )

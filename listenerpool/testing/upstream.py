@@ -64,7 +64,17 @@ EVENT_TYPES: Final = (
     "STATE_DELTA",
 )
 _MODES: Final = frozenset(
-    {"normal", "stall", "vanish", "garbage", "oversized", "invalid_utf8", "wrong_type"}
+    {
+        "normal",
+        "stall",
+        "vanish",
+        "garbage",
+        "oversized",
+        "huge_event",
+        "slow_head",
+        "invalid_utf8",
+        "wrong_type",
+    }
 )
 _HEARTBEAT: Final = b": heartbeat\n\n"
 _SSE_HEAD: Final = (
@@ -76,6 +86,8 @@ _GARBAGE_CHUNK: Final = 512
 _GARBAGE_INTERVAL: Final = 0.125  # 512 B every 125 ms = 4 KiB/s
 _WRITE_CHUNK: Final = 64 * 1024
 _YIELD_EVERY: Final = 64  # rate=0 streams yield to the loop this often
+_SLOW_HEAD_INTERVAL: Final = 0.1  # slow_head: one byte of the response head this often
+_HUGE_EVENT_LINE: Final = b"data: " + b"y" * 1018 + b"\n"  # 1 KiB per data line
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,10 @@ class _Config:
     @property
     def status(self) -> int | None:
         return int(self.mode[7:]) if self.mode.startswith("status:") else None
+
+    @property
+    def location(self) -> str | None:
+        return self.mode[9:] if self.mode.startswith("redirect:") else None
 
 
 class _Keep(Enum):
@@ -340,6 +356,12 @@ class SSEUpstream(ThreadedServer):
       UTF-8, no CR and no blank line.
     - ``oversized``: 200, then ``data: `` and ``oversized_bytes`` of ``x`` with no newline; then
       silence.
+    - ``huge_event``: 200, then one event of ``oversized_bytes`` of data in 1 KiB ``data:``
+      lines, then the blank line that would dispatch it; then silence.
+    - ``slow_head``: the 200 event-stream head dribbled one byte every 0.1 s (a slowloris
+      response), then the normal event stream.
+    - ``redirect:<url>``: new connections get ``302 Found`` with ``Location: <url>`` and are
+      closed (``<url>`` may be this session's own URL: a redirect loop).
     - ``invalid_utf8``: normal numbered events whose data has the bytes ``ff fe`` added at the
       start of the JSON string ``delta``, so :meth:`number_of` still works after a lossy decode.
     - ``wrong_type``: 200 ``text/html`` with an HTML body, then close.
@@ -554,6 +576,8 @@ class SSEUpstream(ThreadedServer):
         config = session.config
         if config.status is not None:
             conn.finish(_response(config.status, f"scripted status {config.status}"))
+        elif config.location is not None:
+            conn.finish(_redirect(config.location))
         elif config.mode == "wrong_type":
             html = "<!doctype html><html><body><h1>Not an event stream</h1></body></html>"
             conn.finish(_response(200, html, "text/html; charset=utf-8"))
@@ -566,12 +590,19 @@ class SSEUpstream(ThreadedServer):
 
     async def _respond(self, conn: _Conn, mode: str, last: int, seed: int) -> None:
         try:
-            if not await conn.send(_SSE_HEAD):
+            if mode == "slow_head":
+                for i in range(len(_SSE_HEAD)):
+                    if not await conn.gate() or not await conn.send(_SSE_HEAD[i : i + 1]):
+                        return
+                    await conn.sleep(_SLOW_HEAD_INTERVAL)
+            elif not await conn.send(_SSE_HEAD):
                 return
             if mode == "garbage":
                 await self._garbage_body(conn, random.Random(seed))
             elif mode == "oversized":
                 await self._oversized_body(conn)
+            elif mode == "huge_event":
+                await self._huge_event_body(conn)
             else:
                 await self._event_body(conn, last)
         except OSError:
@@ -638,6 +669,23 @@ class SSEUpstream(ThreadedServer):
             remaining -= len(part)
             await asyncio.sleep(0)
 
+    async def _huge_event_body(self, conn: _Conn) -> None:
+        lines = _HUGE_EVENT_LINE * (_WRITE_CHUNK // len(_HUGE_EVENT_LINE))
+        remaining = self.oversized_bytes
+        while remaining > 0 and await conn.gate():
+            if not await conn.send(lines):
+                return
+            remaining -= len(lines)
+            await asyncio.sleep(0)
+        await conn.send(b"\n")
+
+
+def _redirect(location: str) -> bytes:
+    return (
+        f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+
 
 def _last_id(value: str | None) -> int:
     try:
@@ -652,7 +700,10 @@ def _check(config: _Config) -> _Config:
     if config.total is not None and config.total < 0:
         raise ValueError("total must be >= 0 or None")
     status = config.mode.removeprefix("status:")
-    if config.mode.startswith("status:"):
+    if config.mode.startswith("redirect:"):
+        if not config.location or any(ch in config.location for ch in "\r\n"):
+            raise ValueError(f"bad redirect mode {config.mode!r}")
+    elif config.mode.startswith("status:"):
         if not (status.isdigit() and 100 <= int(status) <= 599):
             raise ValueError(f"bad status mode {config.mode!r}")
     elif config.mode not in _MODES:

@@ -125,3 +125,25 @@ async def test_mounted_inside_another_app(fake_redis: Any, fake_sync_redis: Any)
             created = await c.put("/pool/v1/sessions/m1", json={"url": URL})
             assert created.status_code == 201
             assert (await c.get("/pool/v1/sessions/m1")).json()["sid"] == "m1"
+
+
+async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/v1/sessions/s1")
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert set(resp.headers["allow"].split(", ")) == {"DELETE", "GET", "PUT"}
+
+
+async def test_a_huge_list_offset_is_a_400_not_a_redis_error(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/v1/sessions", params={"offset": 10**22})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_request"
+
+
+async def test_the_schema_documents_the_error_answers(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/v1/openapi.json")).json()
+    put = schema["paths"]["/v1/sessions/{sid}"]["put"]["responses"]
+    assert {"200", "201", "400", "403", "413", "429", "503"} <= set(put)
+    assert "422" not in put  # validation failures are answered with 400
+    error = put["403"]["content"]["application/json"]["schema"]["$ref"]
+    assert error == "#/components/schemas/ErrorBody"

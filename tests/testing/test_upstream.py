@@ -411,6 +411,44 @@ def test_oversized_sends_one_endless_data_line() -> None:
         client.close()
 
 
+def test_huge_event_sends_one_event_of_many_data_lines() -> None:
+    with SSEUpstream(oversized_bytes=200_000) as up:
+        up.configure("s1", mode="huge_event")
+        client = RawClient.stream(up, "s1")
+        assert client.head()[0] == 200
+        event = client.frame(timeout=10)
+        lines = event.split(b"\n")
+        assert len(event) >= 200_000
+        assert all(line == b"data: " + b"y" * 1018 for line in lines)
+        assert client.silent_for(0.2)
+        client.close()
+
+
+def test_slow_head_dribbles_the_response_head() -> None:
+    with SSEUpstream(rate=50.0, heartbeat=0.5) as up:
+        up.configure("s1", mode="slow_head")
+        client = RawClient.stream(up, "s1")
+        started = time.monotonic()
+        assert client.read_bytes(1) == b"H"
+        # One byte per 0.1 s: after 0.35 s at most a few bytes of the head have arrived.
+        assert not client.silent_for(0.35)
+        assert len(client.buf) < 10
+        head = client.read_until(b"\r\n\r\n", timeout=20)  # the rest arrives, slowly
+        assert (b"H" + head).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert time.monotonic() - started > 5
+        assert numbers(client.events(2)) == [1, 2]
+        client.close()
+
+
+def test_redirect_mode_answers_302_with_the_location(up: SSEUpstream) -> None:
+    up.configure("s1", mode="redirect:" + up.url("s1"))
+    response = httpx.get(up.url("s1"), timeout=5)
+    assert response.status_code == 302
+    assert response.headers["location"] == up.url("s1")
+    with pytest.raises(ValueError, match="bad redirect mode"):
+        up.configure("s2", mode="redirect:")
+
+
 def test_invalid_utf8_events_are_still_numbered(up: SSEUpstream) -> None:
     up.configure("s1", mode="invalid_utf8")
     client = RawClient.stream(up, "s1", last_event_id="7")
