@@ -1,4 +1,5 @@
-"""The gateway ASGI app: control API, fan-out of session events, health and readiness.
+"""The gateway ASGI app: control API, fan-out of session events, health and readiness, and
+the dashboard's static files.
 
 ``create_app(settings)`` builds a FastAPI app whose lifespan opens the Redis clients and the
 fan-out hub. To mount it in another Starlette/FastAPI app, enter :func:`gateway_lifespan` from
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import control_api, events_api
+from gateway import control_api, events_api, ui_routes
 from gateway.errors import error_response, error_responses, install_error_handlers
 from gateway.hub import REDIS_ERRORS, FanoutHub
 from gateway.limits import ClientLimits
@@ -127,6 +128,7 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
     install_error_handlers(app)
     app.include_router(control_api.router)
     app.include_router(events_api.router)
+    app.include_router(ui_routes.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_rate > 0:  # outside the body limit: a refused request is not read
         app.add_middleware(RateLimit, limiter=RateLimiter(settings.api_rate, settings.api_burst))
