@@ -49,7 +49,8 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
-    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        request.app.state.metrics.redis_error["api"].inc()
         return error_response(503, "redis_unavailable", f"Redis is unavailable: {exc}")
 
     app.add_exception_handler(ApiError, api_error)

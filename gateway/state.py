@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.hub import FanoutHub
 from listenerpool.control import SessionControl
+from listenerpool.metrics import GatewayMetrics
 from listenerpool.settings import Settings
 
 
@@ -16,3 +17,4 @@ class GatewayState:
     redis: Any
     control: SessionControl
     hub: FanoutHub
+    metrics: GatewayMetrics

@@ -14,6 +14,7 @@ from listenerpool.errors import (
     StreamError,
     UpstreamError,
     UpstreamRejected,
+    UpstreamStatus,
 )
 from listenerpool.settings import Settings, SettingsError, load_settings
 from listenerpool.sse import SSEEvent, SSEParser
@@ -39,5 +40,6 @@ __all__ = [
     "StreamError",
     "UpstreamError",
     "UpstreamRejected",
+    "UpstreamStatus",
     "load_settings",
 ]

@@ -76,6 +76,9 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
         log_level=settings.log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=3,
+        # JSON lines need every logger on the root handler; uvicorn's own config adds its
+        # console handlers instead.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     return Server(config)
 
@@ -91,12 +94,23 @@ async def serve_gateway(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """A worker until ``stop`` is set, with its status port when ``LP_METRICS_PORT`` is set."""
+    from workers.status_server import StatusServer
     from workers.worker import Worker
 
     redis = async_redis(settings)
     sync = sync_redis(settings)
     try:
-        await Worker(settings, redis=redis, queue=listen_queue(sync, settings)).run(stop)
+        worker = Worker(settings, redis=redis, queue=listen_queue(sync, settings))
+        if not settings.metrics_port:
+            await worker.run(stop)
+            return
+        status = StatusServer(
+            worker.metrics.registry, worker.healthy, settings.host, settings.metrics_port
+        )
+        with status:
+            log.info("worker metrics on http://%s:%d/metrics", settings.host, status.port)
+            await worker.run(stop)
     finally:
         await redis.aclose()
         sync.close()
