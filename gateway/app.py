@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import control_api, events_api, ui_routes
@@ -27,6 +27,7 @@ from gateway.ratelimit import RateLimit, RateLimiter
 from gateway.state import GatewayState
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
+from listenerpool.metrics import CONTENT_TYPE, GatewayMetrics, exposition
 from listenerpool.settings import Settings
 
 
@@ -37,6 +38,7 @@ async def gateway_lifespan(
     """Open what the gateway needs on ``app.state.gateway`` and close it on exit. Clients
     passed in (e.g. fakeredis in tests) are used and not closed."""
     settings: Settings = app.state.settings
+    metrics: GatewayMetrics = app.state.metrics
     own = redis is None
     redis = redis if redis is not None else async_redis(settings)
     sync = sync if sync is not None else sync_redis(settings)
@@ -45,10 +47,11 @@ async def gateway_lifespan(
         max_items=settings.client_queue,
         max_bytes=settings.client_queue_bytes,
         check_interval=settings.stream_check_interval,
+        metrics=metrics,
     )
     control = SessionControl(redis, listen_queue(sync, settings), settings)
     clients = ClientLimits(per_session=settings.max_clients_per_session, total=settings.max_clients)
-    app.state.gateway = GatewayState(settings, redis, control, hub, clients)
+    app.state.gateway = GatewayState(settings, redis, control, hub, clients, metrics)
     with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
         await control.scripts.preload(redis)
     await hub.start()
@@ -125,6 +128,7 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = GatewayMetrics()  # a registry per app: many apps fit in one process
     install_error_handlers(app)
     app.include_router(control_api.router)
     app.include_router(events_api.router)
@@ -146,8 +150,14 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
             async with asyncio.timeout(1.0):
                 await state.redis.ping()
         except (*REDIS_ERRORS, TimeoutError) as exc:
+            app.state.metrics.redis_error["api"].inc()
             return error_response(503, "redis_unavailable", f"Redis is unavailable: {exc}")
         return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """This gateway's metrics in the Prometheus text format."""
+        return Response(exposition(app.state.metrics.registry), media_type=CONTENT_TYPE)
 
     install_openapi(app)
     return app

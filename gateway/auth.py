@@ -4,14 +4,14 @@ With no ``LP_API_TOKEN`` the control API is open, which is why the gateway then 
 loopback only (see :func:`listen_host`). With ``LP_SIGNING_KEY`` set, following a session needs
 a subscribe token for it (``?token=`` — browsers cannot set headers on a WebSocket or an
 EventSource — or a bearer header) or an API token; with only ``LP_API_TOKEN`` set, it needs an
-API token. Tokens never reach the logs: :class:`RedactTokens` masks them in uvicorn's lines.
+API token. Tokens never reach the logs: query values are masked in uvicorn's request lines
+(:func:`listenerpool.logs.redact_server_logs`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Mapping
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']*")
 
 
 def _unauthorized(code: str, message: str) -> ApiError:
@@ -101,25 +100,3 @@ def listen_host(settings: Settings) -> str:
         settings.host,
     )
     return settings.host
-
-
-class RedactTokens(logging.Filter):
-    """Masks ``token=`` query values in log records (uvicorn logs request paths)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _TOKEN_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = _TOKEN_IN_QUERY.sub(r"\1[redacted]", record.msg)
-        return True
-
-
-def redact_server_logs() -> None:
-    """Install :class:`RedactTokens` on uvicorn's loggers (idempotent)."""
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())

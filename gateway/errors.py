@@ -111,7 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = allowed_methods(request)
         return error_response(exc.status_code, code, str(exc.detail), **headers)
 
-    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        request.app.state.metrics.redis_error["api"].inc()
         return error_response(503, "redis_unavailable", f"Redis is unavailable: {exc}")
 
     app.add_exception_handler(ApiError, api_error)

@@ -29,6 +29,7 @@ from gateway.wsprotocol import FORCE_CLOSE
 from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
+from listenerpool.metrics import GatewayMetrics, Transport
 from listenerpool.tasks import cancel_until_done
 
 router = APIRouter(prefix="/v1")
@@ -75,7 +76,12 @@ class SSEStream(Response):
     """An ASGI response streaming a feed as text/event-stream with heartbeats."""
 
     def __init__(
-        self, sid: str, feed: SessionFeed, heartbeat: float, clients: ClientLimits
+        self,
+        sid: str,
+        feed: SessionFeed,
+        heartbeat: float,
+        clients: ClientLimits,
+        metrics: GatewayMetrics,
     ) -> None:
         # Response's body handling is not used: __call__ streams the feed itself.
         self.status_code = 200
@@ -84,6 +90,7 @@ class SSEStream(Response):
         self._feed = feed
         self._heartbeat = heartbeat
         self._clients = clients
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Admitted here, not in the route, so the place is freed whatever ends the stream.
@@ -99,6 +106,8 @@ class SSEStream(Response):
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with self._feed:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            clients = self._metrics.clients[Transport.SSE]
+            clients.inc()
             sender = asyncio.create_task(self._send_frames(send))
             watcher = asyncio.create_task(_wait_http_disconnect(receive))
             overflow = asyncio.create_task(self._feed.overflowed.wait())
@@ -106,6 +115,9 @@ class SSEStream(Response):
                 await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 await _finish(sender, watcher, overflow)
+                clients.dec()
+            if overflow.done() and not overflow.cancelled():
+                self._metrics.slow_disconnects[Transport.SSE].inc()
             if not watcher.done() or watcher.cancelled():
                 # Falling behind ends the stream; the client resumes with Last-Event-ID.
                 with contextlib.suppress(Exception):
@@ -113,9 +125,12 @@ class SSEStream(Response):
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_frames(self, send: Send) -> None:
+        delivered = self._metrics.delivered[Transport.SSE]
         async for chunk in _with_heartbeats(self._feed.frames(), self._heartbeat):
             data = b": heartbeat\n\n" if chunk is None else sse_bytes(chunk)
             await send({"type": "http.response.body", "body": data, "more_body": True})
+            if chunk is not None and not isinstance(chunk, ResetFrame):
+                delivered.inc()
 
 
 async def _finish(*tasks: asyncio.Task[Any]) -> None:
@@ -181,6 +196,7 @@ async def sse_events(sid: str, request: Request) -> Any:
         SessionFeed(state.hub, state.redis, sid, after),
         state.settings.client_heartbeat,
         state.clients,
+        state.metrics,
     )
 
 
@@ -217,20 +233,24 @@ async def ws_events(websocket: WebSocket, sid: str) -> None:
             await websocket.close(code=4503, reason=f"Redis is unavailable: {exc}"[:120])
             return
         try:
-            await _ws_serve(websocket, feed)
+            await _ws_serve(websocket, feed, state.metrics)
         finally:
             await feed.__aexit__(None, None, None)
 
 
-async def _ws_serve(websocket: WebSocket, feed: SessionFeed) -> None:
-    sender = asyncio.create_task(_ws_send(websocket, feed))
+async def _ws_serve(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMetrics) -> None:
+    clients = metrics.clients[Transport.WS]
+    clients.inc()
+    sender = asyncio.create_task(_ws_send(websocket, feed, metrics))
     watcher = asyncio.create_task(_ws_wait_disconnect(websocket))
     overflow = asyncio.create_task(feed.overflowed.wait())
     try:
         await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await _finish(sender, watcher, overflow)
+        clients.dec()
     if overflow.done() and not overflow.cancelled():
+        metrics.slow_disconnects[Transport.WS].inc()
         await _ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
     elif sender.done() and not sender.cancelled() and sender.exception() is not None:
         # Redis failed mid-stream: say so, so the client resumes by seq.
@@ -249,10 +269,13 @@ async def _ws_close(websocket: WebSocket, code: int, reason: str) -> None:
             await websocket.close(code=code, reason=reason)
 
 
-async def _ws_send(websocket: WebSocket, feed: SessionFeed) -> None:
+async def _ws_send(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMetrics) -> None:
+    delivered = metrics.delivered[Transport.WS]
     with contextlib.suppress(ClientTooSlow):
         async for frame in feed.frames():
             await websocket.send_text(ws_text(frame))
+            if not isinstance(frame, ResetFrame):
+                delivered.inc()
 
 
 async def _ws_wait_disconnect(websocket: WebSocket) -> None:

@@ -23,6 +23,7 @@ import redis.exceptions
 
 from listenerpool import keys
 from listenerpool.envelope import seq_of
+from listenerpool.metrics import GatewayMetrics
 from listenerpool.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class FanoutHub:
         max_bytes: int = 1 << 20,
         check_interval: float = 20.0,
         subscribe_timeout: float = 5.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._redis = redis
         self._max_items = max_items
@@ -126,6 +128,7 @@ class FanoutHub:
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self.resubscribes = 0
+        self._metrics = metrics if metrics is not None else GatewayMetrics()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -200,6 +203,7 @@ class FanoutHub:
                 delay = 0.2
                 await self._read()
             except REDIS_ERRORS as exc:
+                self._metrics.redis_error["pubsub"].inc()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
             await self._close_pubsub()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -220,7 +224,7 @@ class FanoutHub:
                         sub.push(CATCH_UP)
             await self._subscribe(channels)
         if channels:
-            self.resubscribes += 1
+            self._resubscribed()
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,11 +263,15 @@ class FanoutHub:
                 self._pending[name] = pending - 1
             elif channel is not None:
                 # Re-subscribed by the client library after a reconnect of its own.
-                self.resubscribes += 1
+                self._resubscribed()
                 for sub in channel.subscribers:
                     sub.push(CATCH_UP)
             if channel is not None and self._pending.get(name, 0) == 0:
                 channel.confirmed.set()
+
+    def _resubscribed(self) -> None:
+        self.resubscribes += 1
+        self._metrics.pubsub_resubscribes.inc()
 
     async def _check_streams(self) -> None:
         """A lost message followed by silence shows no seq gap: compare each followed session's

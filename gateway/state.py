@@ -8,6 +8,7 @@ from typing import Any
 from gateway.hub import FanoutHub
 from gateway.limits import ClientLimits
 from listenerpool.control import SessionControl
+from listenerpool.metrics import GatewayMetrics
 from listenerpool.settings import Settings
 
 
@@ -18,3 +19,4 @@ class GatewayState:
     control: SessionControl
     hub: FanoutHub
     clients: ClientLimits
+    metrics: GatewayMetrics

@@ -16,6 +16,7 @@ from listenerpool.errors import (
     UpstreamError,
     UpstreamNotAllowed,
     UpstreamRejected,
+    UpstreamStatus,
 )
 from listenerpool.settings import Settings, SettingsError, load_settings
 from listenerpool.sse import SSEEvent, SSEParser
@@ -43,5 +44,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamNotAllowed",
     "UpstreamRejected",
+    "UpstreamStatus",
     "load_settings",
 ]

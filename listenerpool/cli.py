@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 from listenerpool.auth import split_secrets
 from listenerpool.client import Event, PoolClient, PoolClientError, Reset
 from listenerpool.errors import ListenerPoolError
+from listenerpool.logs import configure_logging
 from listenerpool.settings import Settings, load_settings
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -26,9 +26,14 @@ SERVER_FLAGS: dict[str, tuple[str, type]] = {
     "--lease-ttl": ("lease_ttl", float),
     "--idle-timeout": ("idle_timeout", float),
     "--log-level": ("log_level", str),
+    "--log-format": ("log_format", str),
 }
 GATEWAY_FLAGS = {"--host": ("host", str), "--port": ("port", int)}
-WORKER_FLAGS = {"--capacity": ("worker_capacity", int), "--worker-id": ("worker_id", str)}
+WORKER_FLAGS = {
+    "--capacity": ("worker_capacity", int),
+    "--worker-id": ("worker_id", str),
+    "--metrics-port": ("metrics_port", int),
+}
 
 
 class CliError(ListenerPoolError):
@@ -128,23 +133,19 @@ def run(args: argparse.Namespace) -> int:
     if command == "upstream-demo":
         from listenerpool.demo_upstream import serve_demo_upstream
 
-        _logging("INFO")
+        configure_logging("INFO")
         print(f"demo upstream on http://{args.host}:{args.port}/events/<session>", flush=True)
         asyncio.run(
             launch.until_signalled(serve_demo_upstream(args.host, args.port, rate=args.rate))
         )
         return 0
     settings = settings_from(args)
-    _logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if command in ("gateway", "worker") and not settings.redis_url:
         raise CliError(f"LP_REDIS_URL (or --redis-url) is required for `listenerpool {command}`")
     with launch.redis_for(settings, lambda line: print(line, flush=True)) as settings:
         asyncio.run(launch.serve_command(command, settings, args))
     return 0
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

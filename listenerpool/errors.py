@@ -66,6 +66,10 @@ class UpstreamError(ListenerPoolError):
         self.retry_after = retry_after  # seconds the upstream asked us to wait, if it did
 
 
+class UpstreamStatus(UpstreamError):
+    """The upstream answered a status worth retrying (5xx, 408, 429) instead of a stream."""
+
+
 class UpstreamRejected(UpstreamError):
     """The upstream refused the request with a status that retrying will not change (4xx)."""
 

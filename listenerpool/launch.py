@@ -60,8 +60,9 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.auth import listen_host, redact_server_logs
+    from gateway.auth import listen_host
     from gateway.wsprotocol import GatewayWebSocketProtocol
+    from listenerpool.logs import redact_server_logs
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -78,6 +79,9 @@ def gateway_server(settings: Settings, app: Any | None = None) -> Any:
         log_level=settings.log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=3,
+        # JSON lines need every logger on the root handler; uvicorn's own config adds its
+        # console handlers instead.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     redact_server_logs()  # after Config, which (re)configures uvicorn's loggers
     return Server(config)
@@ -94,12 +98,23 @@ async def serve_gateway(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """A worker until ``stop`` is set, with its status port when ``LP_METRICS_PORT`` is set."""
+    from workers.status_server import StatusServer
     from workers.worker import Worker
 
     redis = async_redis(settings)
     sync = sync_redis(settings)
     try:
-        await Worker(settings, redis=redis, queue=listen_queue(sync, settings)).run(stop)
+        worker = Worker(settings, redis=redis, queue=listen_queue(sync, settings))
+        if not settings.metrics_port:
+            await worker.run(stop)
+            return
+        status = StatusServer(
+            worker.metrics.registry, worker.healthy, settings.host, settings.metrics_port
+        )
+        with status:
+            log.info("worker metrics on http://%s:%d/metrics", settings.host, status.port)
+            await worker.run(stop)
     finally:
         await redis.aclose()
         sync.close()

@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         gt=0,
         description="How often followed sessions are checked for lost live messages (s).",
     )
-    host: str = Field(default="127.0.0.1", description="Gateway listen address.")
+    host: str = Field(
+        default="127.0.0.1", description="Listen address of the gateway and a worker's metrics."
+    )
     port: int = Field(default=8080, ge=0, le=65535, description="Gateway listen port.")
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest control request body."
@@ -107,6 +109,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="console", description="Log lines as JSON objects or console text."
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="A worker's HTTP port for /metrics, /healthz and /readyz (0: none).",
     )
     queue_name: str = Field(default="lp-listen", min_length=1, description="rq queue of jobs.")
     api_token: SecretStr | None = Field(

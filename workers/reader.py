@@ -26,7 +26,10 @@ from listenerpool.errors import (
     UpstreamError,
     UpstreamNotAllowed,
     UpstreamRejected,
+    UpstreamStatus,
 )
+from listenerpool.logs import redact_url
+from listenerpool.metrics import ReconnectReason, WorkerMetrics
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.sse import SSEEvent, SSEParser
@@ -59,6 +62,7 @@ class Reader:
         http: httpx.AsyncClient,
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.session = session
         self._redis = redis
@@ -67,7 +71,10 @@ class Reader:
         self._settings = settings
         self._rand = rand
         self._retry_ms: int | None = None
+        self._metrics = metrics if metrics is not None else WorkerMetrics()
         self.connected = asyncio.Event()
+        #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
+        self.state = "connecting"
 
     async def run(self) -> None:
         s = self.session
@@ -77,24 +84,37 @@ class Reader:
             floor_s: float | None = None
             try:
                 delivered = await self._listen_once()
-                error = "upstream closed the stream"
+                error, reason = "upstream closed the stream", ReconnectReason.EOF
             except (UpstreamRejected, UpstreamNotAllowed) as exc:
                 await self._fail(str(exc))
                 return
             except UpstreamError as exc:
-                error = str(exc)
+                error, reason = str(exc), _status_reason(exc)
                 floor_s = exc.retry_after
             except StreamError as exc:
-                error = f"malformed stream: {exc}"
+                error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
             except httpx.TimeoutException as exc:
                 error = _timeout_reason(exc, self._settings)
+                reason = (
+                    ReconnectReason.IDLE_TIMEOUT
+                    if isinstance(exc, httpx.ReadTimeout)
+                    else ReconnectReason.CONNECT_ERROR
+                )
             except httpx.TooManyRedirects:
                 limit = self._settings.max_redirects
                 error = f"upstream redirected more than LP_MAX_REDIRECTS={limit} times"
+                reason = ReconnectReason.PROTOCOL_ERROR
             except httpx.HTTPError as exc:
                 error = f"upstream connection failed: {type(exc).__name__}: {exc}"
+                reason = (
+                    ReconnectReason.PROTOCOL_ERROR
+                    if isinstance(exc, httpx.ProtocolError | httpx.DecodingError)
+                    else ReconnectReason.CONNECT_ERROR
+                )
             except REDIS_ERRORS as exc:
                 error = f"redis unavailable: {type(exc).__name__}: {exc}"
+                reason = ReconnectReason.REDIS_ERROR
+                self._metrics.redis_error["reader"].inc()
             finally:
                 self.connected.clear()
             current = asyncio.current_task()
@@ -115,8 +135,16 @@ class Reader:
                 rand=self._rand,
             )
             attempt += 1
+            self._metrics.reconnects[reason].inc()
+            self._metrics.backoff_seconds.inc(delay)
+            self.state = "backoff"
             log.info(
-                "session %s: %s; reconnecting in %.2fs (attempt %d)", s.sid, error, delay, attempt
+                "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
+                s.sid,
+                error,
+                delay,
+                attempt,
+                extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
             )
             await self._report(state="backoff", retries=attempt, last_error=error)
             await asyncio.sleep(delay)
@@ -135,15 +163,28 @@ class Reader:
             headers["Last-Event-ID"] = last_id
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False
+        self.state = "connecting"
         async with self._http.stream("GET", s.spec.url, headers=headers) as response:
             _check_response(response)
             await self._report(state="listening", retries=0, last_error="")
+            self.state = "listening"
+            log.info(
+                "session %s: listening to %s (resuming after id %r)",
+                s.sid,
+                redact_url(s.spec.url),
+                last_id,
+                extra={"state": "listening"},
+            )
             self.connected.set()
+            published, latency = self._metrics.events_published, self._metrics.publish_latency
             async for chunk in response.aiter_bytes():
+                received = time.perf_counter()
                 events = parser.feed(chunk)
                 self._retry_ms = parser.retry
                 if events:
                     await self._publish(events)
+                    published.inc(len(events))
+                    latency.observe(time.perf_counter() - received)
                     delivered = True
                 elif not delivered and parser.ignored_lines >= GARBAGE_LINES:
                     raise StreamError(
@@ -179,11 +220,13 @@ class Reader:
         try:
             await self._scripts.report(keys=[s.keys.lease, s.keys.state], args=args)
         except REDIS_ERRORS as exc:
+            self._metrics.redis_error["reader"].inc()
             log.debug("session %s: state not recorded: %s", s.sid, exc)
 
     async def _fail(self, reason: str) -> None:
         s = self.session
-        log.warning("session %s: failed permanently: %s", s.sid, reason)
+        self.state = "failed"
+        log.warning("session %s: failed permanently: %s", s.sid, reason, extra={"state": "failed"})
         await self._scripts.release(
             keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
             args=[s.lease_value, s.sid, "failed", reason],
@@ -197,7 +240,7 @@ def _check_response(response: httpx.Response) -> None:
     if 400 <= status < 500 and status not in RETRYABLE_4XX:
         raise UpstreamRejected(f"upstream rejected the request: HTTP {status}")
     if status != 200:
-        raise UpstreamError(
+        raise UpstreamStatus(
             f"upstream answered HTTP {status}",
             permanent=False,
             retry_after=_retry_after(response.headers.get("retry-after")),
@@ -219,6 +262,13 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def _status_reason(exc: UpstreamError) -> ReconnectReason:
+    """A retryable non-200 status, or a 200 that is not an event stream."""
+    if isinstance(exc, UpstreamStatus):
+        return ReconnectReason.HTTP_STATUS
+    return ReconnectReason.PROTOCOL_ERROR
 
 
 def _timeout_reason(exc: httpx.TimeoutException, settings: Settings) -> str:

@@ -35,7 +35,12 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
                 await redis.zrem(keys.LEASE_DEADLINES, raw)
         won = await control.reclaim_many(sids)
         for sid, epoch in won.items():
-            log.info("session %s: lease had lapsed; re-claimed at epoch %d", sid, epoch)
+            log.info(
+                "session %s: lease had lapsed; re-claimed at epoch %d",
+                sid,
+                epoch,
+                extra={"session": sid, "epoch": epoch, "state": "reclaimed"},
+            )
         claimed += len(won)
         if len(due) < limit:
             break

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +27,8 @@ from listenerpool import keys
 from listenerpool.control import SessionControl
 from listenerpool.errors import InvalidInput, NotOwner
 from listenerpool.lease import LeaseClock
+from listenerpool.logs import bind_log_context, log_context
+from listenerpool.metrics import WorkerMetrics
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 from listenerpool.tasks import cancel_until_done
@@ -84,6 +87,7 @@ class Worker:
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[float, float], float] = random.uniform,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or settings.worker_id or registry.default_worker_id()
@@ -100,6 +104,11 @@ class Worker:
         self._feed = JobFeed(queue, self._adopt, self._spare_capacity)
         self._started = time.time()
         self.ready = asyncio.Event()
+        #: This worker's metrics; ``metrics.registry`` is what its metrics port serves.
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.metrics.watch_listeners(self._listener_states)
+        self._last_heartbeat: float | None = None  # monotonic time of the last confirmed round
+        self._draining = False
 
     # -- public view -------------------------------------------------------------------------
     @property
@@ -113,9 +122,29 @@ class Worker:
         running = self._readers.get(sid)
         return running.reader if running else None
 
+    def healthy(self) -> bool:
+        """Serving, not draining, and its last renewal round (heartbeat included) confirmed
+        within a lease TTL. Safe to call from another thread."""
+        last = self._last_heartbeat
+        return (
+            self.ready.is_set()
+            and not self._draining
+            and self._tg is not None
+            and last is not None
+            and self._clock() - last < self.settings.lease_ttl
+        )
+
+    def _listener_states(self) -> dict[str, int]:
+        # Runs on the metrics thread: list() copies the values without releasing the GIL.
+        return dict(Counter(running.reader.state for running in list(self._readers.values())))
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: every session moves to another worker."""
+        with log_context(worker=self.worker_id):
+            await self._run(stop)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
             await self._scripts.preload(self._redis)
         try:
@@ -137,6 +166,7 @@ class Worker:
                 )
                 await stop.wait()
                 log.info("worker %s draining %d sessions", self.worker_id, self.load)
+                self._draining = True
                 self._feed.stop()
                 await feed
                 await self._drain()
@@ -177,6 +207,7 @@ class Worker:
         except InvalidInput:
             log.warning("dropping listen job with invalid session id %r", job.sid)
             return
+        where = {"session": job.sid, "epoch": job.epoch}
         lease_value = f"{self.worker_id}:{job.token}"
         sent_at = self._clock()
         try:
@@ -186,10 +217,11 @@ class Worker:
             )
         except REDIS_ERRORS as exc:
             # The lease was never ours; it lapses and the reconciler claims it again.
-            log.warning("session %s: adopt failed: %s", job.sid, exc)
+            self.metrics.redis_error["adopt"].inc()
+            log.warning("session %s: adopt failed: %s", job.sid, exc, extra=where)
             return
         if int(reply[0]) != 1:
-            log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]))
+            log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]), extra=where)
             return
         url, headers_json = _text(reply[1]), _text(reply[2])
         clock = LeaseClock(confirmed_at=sent_at, fence_after=self.settings.fence_after)
@@ -200,14 +232,24 @@ class Worker:
             return
         session = HeldSession(k, job.token, job.epoch, lease_value, spec, clock)
         self._start_reader(session)
-        log.info("session %s: reader started at epoch %d", job.sid, job.epoch)
+        log.info(
+            "session %s: reader started at epoch %d",
+            job.sid,
+            job.epoch,
+            extra={**where, "state": "connecting"},
+        )
 
     async def _requeue(self, job: ListenJob) -> None:
         """A job read while stopping goes back on the queue for another worker."""
         try:
             await self._control.enqueue(job.sid, job.token, job.epoch)
         except REDIS_ERRORS as exc:
-            log.warning("session %s: could not re-enqueue (reconciler will): %s", job.sid, exc)
+            log.warning(
+                "session %s: could not re-enqueue (reconciler will): %s",
+                job.sid,
+                exc,
+                extra={"session": job.sid, "epoch": job.epoch},
+            )
 
     # -- readers -----------------------------------------------------------------------------
     def _start_reader(self, session: HeldSession) -> None:
@@ -219,12 +261,14 @@ class Worker:
             http=self._http,
             settings=self.settings,
             rand=self._rand,
+            metrics=self.metrics,
         )
         task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
         self._readers[session.sid] = RunningReader(session, reader, task)
         self._feed.capacity_changed()
 
     async def _run_reader(self, session: HeldSession, reader: Reader) -> None:
+        bind_log_context(session=session.sid, epoch=session.epoch)  # this task's own context
         try:
             await reader.run()
         except NotOwner as exc:
@@ -255,14 +299,19 @@ class Worker:
             await self._release(s.keys, s.lease_value, "handoff", "fenced by a newer epoch")
         elif reason is StopReason.RECONNECT:
             await self._restart_with_new_spec(s)
-        log.info("session %s: reader stopped (%s)", sid, reason.value)
+        log.info(
+            "session %s: reader stopped (%s)",
+            sid,
+            reason.value,
+            extra={**_where(s), "state": _STOP_STATES[reason], "reason": reason.value},
+        )
 
     async def _restart_with_new_spec(self, s: HeldSession) -> None:
         try:
             url, headers_json = await self._redis.hmget(s.keys.spec, "url", "headers")
             s.spec = UpstreamSpec.from_redis(_text(url), _text(headers_json))
         except (*REDIS_ERRORS, InvalidInput, ValueError) as exc:
-            log.warning("session %s: keeping the old spec: %s", s.sid, exc)
+            log.warning("session %s: keeping the old spec: %s", s.sid, exc, extra=_where(s))
         if self._tg is not None and s.sid not in self._readers:
             self._start_reader(s)
 
@@ -273,7 +322,12 @@ class Worker:
                 args=[lease_value, k.sid, final, why],
             )
         except Exception as exc:
-            log.warning("session %s: release failed (lease will lapse): %s", k.sid, exc)
+            log.warning(
+                "session %s: release failed (lease will lapse): %s",
+                k.sid,
+                exc,
+                extra={"session": k.sid},
+            )
 
     # -- duties ------------------------------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -297,12 +351,16 @@ class Worker:
                     started=self._started,
                 )
         except (*REDIS_ERRORS, TimeoutError) as exc:
+            self.metrics.lease_renew_failures.inc()
+            self.metrics.redis_error["renew"].inc()
             log.warning("lease renewal failed for %d sessions: %s", len(sessions), exc)
             return
         except Exception:
             # Unconfirmed leases self-fence on time; the loop itself must go on.
+            self.metrics.lease_renew_failures.inc()
             log.exception("lease renewal round failed")
             return
+        self._last_heartbeat = sent_at
         stops = []
         for session, verdict in zip(sessions, verdicts, strict=True):
             if verdict is RenewVerdict.RENEWED:
@@ -323,7 +381,12 @@ class Worker:
             for sid, running in list(self._readers.items()):
                 clock = running.session.clock
                 if clock.must_fence(now):
-                    log.warning("session %s: no lease renewal confirmed in time; self-fencing", sid)
+                    self.metrics.self_fences.inc()
+                    log.warning(
+                        "session %s: no lease renewal confirmed in time; self-fencing",
+                        sid,
+                        extra={**_where(running.session), "state": "fenced"},
+                    )
                     await self.stop_reader(sid, StopReason.FENCED)
                 else:
                     earliest = min(earliest, clock.fence_deadline())
@@ -350,6 +413,7 @@ class Worker:
                     if message.get("type") == "message":  # not our own ping's pong
                         await self._on_control(message.get("data"))
             except (*REDIS_ERRORS, TimeoutError) as exc:
+                self.metrics.redis_error["control"].inc()
                 log.warning("control channel lost (%s); resubscribing in %.1fs", exc, delay)
             except Exception:
                 log.exception("control channel failed; resubscribing in %.1fs", delay)
@@ -383,12 +447,28 @@ class Worker:
             await asyncio.sleep(period * random.uniform(0.8, 1.0))
             try:
                 async with asyncio.timeout(period * 3):
-                    await reconcile_once(self._redis, self._control)
+                    claimed = await reconcile_once(self._redis, self._control)
+                self.metrics.failovers.inc(claimed)
             except (*REDIS_ERRORS, TimeoutError) as exc:
+                self.metrics.redis_error["reconcile"].inc()
                 log.warning("reconcile skipped: %s", exc)
             except Exception:
                 # One bad entry must not end reconciliation for the whole fleet's failovers.
                 log.exception("reconcile round failed")
+
+
+# What a stopped reader's session became, as logged in the ``state`` field.
+_STOP_STATES = {
+    StopReason.CANCELLED: "stopped",
+    StopReason.LOST: "lost",
+    StopReason.FENCED: "fenced",
+    StopReason.RECONNECT: "reconnecting",
+}
+
+
+def _where(session: HeldSession) -> dict[str, object]:
+    """Log fields naming a held session (``worker`` comes from the worker's log context)."""
+    return {"session": session.sid, "epoch": session.epoch}
 
 
 def _text(value: Any) -> str:

@@ -24,6 +24,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -139,6 +140,7 @@ class _Session:
         self.disconnects: list[float] = []
         self.highest_emitted = 0
         self.request_headers: list[dict[str, str]] = []
+        self.scripted: deque[bytes] = deque()  # events queued by SSEUpstream.send, in order
 
 
 class _Conn(asyncio.Protocol):
@@ -452,6 +454,40 @@ class SSEUpstream(ThreadedServer):
             session.config = self._defaults
         self._on_loop(lambda: self._apply(session))
 
+    # -- scripting -----------------------------------------------------------------------------
+    def send(self, sid: str, data: str, *, event: str | None = None, id: str | None = None) -> None:
+        """Queue one event for ``sid``. It is written to the session's open connection, or to
+        the next one if none is open, once (a connection closed before writing it leaves it
+        queued for the next). Queued events come before the numbered ones; a server built with
+        ``total=0`` sends only these. ``data`` may hold newlines (one ``data:`` line each)."""
+        if any(ch in (event or "") + (id or "") for ch in "\r\n"):
+            raise ValueError("event and id must not contain line breaks")
+        lines = [f"id: {id}"] if id is not None else []
+        if event is not None:
+            lines.append(f"event: {event}")
+        lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
+        frame = ("\n".join(lines) + "\n\n").encode()
+        with self._lock:
+            session = self._session(sid)
+            session.scripted.append(frame)
+        self._on_loop(lambda: self._apply(session))
+
+    def close(self, sid: str) -> None:
+        """End the session's open connections cleanly (same as :meth:`drop`): the client sees
+        the stream end and reconnects with ``Last-Event-ID``."""
+        self.drop(sid)
+
+    def fail(self, sid: str, status: int) -> None:
+        """Answer ``status`` to the session from now on (open connections are closed first);
+        :meth:`reset` recovers. 4xx other than 408/429 makes a reader give up for good."""
+        self.configure(sid, mode=f"status:{status}")
+
+    def queued(self, sid: str) -> int:
+        """Events queued with :meth:`send` and not yet written."""
+        with self._lock:
+            session = self._sessions.get(sid)
+            return len(session.scripted) if session is not None else 0
+
     def drop(self, sid: str) -> None:
         """Close the session's open connections now, mid-stream (FIN, no final event)."""
         with self._lock:
@@ -618,6 +654,17 @@ class SSEUpstream(ThreadedServer):
         while await conn.gate():
             config = session.config
             now = loop.time()
+            with self._lock:
+                frame = session.scripted.popleft() if session.scripted else None
+            if frame is not None:
+                if conn.done:
+                    with self._lock:
+                        session.scripted.appendleft(frame)
+                    return
+                if not await conn.send(frame):
+                    return
+                last_write = now
+                continue
             due = math.inf
             if config.total is None or n < config.total:
                 # Due times follow from the current rate, so a rate change acts at once.

@@ -147,3 +147,24 @@ async def test_the_schema_documents_the_error_answers(client: httpx.AsyncClient)
     assert "422" not in put  # validation failures are answered with 400
     error = put["403"]["content"]["application/json"]["schema"]["$ref"]
     assert error == "#/components/schemas/ErrorBody"
+
+
+async def test_each_app_serves_its_own_metrics(fake_redis: Any, fake_sync_redis: Any) -> None:
+    settings = fast_settings(redis_url="redis://unused")
+    apps = [create_app(settings, redis=fake_redis, sync=fake_sync_redis) for _ in range(2)]
+    texts = []
+    for app in apps:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+                await c.put("/v1/sessions/s5", json={"url": URL})
+                await c.get("/v1/sessions/s5/events?after=bad")  # a 400, not a Redis error
+                response = await c.get("/metrics")
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/plain")
+                assert "/metrics" not in (await c.get("/v1/openapi.json")).json()["paths"]
+                texts.append(response.text)
+    for text in texts:
+        assert 'listenerpool_clients_connected{transport="ws"} 0.0' in text
+        assert 'listenerpool_redis_errors_total{operation="api"} 0.0' in text
+    assert apps[0].state.metrics.registry is not apps[1].state.metrics.registry

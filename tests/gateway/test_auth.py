@@ -16,9 +16,10 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway import create_app
-from gateway.auth import RedactTokens, listen_host
+from gateway.auth import listen_host
 from listenerpool.auth import sign_subscribe_token
 from listenerpool.launch import gateway_server
+from listenerpool.logs import AccessQueryFilter
 from listenerpool.settings import Settings
 from listenerpool.testing.loopthread import listen_socket
 from tests.conftest import eventually, fast_settings
@@ -218,15 +219,32 @@ async def test_tokens_never_reach_the_server_logs(
     )
     assert "/v1/sessions/s1/events" in logged  # the lines are there, ...
     assert token not in logged and TOKEN not in logged  # ... without the secrets
-    assert "token=[redacted]" in logged
+    assert "token=***" in logged
 
 
-def test_the_redacting_filter_masks_token_query_values() -> None:
-    record = logging.LogRecord(
-        "uvicorn.access", logging.INFO, "", 0, '%s "%s"', ("1.2.3.4", "/x?a=1&token=abc.def"), None
+def test_the_filter_masks_query_values_in_access_and_websocket_lines() -> None:
+    access = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s"',
+        ("1.2.3.4", "GET", "/x?a=1&token=t.k"),
+        None,
     )
-    RedactTokens().filter(record)
-    assert record.getMessage() == '1.2.3.4 "/x?a=1&token=[redacted]"'
+    ws = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        "",
+        0,
+        '%s - "WebSocket %s"',
+        ("1.2.3.4", "/x?token=t.k"),
+        None,
+    )
+    for record in (access, ws):
+        AccessQueryFilter().filter(record)
+    assert access.getMessage() == '1.2.3.4 - "GET /x?a=***&token=***"'
+    assert ws.getMessage() == '1.2.3.4 - "WebSocket /x?token=***"'
 
 
 async def test_cli_client_commands_send_the_api_token(

@@ -582,3 +582,21 @@ async def test_usable_from_an_async_test_with_its_own_loop() -> None:
                     break
         assert ids == [10, 11, 12]
         await await_until(lambda: up.stats("a1").concurrent == 0, 2, "close not noticed")
+
+
+def test_scripted_events_are_sent_once_in_order_and_wait_for_a_connection() -> None:
+    with SSEUpstream(total=0, heartbeat=0) as up:
+        up.send("s", "line one\nline two", event="CUSTOM", id="7")
+        up.send("s", "{}")
+        assert up.queued("s") == 2
+        with httpx.stream("GET", up.url("s"), timeout=5) as response:
+            chunks = response.iter_bytes()
+            body = b""
+            while body.count(b"\n\n") < 2:
+                body += next(chunks)
+        assert body == b"id: 7\nevent: CUSTOM\ndata: line one\ndata: line two\n\ndata: {}\n\n"
+        wait_until(lambda: up.queued("s") == 0, 5)
+        up.fail("s", 503)
+        assert httpx.get(up.url("s"), timeout=5).status_code == 503
+        with pytest.raises(ValueError, match="line breaks"):
+            up.send("s", "x", event="A\nB")

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from listenerpool.cli import build_parser, settings_from
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(30)
@@ -46,3 +47,21 @@ def test_bad_flag_exits_non_zero() -> None:
     result = run_worker("--capacity", "many")
     assert result.returncode == 2
     assert "--capacity" in result.stderr
+
+
+def test_metrics_port_and_log_format_flags_mirror_their_settings() -> None:
+    args = build_parser().parse_args(
+        ["worker", "--metrics-port", "9100", "--log-format", "json", "--redis-url", "redis://x"]
+    )
+    settings = settings_from(args)
+    assert (settings.metrics_port, settings.log_format) == (9100, "json")
+    gateway = build_parser().parse_args(["gateway", "--log-format", "console"])
+    assert settings_from(gateway).log_format == "console"
+    with pytest.raises(SystemExit):  # the gateway has no metrics port of its own
+        build_parser().parse_args(["gateway", "--metrics-port", "9100"])
+
+
+def test_a_bad_log_format_is_named() -> None:
+    result = run_worker("--log-format", "xml", env={"LP_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 2
+    assert "LP_LOG_FORMAT" in result.stderr

@@ -1,0 +1,128 @@
+"""A worker's metrics and status port, in-process on a private redis-server: reconnect reasons,
+listener states, renewal failures and self-fences, /readyz."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from listenerpool.metrics import ReconnectReason
+from listenerpool.testing.redis_server import RedisServer, free_port
+from listenerpool.testing.tcpproxy import TCPProxy
+from listenerpool.testing.upstream import SSEUpstream
+from tests.conftest import Pool, eventually, running_worker
+from workers.status_server import StatusServer
+from workers.worker import Worker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def sample(worker: Worker, name: str, **labels: str) -> float:
+    value = worker.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def reconnects(worker: Worker, reason: ReconnectReason) -> float:
+    return sample(worker, "listenerpool_upstream_reconnects_total", reason=reason.value)
+
+
+async def test_reconnects_are_counted_by_reason_and_listeners_by_state(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    closed_port = free_port()  # nothing listens there
+    upstream.configure("r-status", mode="status:503")
+    upstream.configure("r-garbage", mode="garbage")
+    async with running_worker(pool, idle_timeout=1.0) as worker:
+        await pool.control.claim("r-ok", upstream.url("r-ok"))
+        await pool.control.claim("r-status", upstream.url("r-status"))
+        await pool.control.claim("r-garbage", upstream.url("r-garbage"))
+        await pool.control.claim("r-refused", f"http://127.0.0.1:{closed_port}/events/r")
+        await pool.control.claim("r-stall", upstream.url("r-stall"))
+        await eventually(lambda: worker.load == 5, 10, "not all sessions adopted")
+        await eventually(lambda: upstream.stats("r-stall").highest_emitted >= 3, 10)
+        upstream.configure("r-stall", mode="stall")
+        await eventually(lambda: upstream.stats("r-ok").highest_emitted >= 5, 10)
+        upstream.drop("r-ok")  # a clean end of stream
+
+        expected = {
+            ReconnectReason.HTTP_STATUS: "r-status",
+            ReconnectReason.PROTOCOL_ERROR: "r-garbage",
+            ReconnectReason.CONNECT_ERROR: "r-refused",
+            ReconnectReason.IDLE_TIMEOUT: "r-stall",
+            ReconnectReason.EOF: "r-ok",
+        }
+        for reason, sid in expected.items():
+            await eventually(
+                lambda reason=reason: reconnects(worker, reason) >= 1,  # type: ignore[misc]
+                15,
+                f"{sid}: no reconnect counted as {reason.value}",
+            )
+        assert reconnects(worker, ReconnectReason.REDIS_ERROR) == 0
+        assert sample(worker, "listenerpool_backoff_seconds_total") > 0
+
+        upstream.reset("r-stall")
+        upstream.reset("r-status")
+
+        async def states() -> bool:
+            return (
+                sample(worker, "listenerpool_listeners", state="listening") >= 3
+                and sample(worker, "listenerpool_listeners", state="backoff")
+                + sample(worker, "listenerpool_listeners", state="connecting")
+                + sample(worker, "listenerpool_listeners", state="listening")
+                == 5
+            )
+
+        await eventually(states, 10, "listener states do not add up")
+        # With every stream stalled, each stored event was counted once, no more.
+        sids = ["r-ok", "r-status", "r-garbage", "r-refused", "r-stall"]
+        for sid in sids:
+            upstream.configure(sid, mode="stall")
+
+        async def counted() -> bool:
+            stored = sum([len(await pool.stream(sid)) for sid in sids])
+            return stored > 0 and sample(worker, "listenerpool_events_published_total") == stored
+
+        await eventually(counted, 5, "published counter differs from the events stored")
+
+
+async def test_a_cut_off_worker_counts_failed_renewals_and_self_fences_and_turns_unready(
+    redis_server: RedisServer, upstream: SSEUpstream
+) -> None:
+    with TCPProxy(redis_server.port) as proxy:
+        pool = Pool(f"redis://127.0.0.1:{proxy.port}/0")
+        direct = Pool(redis_server.url)
+        try:
+            async with running_worker(pool) as worker:
+                with StatusServer(
+                    worker.metrics.registry, worker.healthy, "127.0.0.1", 0
+                ) as status:
+                    base = f"http://127.0.0.1:{status.port}"
+                    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+                        await direct.control.claim("cut1", upstream.url("cut1"))
+                        await eventually(lambda: worker.load == 1, 10, "not adopted")
+
+                        async def ready(expected: int) -> bool:
+                            return (await http.get("/readyz")).status_code == expected
+
+                        await eventually(lambda: ready(200), 10, "never ready")
+                        metrics = await http.get("/metrics")
+                        assert "listenerpool_listeners" in metrics.text
+                        assert (await http.get("/healthz")).json() == {"status": "ok"}
+                        assert (await http.get("/nope")).status_code == 404
+
+                        proxy.set_mode("stall")
+                        await eventually(
+                            lambda: sample(worker, "listenerpool_self_fences_total") == 1,
+                            pool.settings.lease_ttl + 2,
+                            "no self-fence counted",
+                        )
+                        assert sample(worker, "listenerpool_lease_renew_failures_total") >= 1
+                        assert sample(worker, "listenerpool_redis_errors_total", operation="renew")
+                        await eventually(lambda: ready(503), pool.settings.lease_ttl + 2)
+                        body = (await http.get("/readyz")).json()
+                        assert body["error"]["code"] == "not_ready"
+                        proxy.set_mode("pass")
+                        await eventually(lambda: ready(200), 10, "not ready after Redis is back")
+        finally:
+            await pool.aclose()
+            await direct.aclose()
