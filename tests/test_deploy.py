@@ -41,7 +41,12 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def env_values(c: dict[str, Any]) -> dict[str, str]:
-    values = {e["name"]: e.get("value") for e in c.get("env", [])}
+    values = {}
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        values[e["name"]] = (
+            find("Secret", ref["name"])["stringData"][ref["key"]] if ref else e["value"]
+        )
     for source in c.get("envFrom", []):
         values.update(find("ConfigMap", source["configMapRef"]["name"])["data"])
     return values
@@ -192,3 +197,12 @@ def test_docs_name_only_exposed_metrics() -> None:
     named = set(re.findall(r"listenerpool_[a-z_]+[a-z]", text))
     assert named, "no metric named in the docs"
     assert named <= exposed_names(), named - exposed_names()
+
+
+def test_gateways_listening_beyond_loopback_carry_an_api_token() -> None:
+    # Without a token a gateway listens on loopback only, where no Service or probe reaches it.
+    gateway = container(find("Deployment", "listenerpool-gateway"))
+    values = env_values(gateway)
+    settings = load_settings(**{k.removeprefix("LP_").lower(): v for k, v in values.items()})
+    assert settings.host == "0.0.0.0"
+    assert settings.api_tokens and settings.signing_keys
