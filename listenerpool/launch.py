@@ -91,8 +91,10 @@ async def serve_gateway(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
+    from workers.collector import tune_collector
     from workers.worker import Worker
 
+    tune_collector()
     redis = async_redis(settings)
     sync = sync_redis(settings)
     try:
