@@ -19,12 +19,18 @@ they receive (deliveries/s summed over clients) and the latency from the upstrea
 receipt (``time.time_ns()`` on both sides: CLOCK_REALTIME is one clock on one machine). Every
 client checks that its seqs are consecutive from 1 (gaps and duplicates must be 0).
 
-**Baseline**, in the same run, per shape: the same load without the pool -- a publisher child
-doing ``XADD`` + ``PUBLISH`` of the same envelopes (same payload size, same channels, same rate,
-same even spacing) with redis-py pipelines, and in the client process one plain redis-py asyncio
-subscriber in place of every WebSocket client (each on its own connection, subscribed to its
-session's ``live`` channel: Redis itself does the fan-out). Its latency runs from the publisher's
-stamp to the subscriber. Ratios are ours / baseline. Figures come last, one per line::
+**Baseline**, in the same run, per shape, with the same client harness in its own process:
+
+- shape a: a bare ``websockets`` server (``fanout.py _broadcast``: no Redis, no gateway, same
+  permessage-deflate setting) that sends the same envelopes to every client of the session with
+  one ``broadcast()`` per event, at the same rate: what the gateway's fan-out costs over the
+  WebSocket library alone.
+- shape b: the "no gateway" path of the latency target -- a publisher child doing ``XADD`` +
+  ``PUBLISH`` of the same envelopes (same payload size, channels, rate and spacing) with
+  redis-py pipelines, and one plain redis-py asyncio subscriber per client on a connection of
+  its own. Its latency runs from the publisher's stamp to the subscriber.
+
+Ratios are ours / baseline. Figures come last, one per line::
 
     fanout_ratio_a: 0.99 (target >= 0.70 of baseline deliveries/s) PASS
 
@@ -308,6 +314,60 @@ async def _publish(redis_url: str, sids: Sequence[str], rate: float, payload_byt
         await answer_counts(lines, pacer, lambda: published)
     finally:
         await client.aclose()
+    return 0
+
+
+def broadcast_child(sessions: int, rate: float, payload_bytes: int, compression: bool) -> int:
+    """Shape a's baseline source: a bare ``websockets`` server, no Redis, no gateway. Clients
+    connect to ``/v1/sessions/{sid}/events`` (the gateway's path); once ``go`` arrives each
+    session's envelopes (the same JSON as the gateway sends) go to its clients with one
+    ``broadcast()`` per event, paced and spaced as the upstream's. Prints ``port N``; answers
+    ``count``; stops on EOF or anything else."""
+    return asyncio.run(_broadcast(sessions, rate, payload_bytes, compression))
+
+
+async def _broadcast(sessions: int, rate: float, payload_bytes: int, compression: bool) -> int:
+    from websockets.asyncio.server import ServerConnection, broadcast, serve
+
+    from listenerpool.envelope import envelope_parts
+    from listenerpool.testing.upstream import EVENT_TYPES
+
+    loop = asyncio.get_running_loop()
+    lines = _stdin_lines(loop)
+    followers: dict[str, set[ServerConnection]] = {}
+
+    async def handler(ws: ServerConnection) -> None:
+        sid = ws.request.path.rstrip("/").split("/")[-2] if ws.request else ""
+        group = followers.setdefault(sid, set())
+        group.add(ws)
+        try:
+            await ws.wait_closed()
+        finally:
+            group.discard(ws)
+
+    server = await serve(
+        handler, "127.0.0.1", 0, compression="deflate" if compression else None,
+        ping_interval=None, max_queue=None,
+    )  # fmt: skip
+    port = next(iter(server.sockets)).getsockname()[1]
+    print(f"port {port}", flush=True)
+    if await lines.get() != "go":
+        return 1
+    sids = [f"fan-a-{i}" for i in range(sessions)]
+    emitted = 0
+
+    def emit(due: range) -> None:
+        nonlocal emitted
+        for k in due:
+            i, seq = k % sessions, k // sessions + 1
+            event = EVENT_TYPES[(seq - 1) % len(EVENT_TYPES)]
+            head, tail = envelope_parts(1, event, timed_payload(seq, payload_bytes), str(seq))
+            broadcast(followers.get(sids[i], ()), f"{head}{seq}{tail}")
+            emitted += 1
+
+    pacer = asyncio.create_task(pace(rate * sessions, emit))
+    await answer_counts(lines, pacer, lambda: emitted)
+    server.close()
     return 0
 
 
@@ -730,6 +790,47 @@ def spawn_clients(
 def run_baseline(
     children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
+    """Shape a: a bare websockets broadcast() server; shape b: Redis PUBLISH -> subscribers."""
+    if shape.name == "a":
+        return run_broadcast(children, shape, opts)
+    return run_pubsub(children, server, shape, opts, log_dir)
+
+
+def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) -> Run:
+    run = Run(shape, "baseline")
+    started = time.monotonic()
+    args = [
+        sys.executable, __file__, "_broadcast", "--sessions", str(shape.sessions),
+        "--rate", str(shape.rate), "--payload-bytes", str(opts.payload_bytes),
+    ]  # fmt: skip
+    if opts.no_compression:
+        args.append("--no-compression")
+    source = children.spawn(args)
+    clients = None
+    try:
+        words = read_line(source, 30, "broadcast server start").split()
+        if len(words) != 2 or words[0] != "port":
+            raise BenchError(f"broadcast server start: unexpected {words!r}")
+        clients, run.connected, run.connect_failed = spawn_clients(
+            children, "ws", int(words[1]), shape, opts
+        )
+        send_line(source, "go")
+        run.setup_seconds = time.monotonic() - started
+        pids = {"server": source.pid, "clients": clients.pid}
+        measure(
+            run, clients, Source(source, "broadcast server"), pids, {"server": source},
+            replace_profile(opts), children, Path(tempfile.gettempdir()),
+        )  # fmt: skip
+    finally:
+        if clients is not None:
+            Children.stop(clients)
+        Children.stop(source)
+    return run
+
+
+def run_pubsub(
+    children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
+) -> Run:
     import redis
 
     run = Run(shape, "baseline")
@@ -949,8 +1050,9 @@ def print_report(
     print(f"(1-minute load average at the start and end of the run: {load}, {load_average()})")
     print(f"(code under test: {code_fingerprint()})")
     print(
-        "(gateway = upstream -> worker -> Redis -> gateway -> WebSocket; baseline = XADD+PUBLISH "
-        "-> Redis -> one redis-py subscriber per client; latency = source's stamp -> receipt)"
+        "(gateway = upstream -> worker -> Redis -> gateway -> WebSocket; baseline a = bare "
+        "websockets broadcast() server, same clients; baseline b = XADD+PUBLISH -> Redis -> one "
+        "redis-py subscriber per client; latency = source's stamp -> receipt)"
     )
     for base, ours in results:
         shape = ours.shape
@@ -1050,6 +1152,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pub.add_argument("--sessions", type=int, required=True)
     pub.add_argument("--rate", type=float, required=True)
     pub.add_argument("--payload-bytes", type=int, default=PAYLOAD_BYTES)
+    bc = sub.add_parser("_broadcast")
+    bc.add_argument("--sessions", type=int, required=True)
+    bc.add_argument("--rate", type=float, required=True)
+    bc.add_argument("--payload-bytes", type=int, default=PAYLOAD_BYTES)
+    bc.add_argument("--no-compression", action="store_true")
     cl = sub.add_parser("_clients")
     cl.add_argument("--mode", choices=("ws", "redis", "tap"), required=True)
     cl.add_argument("--port", type=int, required=True)
@@ -1219,6 +1326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.child == "_publisher":
         sids = [f"{opts.prefix}{i}" for i in range(opts.sessions)]
         return publisher_child(opts.redis_url, sids, opts.rate, opts.payload_bytes)
+    if opts.child == "_broadcast":
+        return broadcast_child(
+            opts.sessions, opts.rate, opts.payload_bytes, not opts.no_compression
+        )
     if opts.child == "_clients":
         return clients_child(opts)
     return run_guarded(run, opts)

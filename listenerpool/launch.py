@@ -99,9 +99,11 @@ async def serve_gateway(settings: Settings, stop: asyncio.Event) -> None:
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
     """A worker until ``stop`` is set, with its status port when ``LP_METRICS_PORT`` is set."""
+    from workers.collector import tune_collector
     from workers.status_server import StatusServer
     from workers.worker import Worker
 
+    tune_collector()
     redis = async_redis(settings)
     sync = sync_redis(settings)
     try:

@@ -40,7 +40,10 @@ class Settings(BaseSettings):
         description="Self-fence this long before the lease would expire (s); default ttl/5.",
     )
     reconcile_interval: float | None = Field(
-        default=None, gt=0, description="Reconciler period (s); default and maximum ttl/3."
+        default=None,
+        gt=0,
+        description="Longest reconciler sleep (s), default and maximum ttl/3; "
+        "it also wakes at the next lease deadline.",
     )
     idle_timeout: float = Field(
         default=45.0, gt=0, description="No bytes from the upstream for this long: reconnect (s)."

@@ -16,6 +16,7 @@ from rq import Queue
 from rq.exceptions import DequeueTimeout, InvalidJobOperation
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import as_text, get_version
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ def take_job(queue: Queue, *, block: bool = True) -> ListenJob | None:
     job: Job = found[0]
     queue.intermediate_queue.remove(job.id)
     try:
-        sid, token, epoch = job.args
-        return ListenJob(str(sid), str(token), int(epoch))
-    except (TypeError, ValueError):
-        log.warning("dropping malformed listen job %s: args %r", job.id, job.args)
-        return None
+        return _listen_job(job)
     finally:
         # It may have expired between the read and now; its arguments are already ours.
         with contextlib.suppress(InvalidJobOperation):
@@ -72,13 +69,52 @@ def take_jobs(queue: Queue, limit: int) -> list[ListenJob]:
     first = take_job(queue)
     if first is None:
         return []
-    jobs = [first]
-    while len(jobs) < limit:
-        job = take_job(queue, block=False)
-        if job is None:
-            break
-        jobs.append(job)
+    return [first, *take_queued(queue, limit - 1)] if limit > 1 else [first]
+
+
+def take_queued(queue: Queue, limit: int) -> list[ListenJob]:
+    """Take up to ``limit`` queued jobs without blocking, in three pipelined round trips (pop
+    the ids, fetch the jobs, forget them) instead of several per job: a ramp or a failover
+    enqueues thousands at once, and one worker's dispatch thread must keep up with them."""
+    if limit <= 0:
+        return []
+    connection = queue.connection
+    moving = get_version(connection) >= (6, 2, 0)  # as rq: BLMOVE/LMOVE via its intermediate list
+    intermediate = queue.intermediate_queue_key
+    with connection.pipeline(transaction=False) as pipe:
+        for _ in range(limit):
+            if moving:
+                pipe.lmove(queue.key, intermediate)
+            else:
+                pipe.lpop(queue.key)
+        ids = [as_text(raw) for raw in pipe.execute() if raw is not None]
+    if not ids:
+        return []
+    jobs: list[ListenJob] = []
+    fetched = Job.fetch_many(ids, connection=connection, serializer=JSONSerializer)
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id, job in zip(ids, fetched, strict=True):
+            if moving:
+                pipe.lrem(intermediate, 1, job_id)
+            if job is None:  # expired between the enqueue and now
+                continue
+            parsed = _listen_job(job)
+            if parsed is not None:
+                jobs.append(parsed)
+            # A listen job is never started and has no dependents: its hash is all there is
+            # (rq's Job.delete would spend three round trips per job checking registries).
+            pipe.delete(job.key)
+        pipe.execute()
     return jobs
+
+
+def _listen_job(job: Job) -> ListenJob | None:
+    try:
+        sid, token, epoch = job.args
+        return ListenJob(str(sid), str(token), int(epoch))
+    except (TypeError, ValueError):
+        log.warning("dropping malformed listen job %s: args %r", job.id, job.args)
+        return None
 
 
 def sweep_intermediate(queue: Queue) -> int:
@@ -161,4 +197,12 @@ class JobFeed:
             pass
 
 
-__all__ = ["JobFeed", "ListenJob", "listen", "sweep_intermediate", "take_job", "take_jobs"]
+__all__ = [
+    "JobFeed",
+    "ListenJob",
+    "listen",
+    "sweep_intermediate",
+    "take_job",
+    "take_jobs",
+    "take_queued",
+]

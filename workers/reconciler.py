@@ -1,5 +1,6 @@
 """Re-claim desired sessions whose lease lapsed. Costs O(expired leases), not O(sessions): lease
-deadlines live in a sorted set and only its expired range is read."""
+deadlines live in a sorted set and only its expired range is read. The same set says when the
+next lease is due, so a reconciler can wake then instead of up to a period later."""
 
 from __future__ import annotations
 
@@ -45,3 +46,16 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
         if len(due) < limit:
             break
     return claimed
+
+
+async def next_due_in(redis: Any) -> float | None:
+    """Seconds until the earliest lease deadline (0 when one is already due), by Redis's clock;
+    None when no lease is tracked. One round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.zrange(keys.LEASE_DEADLINES, 0, 0, withscores=True)
+        (seconds, micros), first = await pipe.execute()
+    if not first:
+        return None
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return max(0.0, (float(first[0][1]) - now_ms) / 1000)

@@ -35,12 +35,15 @@ from listenerpool.tasks import cancel_until_done
 from workers import registry
 from workers.dispatch import JobFeed, ListenJob
 from workers.reader import REDIS_ERRORS, Reader
-from workers.reconciler import reconcile_once
+from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, renew_all
 from workers.session import HeldSession
 from workers.transport import StreamTransport
 
 log = logging.getLogger(__name__)
+
+RECONCILE_WAKE_JITTER = 0.1  # s after a lease deadline; spreads a fleet's reconcilers
+RECONCILE_MIN_SLEEP = 0.05  # s between rounds, however many leases are due
 
 
 class StopReason(StrEnum):
@@ -444,7 +447,16 @@ class Worker:
         period = self.settings.reconcile_period
         while True:
             # Jitter keeps a fleet's reconcilers from hitting Redis in lockstep.
-            await asyncio.sleep(period * random.uniform(0.8, 1.0))
+            delay = period * random.uniform(0.8, 1.0)
+            try:
+                # Wake when the next lease lapses rather than up to a period later: a dead
+                # worker's sessions then move within the TTL plus a dispatch, not TTL + period.
+                due_in = await next_due_in(self._redis)
+            except REDIS_ERRORS:
+                due_in = None
+            if due_in is not None:
+                delay = min(delay, due_in + random.uniform(0.0, RECONCILE_WAKE_JITTER))
+            await asyncio.sleep(max(delay, RECONCILE_MIN_SLEEP))
             try:
                 async with asyncio.timeout(period * 3):
                     claimed = await reconcile_once(self._redis, self._control)

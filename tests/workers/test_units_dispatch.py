@@ -1,4 +1,4 @@
-"""workers.dispatch.take_job on fakeredis."""
+"""workers.dispatch.take_job and take_queued on fakeredis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rq import Queue
 from listenerpool.connections import listen_queue
 from listenerpool.control import LISTEN_JOB, SessionControl
 from tests.conftest import fast_settings
-from workers.dispatch import ListenJob, sweep_intermediate, take_job
+from workers.dispatch import ListenJob, sweep_intermediate, take_job, take_jobs, take_queued
 
 SETTINGS = fast_settings()
 
@@ -85,3 +85,37 @@ async def test_expired_job_leaves_nothing_behind(control: SessionControl, queue:
     assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 1, "job hash": 0}
     assert sweep_intermediate(queue) == 1  # the feed runs this every minute
     assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 0, "job hash": 0}
+
+
+async def test_take_queued_takes_up_to_limit_in_order_and_leaves_no_trace(
+    control: SessionControl, queue: Queue
+) -> None:
+    await control.enqueue_many([(f"s{i}", f"tok{i}", i) for i in range(5)])
+    ids = queue.job_ids
+
+    assert take_queued(queue, 3) == [ListenJob(f"s{i}", f"tok{i}", i) for i in range(3)]
+    for job_id in ids[:3]:
+        assert leftovers(queue, job_id) == {"queued": 2, "intermediate": 0, "job hash": 0}
+    assert take_queued(queue, 10) == [ListenJob("s3", "tok3", 3), ListenJob("s4", "tok4", 4)]
+    assert leftovers(queue, ids[4]) == {"queued": 0, "intermediate": 0, "job hash": 0}
+    assert take_queued(queue, 10) == []
+
+
+async def test_take_jobs_blocks_for_the_first_then_batches_the_rest(
+    control: SessionControl, queue: Queue
+) -> None:
+    await control.enqueue_many([(f"s{i}", f"tok{i}", 1) for i in range(4)])
+    assert [job.sid for job in take_jobs(queue, 3)] == ["s0", "s1", "s2"]
+    assert [job.sid for job in take_jobs(queue, 3)] == ["s3"]
+    assert queue.count == 0
+
+
+def test_take_queued_drops_malformed_and_expired_jobs(queue: Queue) -> None:
+    bad = queue.enqueue_call(LISTEN_JOB, args=("s1", "tok"), job_id="bad")
+    gone = queue.enqueue_call(LISTEN_JOB, args=("s2", "tok", 2), job_id="gone")
+    queue.enqueue_call(LISTEN_JOB, args=("s3", "tok", 3), job_id="good")
+    queue.connection.delete(gone.key)  # expired while queued
+
+    assert take_queued(queue, 10) == [ListenJob("s3", "tok", 3)]
+    for job_id in (bad.id, gone.id, "good"):
+        assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 0, "job hash": 0}
