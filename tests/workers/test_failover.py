@@ -115,8 +115,15 @@ async def test_racing_claimers_get_exactly_one_reader_per_session(
         await wait_min_events(pool, sids, 25)
         for sid in sids:
             stats = slow_upstream.stats(sid)
-            assert stats.connections_total == 1, f"{sid}: {stats.connections_total} readers"
-            assert stats.max_concurrent == 1
+            assert stats.max_concurrent == 1, f"{sid}: {stats.max_concurrent} readers at once"
+            if stats.connections_total > 1:
+                # A second connection is legitimate only after the lease changed hands (a
+                # reader that self-fenced when a renewal round overran, then a re-claim);
+                # a duplicate job would have left the epoch alone.
+                status = await pool.control.status(sid)
+                assert status is not None and status.epoch > 1, (
+                    f"{sid}: {stats.connections_total} connections at epoch 1"
+                )
             await assert_exactly_once_in_order(pool, sid)
         assert pool.queue.count == 0
     finally:
