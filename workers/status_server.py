@@ -11,13 +11,13 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 
 from listenerpool.metrics import CONTENT_TYPE, exposition
+from listenerpool.testing.loopthread import Service
 
 #: The routes this server answers; anything else is 404.
 ROUTES: Final = ("/metrics", "/healthz", "/readyz")
@@ -35,7 +35,7 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes and probes every few seconds are not worth a log line each."""
 
 
-class StatusServer:
+class StatusServer(Service):
     """Serves ``registry`` and the worker's health on ``host:port`` until :meth:`stop`.
 
     ``healthy()`` decides ``/readyz`` (200 or 503); ``/healthz`` answers 200 while the process
@@ -64,18 +64,6 @@ class StatusServer:
             self._server.shutdown()
             self._thread.join(5)
         self._server.server_close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
