@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     history_ttl: float = Field(
         default=24 * 3600.0, gt=0, description="Idle history and state expire after this (s)."
     )
+    restore_events: int = Field(
+        default=64,
+        ge=0,
+        description="Recent events per session a worker keeps in memory to write back into the "
+        "history after Redis lost its data.",
+    )
     max_event_bytes: int = Field(default=1 << 20, ge=64, description="Largest accepted event.")
     max_redirects: int = Field(default=5, ge=0, description="Upstream redirects followed.")
     client_queue: int = Field(

@@ -6,27 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import fakeredis
-import httpx
 import pytest
 import redis
 
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings, load_settings
-from listenerpool.testing.redis_server import RedisServer, free_port
+from listenerpool.testing import processes
+from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from workers.worker import Worker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = processes.ROOT
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -174,47 +171,11 @@ def upstream() -> Iterator[SSEUpstream]:
 
 
 # -- workers -----------------------------------------------------------------------------------
-class ChildProcesses:
-    """Children started by a test, each logging to ``<name>.log``; all killed at teardown."""
+class WorkerProcesses(processes.WorkerProcesses):
+    """``python -m workers`` children with the test's timings."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(
-        self, module: str, name: str, env_settings: dict[str, Any]
-    ) -> subprocess.Popen[bytes]:
-        """``python -m <module>`` with the test's timings and ``env_settings`` as LP_* vars."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
-        for key, value in {**FAST, **env_settings}.items():
-            env[f"LP_{key.upper()}"] = str(value)
-        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait()
-
-
-class WorkerProcesses(ChildProcesses):
-    """``python -m workers`` children with the test's settings."""
-
-    def start(self, redis_url: str, worker_id: str, **settings: Any) -> subprocess.Popen[bytes]:
-        return self.spawn(
-            "workers", worker_id, {**settings, "redis_url": redis_url, "worker_id": worker_id}
-        )
+        super().__init__(tmp_path, FAST)
 
 
 @pytest.fixture
@@ -268,31 +229,11 @@ def _stack(task: asyncio.Task[Any]) -> str:
 
 
 # -- gateways ----------------------------------------------------------------------------------
-class GatewayProcesses(ChildProcesses):
-    """``python -m gateway`` children on free ports."""
+class GatewayProcesses(processes.GatewayProcesses):
+    """``python -m gateway`` children on free ports, with the test's timings."""
 
-    def start(
-        self, redis_url: str, name: str, *, port: int | None = None, **settings: Any
-    ) -> tuple[subprocess.Popen[bytes], str]:
-        """Start a gateway (on ``port``, default a free one); returns the process and its base
-        URL once ``/healthz`` answers."""
-        port = port or free_port()
-        proc = self.spawn(
-            "gateway",
-            name,
-            {"log_level": "WARNING", **settings, "redis_url": redis_url, "port": port},
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    return proc, base
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway {name} did not start: {self.log(name)[-2000:]}")
-            time.sleep(0.05)
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, FAST)
 
 
 @pytest.fixture

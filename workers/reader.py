@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -42,6 +42,16 @@ RETRYABLE_4XX = frozenset({408, 429})
 # A connection whose first this-many lines name no SSE field is not an event stream.
 GARBAGE_LINES = 64
 REDIS_ERRORS = (redis.exceptions.RedisError, TimeoutError, OSError)
+POSITION_MOVED = -3  # publish reply: the history is past the seq the reader knows
+
+
+class PositionMoved(StreamError):
+    """A publish found the history ahead of the reader's position: reconnect from Redis's."""
+
+
+#: Called with the session and the epoch the caller saw when Redis answered "spec gone"; True
+#: when the session is held again (``session.epoch`` is then the epoch to write with).
+Restore = Callable[[HeldSession, int], Awaitable[bool]]
 
 
 class Reader:
@@ -49,6 +59,8 @@ class Reader:
 
     ``run`` returns normally only after a permanent failure (recorded as ``failed`` in the
     session state, lease released) and raises :class:`NotOwner` when a publish is refused.
+    When Redis has lost the session's keys, ``restore`` (the worker's re-assertion) is asked to
+    write them back before the reader goes on; without it, that too is :class:`NotOwner`.
     Every other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
     full-jitter backoff for as long as the task lives.
     """
@@ -63,8 +75,10 @@ class Reader:
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
+        restore: Restore | None = None,
     ) -> None:
         self.session = session
+        self._restore = restore
         self._redis = redis
         self._scripts = scripts
         self._http = http
@@ -91,6 +105,8 @@ class Reader:
             except UpstreamError as exc:
                 error, reason = str(exc), _status_reason(exc)
                 floor_s = exc.retry_after
+            except PositionMoved as exc:
+                error = str(exc)
             except StreamError as exc:
                 error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
             except httpx.TimeoutException as exc:
@@ -153,9 +169,15 @@ class Reader:
         """One connection. Returns whether it delivered any event; raises on every failure."""
         s = self.session
         # The resume point is read from Redis, not from memory: a publish whose reply was lost
-        # may still have been applied, and Redis alone knows.
-        last_id = await self._redis.hget(s.keys.state, "last_id")
-        last_id = last_id.decode() if isinstance(last_id, bytes) else (last_id or "")
+        # may still have been applied, and Redis alone knows -- unless Redis lost the state
+        # (every held session's state names its epoch), when memory is all there is.
+        last_id, seq, epoch = await self._redis.hmget(s.keys.state, "last_id", "seq", "epoch")
+        if epoch is None:
+            await self._restore_or_stop(s.epoch)
+        else:
+            s.last_id = _text(last_id)
+            s.seq = int(seq or 0)
+        last_id = s.last_id
         headers = dict(s.spec.headers)
         headers["Accept"] = "text/event-stream"
         headers["Cache-Control"] = "no-cache"
@@ -195,25 +217,56 @@ class Reader:
 
     async def _publish(self, events: list[SSEEvent]) -> None:
         s = self.session
-        args: list[str | int] = [
-            s.lease_value,
-            s.epoch,
-            self._settings.history_maxlen,
-            int(self._settings.history_ttl * 1000),
-            events[-1].id,
-        ]
-        for event in events:
-            head, tail = envelope_parts(s.epoch, event.type, event.data, event.id)
-            args += [event.type, event.data, event.id, head, tail]
-        seq = await self._scripts.publish(
-            keys=[s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live], args=args
-        )
-        if int(seq) < 0:
-            raise NotOwner(f"session {s.sid}: lease or epoch {s.epoch} is no longer ours")
+        while True:
+            epoch = s.epoch
+            args: list[str | int] = [
+                s.lease_value,
+                epoch,
+                self._settings.history_maxlen,
+                int(self._settings.history_ttl * 1000),
+                events[-1].id,
+                s.seq,
+            ]
+            for event in events:
+                head, tail = envelope_parts(epoch, event.type, event.data, event.id)
+                args += [event.type, event.data, event.id, head, tail]
+            seq = int(
+                await self._scripts.publish(
+                    keys=[s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live],
+                    args=args,
+                )
+            )
+            if seq >= 0:
+                s.seq, s.last_id = seq, events[-1].id
+                s.remember(
+                    seq - len(events) + 1,
+                    epoch,
+                    [(e.type, e.data, e.id) for e in events],
+                    self._settings.restore_events,
+                )
+                return
+            if seq == POSITION_MOVED:
+                # This batch (or one before it) was applied although its reply was lost: read
+                # the position from Redis again and resume from there.
+                raise PositionMoved(f"session {s.sid}: history is past seq {s.seq}")
+            if s.epoch != epoch:
+                continue  # re-asserted at a new epoch while this call was on its way
+            # "Not the owner" may also mean a re-assertion landed just before this call and its
+            # reply is not in yet: the restore step tells (and refuses a reader truly fenced).
+            await self._restore_or_stop(epoch)
+
+    async def _restore_or_stop(self, seen_epoch: int) -> None:
+        """The session is gone from Redis or not ours at ``seen_epoch``: have the worker
+        re-assert it (a no-op when it already did), or stop with :class:`NotOwner`."""
+        s = self.session
+        if self._restore is None or not await self._restore(s, seen_epoch):
+            raise NotOwner(f"session {s.sid}: lease or epoch {seen_epoch} is no longer ours")
 
     async def _report(self, **fields: str | int) -> None:
         """Record state fields if we still own the lease; a Redis outage is not fatal here."""
         s = self.session
+        if isinstance(fields.get("state"), str):
+            s.phase = str(fields["state"])
         args: list[str | int] = [s.lease_value]
         for name, value in fields.items():
             args += [name, value]
@@ -231,6 +284,12 @@ class Reader:
             keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
             args=[s.lease_value, s.sid, "failed", reason],
         )
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _check_response(response: httpx.Response) -> None:

@@ -17,6 +17,7 @@ class RenewVerdict(IntEnum):
     RENEWED = 1
     LOST = 0
     CANCELLED = -1
+    GONE = -2  # the session's spec is gone: Redis lost its data (see workers.restore)
 
 
 async def renew_all(

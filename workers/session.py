@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from listenerpool.keys import SessionKeys
 from listenerpool.lease import LeaseClock
 from listenerpool.spec import UpstreamSpec
 
 
+class RecentEvent(NamedTuple):
+    seq: int
+    epoch: int
+    type: str
+    data: str
+    id: str
+
+
 @dataclass(slots=True)
 class HeldSession:
-    """A session whose lease this worker holds (value ``<worker_id>:<token>``) at ``epoch``."""
+    """A session whose lease this worker holds (value ``<worker_id>:<token>``) at ``epoch``.
+
+    ``seq`` and ``last_id`` are the position of the last publish Redis confirmed (or that the
+    reader read back on connecting), and ``phase`` the state the reader last reported: what a
+    re-assertion writes back after Redis lost its data, together with ``recent``: the last
+    events published (up to ``LP_RESTORE_EVENTS``; None until the first publish, so idle
+    sessions cost nothing), put back into the history so that clients a little behind at the
+    moment of the loss still find them.
+    """
 
     keys: SessionKeys
     token: str
@@ -19,6 +37,21 @@ class HeldSession:
     lease_value: str
     spec: UpstreamSpec
     clock: LeaseClock
+    seq: int = 0
+    last_id: str = ""
+    phase: str = "connecting"
+    recent: deque[RecentEvent] | None = None
+
+    def remember(
+        self, first_seq: int, epoch: int, events: list[tuple[str, str, str]], keep: int
+    ) -> None:
+        """Keep published ``(type, data, id)`` events numbered from ``first_seq``."""
+        if keep <= 0:
+            return
+        if self.recent is None:
+            self.recent = deque(maxlen=keep)
+        for offset, (event_type, data, uid) in enumerate(events):
+            self.recent.append(RecentEvent(first_seq + offset, epoch, event_type, data, uid))
 
     @property
     def sid(self) -> str:

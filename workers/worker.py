@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
+import redis.exceptions
 from rq import Queue
 
 from listenerpool import keys
@@ -37,6 +38,7 @@ from workers.dispatch import JobFeed, ListenJob
 from workers.reader import REDIS_ERRORS, Reader
 from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, renew_all
+from workers.restore import reassert_all
 from workers.session import HeldSession
 from workers.transport import StreamTransport
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RECONCILE_WAKE_JITTER = 0.1  # s after a lease deadline; spreads a fleet's reconcilers
 RECONCILE_MIN_SLEEP = 0.05  # s between rounds, however many leases are due
+RENEW_RETRY_DIVISOR = 5  # a failed renewal round is retried after interval / this
 
 
 class StopReason(StrEnum):
@@ -103,6 +106,8 @@ class Worker:
         self._rand = rand  # backoff jitter source, injectable for deterministic tests
         self._ttl_ms = int(settings.lease_ttl * 1000)
         self._readers: dict[str, RunningReader] = {}
+        self._restore_lock = asyncio.Lock()
+        self._restore_wanted: list[tuple[HeldSession, int, asyncio.Future[bool]]] = []
         self._tg: asyncio.TaskGroup | None = None
         self._feed = JobFeed(queue, self._adopt, self._spare_capacity)
         self._started = time.time()
@@ -227,13 +232,18 @@ class Worker:
             log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]), extra=where)
             return
         url, headers_json = _text(reply[1]), _text(reply[2])
+        last_id, seq = _text(reply[3]), int(_text(reply[4]) or 0)
         clock = LeaseClock(confirmed_at=sent_at, fence_after=self.settings.fence_after)
         try:
             spec = UpstreamSpec.from_redis(url, headers_json)
         except (InvalidInput, ValueError) as exc:
             await self._release(k, lease_value, "failed", f"stored spec is invalid: {exc}")
             return
-        session = HeldSession(k, job.token, job.epoch, lease_value, spec, clock)
+        session = HeldSession(
+            k, job.token, job.epoch, lease_value, spec, clock, seq=seq, last_id=last_id
+        )
+        if seq:
+            await self._load_recent(session)
         self._start_reader(session)
         log.info(
             "session %s: reader started at epoch %d",
@@ -241,6 +251,29 @@ class Worker:
             job.epoch,
             extra={**where, "state": "connecting"},
         )
+
+    async def _load_recent(self, session: HeldSession) -> None:
+        """Start the session's memory of recent events from its history, so that what a
+        re-assertion after a Redis data loss writes back reaches past this worker's take-over
+        (clients a little behind then still find their events)."""
+        keep = self.settings.restore_events
+        if keep <= 0:
+            return
+        try:
+            entries = await self._redis.xrevrange(session.keys.events, count=keep)
+        except REDIS_ERRORS as exc:
+            log.debug("session %s: recent history not loaded: %s", session.sid, exc)
+            return
+        for _, fields in reversed(entries):
+            f = {_text(name): _text(value) for name, value in fields.items()}
+            try:
+                seq, epoch = int(f["seq"]), int(f["epoch"])
+            except (KeyError, ValueError):
+                continue
+            if seq <= session.seq:
+                session.remember(
+                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
+                )
 
     async def _requeue(self, job: ListenJob) -> None:
         """A job read while stopping goes back on the queue for another worker."""
@@ -265,6 +298,7 @@ class Worker:
             settings=self.settings,
             rand=self._rand,
             metrics=self.metrics,
+            restore=self.restore,
         )
         task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
         self._readers[session.sid] = RunningReader(session, reader, task)
@@ -318,6 +352,76 @@ class Worker:
         if self._tg is not None and s.sid not in self._readers:
             self._start_reader(s)
 
+    async def restore(self, session: HeldSession, seen_epoch: int) -> bool:
+        """Redis answered "spec gone" for ``session`` at ``seen_epoch``: re-assert it. True
+        when it is held again (``session.epoch`` is the epoch to use), False when it must stop.
+        Raises the Redis client's errors when Redis cannot be reached."""
+        return (await self._restore_many([(session, seen_epoch)]))[0]
+
+    async def _restore_many(self, items: list[tuple[HeldSession, int]]) -> list[bool]:
+        """Re-assert sessions, coalescing concurrent requests into one pipelined round: after
+        a loss every reader asks at once, and one round trip each in turn would outlast the
+        lease clocks of the last ones."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[bool]] = []
+        for session, seen in items:
+            fut: asyncio.Future[bool] = loop.create_future()
+            self._restore_wanted.append((session, seen, fut))
+            waits.append(fut)
+        async with self._restore_lock:
+            batch, self._restore_wanted = self._restore_wanted, []
+            if batch:
+                try:
+                    held = await self._reassert(batch)
+                except BaseException as exc:
+                    failure = redis.exceptions.ConnectionError(f"re-assertion failed: {exc!r}")
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(failure)
+                            # Its reader may have been stopped meanwhile and never look.
+                            fut.add_done_callback(_retrieve)
+                    for fut in waits:
+                        fut.exception()  # ours are answered by the raise below
+                    raise
+                for (_, _, fut), ok in zip(batch, held, strict=True):
+                    fut.set_result(ok)
+        return [await fut for fut in waits]
+
+    async def _reassert(self, batch: list[tuple[HeldSession, int, Any]]) -> list[bool]:
+        now = self._clock()
+        held = [s.epoch != seen for s, seen, _ in batch]  # re-asserted meanwhile
+        due = [
+            i for i, (s, _, _) in enumerate(batch) if not held[i] and not s.clock.must_fence(now)
+        ]
+        if not due:
+            return held
+        sessions = [batch[i][0] for i in due]
+        sent_at = self._clock()
+        epochs = await reassert_all(
+            self._redis,
+            self._scripts,
+            sessions,
+            self.worker_id,
+            self._ttl_ms,
+            maxlen=self.settings.history_maxlen,
+            history_ttl_ms=int(self.settings.history_ttl * 1000),
+        )
+        restored = 0
+        for i, session, epoch in zip(due, sessions, epochs, strict=True):
+            if epoch is None:
+                continue
+            if epoch != session.epoch:
+                restored += 1
+                log.info(
+                    "session %s: re-asserted at epoch %d, seq %d", session.sid, epoch, session.seq
+                )
+            session.epoch = epoch
+            session.clock.confirm(sent_at)
+            held[i] = True
+        if restored:
+            log.warning("Redis lost its data: %d sessions re-asserted", restored)
+        return held
+
     async def _release(self, k: keys.SessionKeys, lease_value: str, final: str, why: str) -> None:
         try:
             await self._scripts.release(
@@ -337,11 +441,17 @@ class Worker:
         interval = self.settings.renew_interval
         while True:
             sent_at = self._clock()
-            await self._renew_round(sent_at, deadline=interval)
-            await asyncio.sleep(max(0.0, sent_at + interval - self._clock()))
+            renewed = await self._renew_round(sent_at, deadline=interval)
+            # A failed round is retried soon rather than a whole interval later: after a Redis
+            # restart the next round is what keeps the lease clocks (and, after a data loss,
+            # the right to re-assert) from running out.
+            pause = interval if renewed else interval / RENEW_RETRY_DIVISOR
+            await asyncio.sleep(max(0.0, sent_at + pause - self._clock()))
 
-    async def _renew_round(self, sent_at: float, *, deadline: float) -> None:
+    async def _renew_round(self, sent_at: float, *, deadline: float) -> bool:
+        """One renewal round for every reader; False when it could not complete."""
         sessions = [r.session for r in self._readers.values()]
+        epochs = [s.epoch for s in sessions]
         try:
             async with asyncio.timeout(deadline):
                 verdicts = await renew_all(self._redis, self._scripts, sessions, self._ttl_ms)
@@ -356,24 +466,51 @@ class Worker:
         except (*REDIS_ERRORS, TimeoutError) as exc:
             self.metrics.lease_renew_failures.inc()
             self.metrics.redis_error["renew"].inc()
-            log.warning("lease renewal failed for %d sessions: %s", len(sessions), exc)
-            return
+            log.warning(
+                "lease renewal failed for %d sessions: %s", len(sessions), repr(exc) or "timeout"
+            )
+            return False
         except Exception:
             # Unconfirmed leases self-fence on time; the loop itself must go on.
             self.metrics.lease_renew_failures.inc()
             log.exception("lease renewal round failed")
-            return
+            return False
         self._last_heartbeat = sent_at
+        gone = [
+            (s, epoch)
+            for s, epoch, verdict in zip(sessions, epochs, verdicts, strict=True)
+            if verdict is RenewVerdict.GONE
+        ]
+        refused = await self._restore_after_loss(gone) if gone else set()
         stops = []
-        for session, verdict in zip(sessions, verdicts, strict=True):
+        for session, epoch, verdict in zip(sessions, epochs, verdicts, strict=True):
             if verdict is RenewVerdict.RENEWED:
                 session.clock.confirm(sent_at)
             elif verdict is RenewVerdict.CANCELLED:
                 stops.append(self.stop_reader(session.sid, StopReason.CANCELLED))
-            else:
+            elif verdict is RenewVerdict.GONE:
+                if session.sid in refused:
+                    stops.append(self.stop_reader(session.sid, StopReason.LOST))
+            elif session.epoch == epoch:  # else re-asserted meanwhile by its reader
                 stops.append(self.stop_reader(session.sid, StopReason.LOST))
         if stops:
             await asyncio.gather(*stops)
+        return True
+
+    async def _restore_after_loss(self, gone: list[tuple[HeldSession, int]]) -> set[str]:
+        """Re-assert the sessions Redis forgot; returns those refused (another holder, or the
+        lease clock ran out). This round is not bound by the renewal deadline: with the
+        history written back it can take longer than an interval, and a re-assertion sent
+        while the clock was valid is sound even if the reader fences before the reply (the
+        session is then in Redis again, and the reconciler moves it on once the lease lapses).
+        An error leaves the sessions to their lease clocks."""
+        try:
+            async with asyncio.timeout(self.settings.lease_ttl):
+                held = await self._restore_many(gone)
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            log.warning("re-assertion of %d sessions failed: %r", len(gone), exc)
+            return set()
+        return {s.sid for (s, _), ok in zip(gone, held, strict=True) if not ok}
 
     async def _fence_loop(self) -> None:
         # Deadlines only move later (renewals) and new readers start with the latest one, so
@@ -381,6 +518,7 @@ class Worker:
         while True:
             now = self._clock()
             earliest = now + self.settings.fence_after
+            due = []
             for sid, running in list(self._readers.items()):
                 clock = running.session.clock
                 if clock.must_fence(now):
@@ -390,9 +528,13 @@ class Worker:
                         sid,
                         extra={**_where(running.session), "state": "fenced"},
                     )
-                    await self.stop_reader(sid, StopReason.FENCED)
+                    due.append(sid)
                 else:
                     earliest = min(earliest, clock.fence_deadline())
+            if due:
+                # All at once: stopped one after the other, the last of a worker's thousands
+                # of readers would close its socket after the margin, and the lease, ran out.
+                await asyncio.gather(*(self.stop_reader(sid, StopReason.FENCED) for sid in due))
             await asyncio.sleep(max(0.01, earliest - self._clock()))
 
     async def _control_loop(self) -> None:
@@ -481,6 +623,11 @@ _STOP_STATES = {
 def _where(session: HeldSession) -> dict[str, object]:
     """Log fields naming a held session (``worker`` comes from the worker's log context)."""
     return {"session": session.sid, "epoch": session.epoch}
+
+
+def _retrieve(fut: asyncio.Future[bool]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _text(value: Any) -> str:

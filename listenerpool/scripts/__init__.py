@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
-NAMES = ("claim", "adopt", "renew", "publish", "report", "release", "cancel")
+NAMES = ("claim", "adopt", "renew", "publish", "report", "release", "cancel", "reassert")
 
 
 @cache
@@ -34,12 +34,13 @@ class Scripts:
     report: AsyncScript
     release: AsyncScript
     cancel: AsyncScript
+    reassert: AsyncScript
 
     async def preload(self, redis: Any) -> None:
         """SCRIPT LOAD every script now, so calls start with a hit instead of a NOSCRIPT round
         trip (and so servers that mishandle NOSCRIPT, like fakeredis over TCP, never see one)."""
         for script in (self.claim, self.adopt, self.renew, self.publish, self.report,
-                       self.release, self.cancel):  # fmt: skip
+                       self.release, self.cancel, self.reassert):  # fmt: skip
             await redis.script_load(script.script)
 
     @classmethod

@@ -87,6 +87,20 @@ class RedisServer(Service):
         self.kill()
         self.start()
 
+    def lose_data(self) -> None:
+        """Kill the server and start it again with nothing: its files are deleted in between,
+        as a failover to an empty replica or a restart without persistence would leave it."""
+        self.kill()
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            if name == "redis.log":
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        self.start()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)

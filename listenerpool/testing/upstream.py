@@ -45,6 +45,7 @@ from listenerpool.testing.loopthread import (
 __all__ = [
     "BACKLOG",
     "EVENT_TYPES",
+    "ConnectionRecord",
     "LoopThread",
     "SSEUpstream",
     "UpstreamStats",
@@ -92,9 +93,24 @@ _HUGE_EVENT_LINE: Final = b"data: " + b"y" * 1018 + b"\n"  # 1 KiB per data line
 
 
 @dataclass(frozen=True)
+class ConnectionRecord:
+    """One routed connection of a session: when it was open (``time.monotonic()``; ``closed``
+    is None while it is open), the client's port, and the event numbers written on it
+    (``first``..``last``, consecutive; ``first`` is None when it wrote no event)."""
+
+    opened: float
+    closed: float | None
+    peer_port: int
+    last_event_id: str | None
+    first: int | None
+    last: int | None
+
+
+@dataclass(frozen=True)
 class UpstreamStats:
     """A snapshot of one session's connections (header names in ``request_headers`` are
-    lower-case; ``disconnects`` holds ``time.monotonic()`` values of client-side closes only)."""
+    lower-case; ``disconnects`` holds ``time.monotonic()`` values of client-side closes only;
+    ``connections`` has one record per routed connection, in arrival order)."""
 
     connections_total: int = 0
     concurrent: int = 0
@@ -103,6 +119,7 @@ class UpstreamStats:
     disconnects: list[float] = field(default_factory=list)
     highest_emitted: int = 0
     request_headers: list[dict[str, str]] = field(default_factory=list)
+    connections: list[ConnectionRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,26 @@ class _Session:
         self.highest_emitted = 0
         self.request_headers: list[dict[str, str]] = []
         self.scripted: deque[bytes] = deque()  # events queued by SSEUpstream.send, in order
+        self.records: list[_Record] = []
+
+
+class _Record:
+    """The mutable form of :class:`ConnectionRecord`, guarded by ``SSEUpstream._lock``."""
+
+    __slots__ = ("closed", "first", "last", "last_event_id", "opened", "peer_port")
+
+    def __init__(self, opened: float, peer_port: int, last_event_id: str | None) -> None:
+        self.opened = opened
+        self.closed: float | None = None
+        self.peer_port = peer_port
+        self.last_event_id = last_event_id
+        self.first: int | None = None
+        self.last: int | None = None
+
+    def freeze(self) -> ConnectionRecord:
+        return ConnectionRecord(
+            self.opened, self.closed, self.peer_port, self.last_event_id, self.first, self.last
+        )
 
 
 class _Conn(asyncio.Protocol):
@@ -156,6 +193,7 @@ class _Conn(asyncio.Protocol):
         "_server",
         "_sleeper",
         "done",
+        "record",
         "session",
         "task",
         "transport",
@@ -170,6 +208,7 @@ class _Conn(asyncio.Protocol):
         self._sleeper: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.session: _Session | None = None
+        self.record: _Record | None = None
         self.task: asyncio.Task[None] | None = None
         self.done = False  # no more writes: either side closed
         self.vanished = False
@@ -495,6 +534,22 @@ class SSEUpstream(ThreadedServer):
         if session is not None:
             self._on_loop(lambda: self._close_all(session))
 
+    def finish_all(self) -> dict[str, int]:
+        """End every session's stream where it is now: each session's ``total`` becomes its
+        highest emitted number, atomically with respect to the writers (it runs on the
+        server's loop). Returns those numbers by session id. Readers that resume later get the
+        missing events and then heartbeats only."""
+        runner = self._runner
+        if runner is None:
+            raise RuntimeError("the upstream is not running")
+        return runner.call(self._finish_all)
+
+    def _finish_all(self) -> dict[str, int]:
+        with self._lock:
+            for session in self._sessions.values():
+                session.config = replace(session.config, total=session.highest_emitted)
+            return {sid: s.highest_emitted for sid, s in self._sessions.items()}
+
     def _on_loop(self, fn: Callable[[], None]) -> None:
         runner = self._runner
         if runner is not None:
@@ -525,6 +580,7 @@ class SSEUpstream(ThreadedServer):
                 disconnects=list(s.disconnects),
                 highest_emitted=s.highest_emitted,
                 request_headers=[dict(h) for h in s.request_headers],
+                connections=[r.freeze() for r in s.records],
             )
 
     def sessions(self) -> list[str]:
@@ -583,8 +639,11 @@ class SSEUpstream(ThreadedServer):
         with self._lock:
             if conn in session.conns:
                 session.conns.discard(conn)
+                now = time.monotonic()
+                if conn.record is not None:
+                    conn.record.closed = now
                 if client_closed:
-                    session.disconnects.append(time.monotonic())
+                    session.disconnects.append(now)
 
     def _route(self, conn: _Conn, head: bytes) -> None:
         request = _parse_head(head)
@@ -601,8 +660,12 @@ class SSEUpstream(ThreadedServer):
             conn.finish(_response(405, "method not allowed"))
             return
         last_event_id = headers.get("last-event-id")
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        record = _Record(time.monotonic(), int(peer[1]) if peer else 0, last_event_id)
+        conn.record = record
         with self._lock:
             session = self._session(sid)
+            session.records.append(record)
             session.connections_total += 1
             session.conns.add(conn)
             session.max_concurrent = max(session.max_concurrent, len(session.conns))
@@ -696,6 +759,10 @@ class SSEUpstream(ThreadedServer):
         conn.transport.write(self._event(n, config.mode == "invalid_utf8"))
         with self._lock:
             conn.session.highest_emitted = max(conn.session.highest_emitted, n)
+            if conn.record is not None:
+                if conn.record.first is None:
+                    conn.record.first = n
+                conn.record.last = n
         return await conn.drain()
 
     async def _garbage_body(self, conn: _Conn, rng: random.Random) -> None:

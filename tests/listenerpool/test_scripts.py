@@ -117,9 +117,15 @@ async def start(
 async def publish(
     control: SessionControl, s: HeldSession, events: list[tuple[str, str, str]], **over: Any
 ) -> int:
-    """Run the publish script as Reader._publish does; ``over`` replaces lease_value/epoch."""
+    """Run the publish script as Reader._publish does; ``over`` replaces lease_value/epoch and
+    the expected last seq (by default the one in Redis)."""
     value, epoch = over.get("lease_value", s.lease_value), over.get("epoch", s.epoch)
-    args: list[Any] = [value, epoch, 100, 60_000, events[-1][2]]
+    expected = over.get("expected")
+    if expected is None:
+        expected = int(
+            await control.scripts.publish.registered_client.hget(s.keys.state, "seq") or 0
+        )
+    args: list[Any] = [value, epoch, 100, 60_000, events[-1][2], expected]
     for event, data, uid in events:
         head, tail = envelope_parts(epoch, event, data, uid)
         args += [event, data, uid, head, tail]
@@ -352,6 +358,17 @@ async def test_publish_by_a_non_owner_writes_nothing(
     assert await received(live) == []
     assert "seq" not in await state(fake_redis)
     await live.aclose()
+
+
+async def test_a_batch_is_not_applied_twice(
+    control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
+) -> None:
+    s = await start(control, queue, SID, ttl_ms)
+    assert await publish(control, s, [("m", "a", "u1")], expected=0) == 1
+    # The same call again, as a client re-sends it when the reply was lost: refused.
+    assert await publish(control, s, [("m", "a", "u1")], expected=0) == -3
+    assert await fake_redis.xlen(K.events) == 1
+    assert (await state(fake_redis))["seq"] == "1"
 
 
 async def test_fenced_reader_cannot_publish_after_failover(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -600,3 +601,56 @@ def test_scripted_events_are_sent_once_in_order_and_wait_for_a_connection() -> N
         assert httpx.get(up.url("s"), timeout=5).status_code == 503
         with pytest.raises(ValueError, match="line breaks"):
             up.send("s", "x", event="A\nB")
+
+
+# -- connection records and finishing ---------------------------------------------------------
+def test_connection_records_tell_when_each_was_open_and_what_it_wrote(up: SSEUpstream) -> None:
+    first = RawClient.stream(up, "s1")
+    first_port = first.sock.getsockname()[1]
+    first.events(5)
+    up.wait_until(lambda: (up.stats("s1").connections[0].last or 0) >= 5, 2)
+    second = RawClient.stream(up, "s1", last_event_id="3")  # overlaps the first
+    second_port = second.sock.getsockname()[1]
+    second.events(2)
+    first.close()
+    up.wait_until(lambda: up.stats("s1").connections[0].closed is not None, 2)
+    second.close()
+    up.wait_until(lambda: up.stats("s1").concurrent == 0, 2)
+
+    a, b = up.stats("s1").connections
+    assert (a.first, b.first, b.last_event_id) == (1, 4, "3")
+    assert a.last is not None and b.last is not None and b.last >= 5
+    assert a.closed is not None and b.closed is not None
+    assert a.opened < b.opened < a.closed  # the overlap is visible
+    assert (a.peer_port, b.peer_port) == (first_port, second_port)
+
+
+def events_within(client: RawClient, seconds: float) -> list[bytes]:
+    """The events (not heartbeats) that arrive within ``seconds`` (an observation window)."""
+    found: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        with contextlib.suppress(AssertionError):
+            frame = client.frame(left)
+            if not frame.startswith(b":"):
+                found.append(frame)
+    return found
+
+
+def test_finish_all_ends_every_stream_at_its_highest_number(up: SSEUpstream) -> None:
+    client = RawClient.stream(up, "s1")
+    client.events(3)
+    totals = up.finish_all()
+    assert totals["s1"] >= 3
+    tail = events_within(client, 0.3)  # what was already written, then heartbeats only
+    assert all(int(parse(e)["id"]) <= totals["s1"] for e in tail)
+    assert up.stats("s1").highest_emitted == totals["s1"]
+    client.close()
+    # A reader resuming from an older id gets the rest, then nothing more.
+    late = RawClient.stream(up, "s1", last_event_id=str(totals["s1"] - 2))
+    assert [int(parse(e)["id"]) for e in events_within(late, 0.3)] == [
+        totals["s1"] - 1,
+        totals["s1"],
+    ]
+    assert up.stats("s1").highest_emitted == totals["s1"]
+    late.close()
