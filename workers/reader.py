@@ -106,7 +106,8 @@ class Reader:
                 error, reason = str(exc), _status_reason(exc)
                 floor_s = exc.retry_after
             except PositionMoved as exc:
-                error = str(exc)
+                # A re-sent publish found its batch applied: a Redis connection error's echo.
+                error, reason = str(exc), ReconnectReason.REDIS_ERROR
             except StreamError as exc:
                 error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
             except httpx.TimeoutException as exc:

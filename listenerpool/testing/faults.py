@@ -273,17 +273,17 @@ class FaultInjector:
         while True:
             try:
                 states = await self._states(self.sids)
-                break
             except Exception as exc:  # Redis recovering from the previous fault
                 if time.monotonic() > deadline:
                     log.warning("could not read session states: %s", exc)
                     return {}
                 await asyncio.sleep(POLL)
-        return {
-            sid: epoch
-            for sid, (_, who, epoch, _, _) in zip(self.sids, states, strict=True)
-            if owner is None or who == owner
-        }
+                continue
+            return {
+                sid: epoch
+                for sid, (_, who, epoch, _, _) in zip(self.sids, states, strict=True)
+                if owner is None or who == owner
+            }
 
     async def _steady(self, timeout: float) -> dict[str, int] | None:
         """Wait until every session's lease is held by a live worker that keeps renewing it:

@@ -6,6 +6,7 @@ An in-process worker on a private redis-server; the test upstream runs in a thre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 
@@ -266,3 +267,37 @@ async def test_a_new_url_for_a_running_session_reconnects_to_it(
         # The resume point carries over: the new stream continues after the last stored id.
         resumed = upstream.stats("moved").last_event_ids[0]
         assert resumed is not None and int(resumed) >= 5
+
+
+async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    """The Redis client re-sends a call whose reply a connection error took, though Redis may
+    have applied it. The second copy must be refused, and the reader must resume from what
+    Redis holds: every upstream event stored once, seq equal to the upstream's numbering."""
+    async with running_worker(pool) as worker:
+        real = worker._scripts.publish
+        calls = 0
+
+        async def re_sent_once(*, keys: list[str], args: list[str | int]) -> object:
+            nonlocal calls
+            calls += 1
+            reply = await real(keys=keys, args=args)
+            if calls == 5:
+                reply = await real(keys=keys, args=args)  # the re-sent copy's reply wins
+            return reply
+
+        worker._scripts = dataclasses.replace(worker._scripts, publish=re_sent_once)
+        await pool.control.claim("resent", upstream.url("resent"))
+        await eventually(lambda: upstream.stats("resent").connections_total >= 2, 10,
+                         "the reader did not reconnect after the refused copy")  # fmt: skip
+        await wait_events(pool, "resent", 30)
+        stream = await pool.stream("resent")
+        numbers = [SSEUpstream.number_of(e["data"]) for e in stream]
+        assert numbers == list(range(1, len(numbers) + 1)), "lost or duplicated events"
+        assert [int(e["seq"]) for e in stream] == numbers
+        state = await state_of(pool, "resent")
+        assert state["state"] == "listening"
+        assert state["epoch"] == "1", "the reader gave the session up instead of resuming"
+        resumed_after = upstream.stats("resent").last_event_ids[1]
+        assert resumed_after is not None and int(resumed_after) >= 5, resumed_after
