@@ -46,7 +46,7 @@ UPSTREAM_KINDS = ("upstream_vanish", "upstream_500")
 KINDS = FLEET_KINDS + UPSTREAM_KINDS
 TRACK_TIMEOUT = 60.0  # a session not listening again within this long counts as not recovered
 POLL = 0.2
-STEADY_TIMEOUT = 45.0  # a data loss waits this long for every session to have a reader
+STEADY_TIMEOUT = 120.0  # a data loss waits this long for every session to have a reader
 
 
 def _text(value: Any) -> str:

@@ -14,8 +14,8 @@ delivered event must have ``seq == number``. Against that:
 - *renumbered*: ``seq != number``;
 - *stale epoch*: a stream entry whose epoch is lower than an earlier entry's;
 - *overlaps*: two upstream connections of one session open at the same moment. Those whose
-  older connection belonged to a SIGSTOPped process (it cannot close anything while stopped)
-  are counted apart, as ``overlaps_paused``.
+  older connection was open in a SIGSTOPped process (it cannot close anything while stopped)
+  and closed soon after SIGCONT are counted apart, as ``overlaps_paused``.
 """
 
 from __future__ import annotations
@@ -172,20 +172,27 @@ def count_overlaps(
     paused: Sequence[PausedWindow],
     end: float,
     explain: Callable[[float], str] | None = None,
+    wake_bound: float = 5.0,
 ) -> None:
     """Add the session's overlapping upstream connections to ``totals`` (connections still
-    open count as open until ``end``)."""
+    open count as open until ``end``). An overlap whose older connection was held by a frozen
+    process counts apart if that connection closed within ``wake_bound`` seconds of SIGCONT;
+    a later close is a reader that outlived its lease after waking, a plain overlap."""
     ordered = sorted(connections, key=lambda c: c.opened)
     for i, older in enumerate(ordered):
         closed = older.closed if older.closed is not None else end
         for newer in ordered[i + 1 :]:
             if newer.opened >= closed:
                 break
+            # The older connection was open in a process when it was frozen, and the newer one
+            # came after the freeze: the frozen process could not close it before it woke.
             window = next(
                 (
                     w
                     for w in paused
-                    if older.peer_port in w.ports and w.stopped <= newer.opened <= w.resumed + 1
+                    if older.peer_port in w.ports
+                    and older.opened <= w.stopped <= newer.opened
+                    and closed - w.resumed <= wake_bound
                 ),
                 None,
             )

@@ -331,6 +331,7 @@ class _Soak:
                     injector.paused,
                     end,
                     injector.around,
+                    wake_bound=self.config.lease_ttl,
                 )
         return totals, dropped
 

@@ -76,3 +76,19 @@ def test_overlaps_are_told_apart_from_a_paused_holder() -> None:
     count_overlaps(t, "s", overlapping, paused, end=9)
     assert (t.overlaps, t.overlaps_paused) == (1, 1)
     assert t.paused_close_after_wake == [0.5]
+
+
+def test_a_frozen_holder_that_closes_late_after_waking_is_a_plain_overlap() -> None:
+    paused = [PausedWindow(stopped=1, resumed=4.5, ports=frozenset({10}))]
+    # Closed 2 s after SIGCONT, the newer connection opened after the wake: still the freeze.
+    t = HistoryTotals()
+    count_overlaps(t, "s", [record(0, 6.5, 10), record(6, None, 11)], paused, end=9, wake_bound=3)
+    assert (t.overlaps, t.overlaps_paused) == (0, 1)
+    # Open 4 s past SIGCONT with a 3 s bound: the woken reader outlived its lease.
+    t = HistoryTotals()
+    count_overlaps(t, "s", [record(0, 8.5, 10), record(6, None, 11)], paused, end=9, wake_bound=3)
+    assert (t.overlaps, t.overlaps_paused) == (1, 0)
+    # A connection opened after the freeze on a port the frozen process had used: not its.
+    t = HistoryTotals()
+    count_overlaps(t, "s", [record(5, 7, 10), record(6, None, 11)], paused, end=9)
+    assert (t.overlaps, t.overlaps_paused) == (1, 0)
