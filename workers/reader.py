@@ -7,8 +7,10 @@ that task, which closes the HTTP response and its socket on the way out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
@@ -87,6 +89,7 @@ class Reader:
         self._retry_ms: int | None = None
         self._metrics = metrics if metrics is not None else WorkerMetrics()
         self.connected = asyncio.Event()
+        self._socket: socket.socket | None = None  # the current upstream connection's
         #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
         self.state = "connecting"
 
@@ -134,6 +137,7 @@ class Reader:
                 self._metrics.redis_error["reader"].inc()
             finally:
                 self.connected.clear()
+                self._socket = None
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # httpx's connect path (anyio happy eyeballs) can turn our cancellation into
@@ -188,6 +192,8 @@ class Reader:
         delivered = False
         self.state = "connecting"
         async with self._http.stream("GET", s.spec.url, headers=headers) as response:
+            network = response.extensions.get("network_stream")
+            self._socket = network.get_extra_info("socket") if network is not None else None
             _check_response(response)
             await self._report(state="listening", retries=0, last_error="")
             self.state = "listening"
@@ -215,6 +221,15 @@ class Reader:
                         "the upstream is not sending an event stream"
                     )
         return delivered
+
+    def sever(self) -> None:
+        """Shut the upstream connection down now, before the task unwinds: a busy or just
+        woken event loop may take a while to run the cancellation, and a fenced reader's
+        lease is about to be someone else's. The task still closes the socket itself."""
+        sock = self._socket
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed or reset
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def _publish(self, events: list[SSEEvent]) -> None:
         s = self.session

@@ -326,6 +326,7 @@ class Worker:
         running = self._readers.get(sid)
         if running is None:
             return
+        running.reader.sever()
         await cancel_until_done(running.task)
         s = running.session
         if reason is StopReason.CANCELLED:

@@ -17,6 +17,7 @@ from listenerpool.keys import LEASE_DEADLINES, SESSIONS, SessionKeys
 from listenerpool.testing.redis_server import free_port
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, running_worker
+from workers.worker import StopReason
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -301,3 +302,22 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
         assert state["epoch"] == "1", "the reader gave the session up instead of resuming"
         resumed_after = upstream.stats("resent").last_event_ids[1]
         assert resumed_after is not None and int(resumed_after) >= 5, resumed_after
+
+
+async def test_a_stopped_reader_sends_its_fin_before_the_loop_runs_again(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    """A fenced reader's lease is about to be another worker's: its upstream socket must be
+    shut down when the stop is decided, not once a busy (or just woken) loop gets round to
+    the task's cancellation."""
+    async with running_worker(pool) as worker:
+        await pool.control.claim("sever", upstream.url("sever"))
+        await wait_state(pool, "sever", "listening")
+        stop = asyncio.create_task(worker.stop_reader("sever", StopReason.FENCED))
+        await asyncio.sleep(0)  # the stop's first step, then the loop is held below
+        deadline = time.monotonic() + 2.0
+        # Blocking on purpose: the loop stands for one too busy to run the reader's task.
+        while not upstream.stats("sever").disconnects and time.monotonic() < deadline:
+            time.sleep(0.005)  # noqa: ASYNC251
+        assert upstream.stats("sever").disconnects, "no FIN while the loop was held"
+        await stop
