@@ -86,6 +86,8 @@ def run(opts: argparse.Namespace) -> int:
     failures = result.failures()
     if result.totals.problems:
         print("first problems:", *result.totals.problems, sep="\n  ")
+    if result.notes:
+        print("notes:", *result.notes, sep="\n  ")
     if result.totals.overlap_problems:
         print("first overlaps:", *result.totals.overlap_problems, sep="\n  ")
     if failures:

@@ -86,6 +86,7 @@ class FaultInjector:
         self.not_recovered: Counter[str] = Counter()
         self.paused: list[PausedWindow] = []
         self.not_steady: int = 0  # data-loss faults injected while a session had no reader
+        self.unsteady_reasons: list[str] = []  # why, at each of those
         self._trackers: set[asyncio.Task[None]] = set()
         self.timeline: list[tuple[float, float, str]] = []  # (start, end, kind), monotonic
 
@@ -294,23 +295,43 @@ class FaultInjector:
         the epochs then, or None at the timeout."""
         deadline = time.monotonic() + timeout
         first: list[tuple[str, str, int, str, int]] | None = None
+        last_reasons: Counter[str] = Counter()
         while time.monotonic() < deadline:
             live = {s.worker_id for s in self.fleet.workers if s.proc and s.proc.poll() is None}
             try:
                 states = await self._states(self.sids)
             except Exception:
                 states = []
-            ok = bool(states) and all(
-                lease.split(":", 1)[0] in live
-                and state in ("listening", "backoff")
-                and pttl > self.ttl * 1000 / 2
+            unsteady = Counter(
+                self._unsteady_reason(state, lease, pttl, live)
                 for state, _, _, lease, pttl in states
             )
-            if ok and first is not None and [s[3] for s in first] == [s[3] for s in states]:
+            unsteady.pop("", None)
+            ok = bool(states) and not unsteady
+            if ok and first is not None and [s[3] for s in first] != [s[3] for s in states]:
+                unsteady["lease changed hands between the two looks"] += 1
+            elif ok and first is not None:
                 return {sid: st[2] for sid, st in zip(self.sids, states, strict=True)}
+            last_reasons = unsteady if states else Counter({"Redis unreadable": 1})
             first = states if ok else None
             await asyncio.sleep(2 * self.ttl / 3 if ok else POLL)
+        self.unsteady_reasons.append(
+            ", ".join(f"{n} {why}" for why, n in last_reasons.most_common(4))
+        )
+        log.warning("fleet not steady after %.0fs: %s", timeout, self.unsteady_reasons[-1])
         return None
+
+    def _unsteady_reason(self, state: str, lease: str, pttl: int, live: set[str]) -> str:
+        """Why one session keeps the fleet from being steady ("" when it does not)."""
+        if not lease:
+            return f"no lease (state {state or 'gone'})"
+        if lease.split(":", 1)[0] not in live:
+            return f"lease of a dead or pending holder (state {state})"
+        if state not in ("listening", "backoff"):
+            return f"state {state}"
+        if pttl <= self.ttl * 1000 / 2:
+            return "lease renewal late"
+        return ""
 
     def _track(self, kind: str, epochs: dict[str, int]) -> asyncio.Task[None] | None:
         if not epochs:

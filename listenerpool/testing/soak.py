@@ -234,6 +234,10 @@ class _Soak:
             worker_fds_above_baseline=leaks[2],
             gateway_client_sockets_left=leaks[3],
             elapsed=time.monotonic() - started,
+            notes=[
+                f"data loss injected on an unsteady fleet: {why}"
+                for why in injector.unsteady_reasons
+            ],
         )
 
     # -- waiting -----------------------------------------------------------------------------
