@@ -44,6 +44,7 @@ RETRYABLE_4XX = frozenset({408, 429})
 # A connection whose first this-many lines name no SSE field is not an event stream.
 GARBAGE_LINES = 64
 REDIS_ERRORS = (redis.exceptions.RedisError, TimeoutError, OSError)
+REPORT_RETRY_S = 1.0  # a state report Redis did not take is sent again with bytes after this
 POSITION_MOVED = -3  # publish reply: the history is past the seq the reader knows
 
 
@@ -90,6 +91,8 @@ class Reader:
         self._metrics = metrics if metrics is not None else WorkerMetrics()
         self.connected = asyncio.Event()
         self._socket: socket.socket | None = None  # the current upstream connection's
+        self._unreported: dict[str, str | int] | None = None  # state fields Redis did not take
+        self._report_retry_at = 0.0
         #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
         self.state = "connecting"
 
@@ -208,6 +211,7 @@ class Reader:
             published, latency = self._metrics.events_published, self._metrics.publish_latency
             async for chunk in response.aiter_bytes():
                 received = time.perf_counter()
+                await self._retry_report()
                 events = parser.feed(chunk)
                 self._retry_ms = parser.retry
                 if events:
@@ -291,6 +295,17 @@ class Reader:
         except REDIS_ERRORS as exc:
             self._metrics.redis_error["reader"].inc()
             log.debug("session %s: state not recorded: %s", s.sid, exc)
+            # Reports are made on changes only: left unsent, Redis would show the old state
+            # (say "connecting" from the adoption) for as long as this connection lasts.
+            self._unreported = {**(self._unreported or {}), **fields}
+            self._report_retry_at = time.monotonic() + REPORT_RETRY_S
+        else:
+            self._unreported = None
+
+    async def _retry_report(self) -> None:
+        """Send a report that Redis did not take, once its retry time has come."""
+        if self._unreported is not None and time.monotonic() >= self._report_retry_at:
+            await self._report(**self._unreported)
 
     async def _fail(self, reason: str) -> None:
         s = self.session

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import redis.exceptions
 
 from listenerpool.keys import LEASE_DEADLINES, SESSIONS, SessionKeys
 from listenerpool.testing.redis_server import free_port
@@ -321,3 +322,26 @@ async def test_a_stopped_reader_sends_its_fin_before_the_loop_runs_again(
             time.sleep(0.005)  # noqa: ASYNC251
         assert upstream.stats("sever").disconnects, "no FIN while the loop was held"
         await stop
+
+
+async def test_a_state_report_redis_did_not_take_is_sent_again(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    """Readers report on changes only. If Redis cannot take "listening" (a restart just after
+    the adoption), the state must not stay at the adoption's "connecting" while it listens."""
+    async with running_worker(pool) as worker:
+        real = worker._scripts.report
+        failures = 0
+
+        async def fails_once(*, keys: list[str], args: list[str | int]) -> object:
+            nonlocal failures
+            if failures == 0 and "listening" in args:
+                failures += 1
+                raise redis.exceptions.ConnectionError("Redis is restarting")
+            return await real(keys=keys, args=args)
+
+        worker._scripts = dataclasses.replace(worker._scripts, report=fails_once)
+        await pool.control.claim("unreported", upstream.url("unreported"))
+        await eventually(lambda: failures == 1, 5, "the listening report was never made")
+        await wait_state(pool, "unreported", "listening", timeout=5)
+        assert upstream.stats("unreported").connections_total == 1
