@@ -305,7 +305,7 @@ async def _publish(redis_url: str, sids: Sequence[str], rate: float, payload_byt
                     streams[i], fields, id=f"{seq}-0", maxlen=HISTORY_MAXLEN, approximate=True
                 )
                 head, tail = envelope_parts(1, event, data, str(seq))
-                pipe.publish(channels[i], f"{head}{seq}{tail}")
+                pipe.spublish(channels[i], f"{head}{seq}{tail}")  # as publish.lua does
             await pipe.execute()
         published += len(due)
 
@@ -464,17 +464,21 @@ async def _clients(opts: argparse.Namespace) -> int:
 
 
 async def _tap(opts: argparse.Namespace, tally: Tally, subscribed: asyncio.Future[None]) -> None:
-    """The worker hop: one pattern subscriber to every session's live channel, timing the
-    upstream's stamp -> the PUBLISH reaching it (what the gateway's hub sees)."""
+    """The worker hop: one subscriber to every session's live channel (sharded channels take
+    no patterns), timing the upstream's stamp -> the SPUBLISH reaching it (what the gateway's
+    hub sees)."""
     import redis.asyncio as aioredis
+
+    from listenerpool.keys import SessionKeys
 
     client = aioredis.Redis(host="127.0.0.1", port=opts.port)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.psubscribe(f"lp:{{{opts.prefix}*}}:live")
+    for i in range(opts.sessions):
+        await pubsub.ssubscribe(SessionKeys(f"{opts.prefix}{i}").live)
     subscribed.set_result(None)
     clock = time.time_ns
     async for message in pubsub.listen():
-        if message["type"] == "pmessage" and tally.measuring:
+        if message["type"] == "smessage" and tally.measuring:
             raw = message["data"].decode()
             at = raw.index(T_MARK) + len(T_MARK)
             stamp = int(raw[at : raw.index(",", at)])
@@ -519,7 +523,7 @@ async def _open_redis(opts: argparse.Namespace, sid: str, state: dict[str, Any])
         )
         state["client"] = aioredis.Redis(connection_pool=pool)
     pubsub = state["client"].pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(SessionKeys(sid).live)
+    await pubsub.ssubscribe(SessionKeys(sid).live)
     await pubsub.get_message(timeout=10)  # the subscribe confirmation
     return pubsub
 
@@ -528,7 +532,7 @@ async def _read_redis(i: int, pubsub: Any, tally: Tally) -> None:
     clock = time.time_ns
     try:
         async for message in pubsub.listen():
-            if message["type"] == "message":
+            if message["type"] == "smessage":
                 tally.on_message(i, message["data"].decode(), clock())
         tally.closed["pubsub ended"] += 1
     except Exception as exc:

@@ -16,6 +16,7 @@ from gateway.state import GatewayState
 from listenerpool import keys
 from listenerpool.auth import sign_subscribe_token
 from listenerpool.control import ClaimOutcome
+from listenerpool.index import list_recent
 from listenerpool.spec import MAX_HEADER_VALUE, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_URL_LENGTH
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
@@ -132,13 +133,12 @@ async def list_sessions(
 ) -> dict[str, Any]:
     """Sessions, most recently updated first, ``limit`` per page from ``offset``."""
     state = state_of(request)
-    raw = await state.redis.zrevrange(keys.SESSIONS, offset, offset + limit - 1)
+    sids, total = await list_recent(state.redis, offset, limit)
     sessions = []
-    for item in raw:
-        status = await state.control.status(_text(item))
+    for sid in sids:
+        status = await state.control.status(sid)
         if status is not None:
             sessions.append(status.as_dict())
-    total = await state.redis.zcard(keys.SESSIONS)
     following = offset + limit if offset + limit < total else None
     return {"sessions": sessions, "total": total, "next_offset": following}
 

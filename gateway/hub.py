@@ -1,20 +1,21 @@
-"""The fan-out hub: one Redis pub/sub connection per gateway process, shared by every client.
+"""The fan-out hub: one sharded pub/sub connection per Redis node per gateway process (one in
+all on a single server, one per primary on a cluster), shared by every client.
 
-A session's live channel is subscribed while at least one local client follows it and
-unsubscribed when the last one leaves. Messages are parsed once (for their seq) and the same
+A session's live channel is subscribed (SSUBSCRIBE) while at least one local client follows it
+and unsubscribed when the last one leaves. Messages are parsed once (for their seq) and the same
 preserialised envelope is queued to every client. A client's queue is bounded by count and
 bytes; a client that falls behind is marked overflowed, never silently skipped.
 
-After the pub/sub connection is lost and restored, and periodically, every client is told to
-catch up from the history stream, since messages published meanwhile never arrive live.
+After a channel's subscription is lost and restored (connection loss, failover, the channel's
+slot migrated to another node; see :mod:`listenerpool.shardsub`), and periodically, its clients
+are told to catch up from the history stream, since messages published meanwhile never arrive
+live.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -24,11 +25,17 @@ import redis.exceptions
 from listenerpool import keys
 from listenerpool.envelope import seq_of
 from listenerpool.metrics import GatewayMetrics
+from listenerpool.shardsub import ShardedSubscriber
 from listenerpool.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+REDIS_ERRORS = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,  # e.g. a slot without an owner for a moment
+    OSError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +112,8 @@ class _Channel:
 
 
 class FanoutHub:
-    """Owns the pub/sub connection and its reader task; :meth:`aclose` stops both."""
+    """Owns the subscription connections and the periodic stream check; :meth:`aclose` stops
+    both."""
 
     def __init__(
         self,
@@ -123,26 +131,36 @@ class FanoutHub:
         self._check_interval = check_interval
         self._subscribe_timeout = subscribe_timeout
         self._channels: dict[str, _Channel] = {}  # by channel name
-        self._pending: dict[str, int] = {}  # SUBSCRIBE commands sent, not yet confirmed
-        self._lock = asyncio.Lock()  # orders SUBSCRIBE/UNSUBSCRIBE on the one connection
-        self._pubsub: Any = None
+        self._lock = asyncio.Lock()  # orders joins and leaves of one channel
+        self._shards = ShardedSubscriber(
+            redis,
+            on_message=self._on_message,
+            on_active=self._on_active,
+            on_interrupted=self._on_interrupted,
+            on_error=self._on_error,
+        )
         self._task: asyncio.Task[None] | None = None
         self.resubscribes = 0
         self._metrics = metrics if metrics is not None else GatewayMetrics()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        await self._shards.start()
         self._task = asyncio.create_task(self._run(), name="fanout-hub")
 
     async def aclose(self) -> None:
         if self._task is not None:
             await cancel_until_done(self._task)
             self._task = None
-        await self._close_pubsub()
+        await self._shards.aclose()
 
     # -- clients -----------------------------------------------------------------------------
     def channels(self) -> int:
         return len(self._channels)
+
+    def nodes(self) -> dict[str, int]:
+        """Followed channels per Redis node (one subscription connection each)."""
+        return self._shards.nodes()
 
     async def join(self, sid: str) -> Subscriber:
         """Follow ``sid``. Returns once the subscription is confirmed by Redis, so anything
@@ -154,7 +172,7 @@ class FanoutHub:
             if channel is None:
                 channel = _Channel(sid, name)
                 self._channels[name] = channel
-                await self._subscribe([channel])
+                await self._shards.subscribe(name)
             channel.subscribers.add(sub)
         try:
             async with asyncio.timeout(self._subscribe_timeout):
@@ -174,104 +192,53 @@ class FanoutHub:
             if channel.subscribers:
                 return
             del self._channels[name]
-            if self._pubsub is not None:
-                try:
-                    await self._pubsub.unsubscribe(name)
-                except REDIS_ERRORS as exc:
-                    log.debug(
-                        "unsubscribe %s failed (the connection will be replaced): %s", name, exc
-                    )
+            await self._shards.unsubscribe(name)
 
-    # -- the reader --------------------------------------------------------------------------
-    async def _subscribe(self, channels: list[_Channel]) -> None:
-        """Send SUBSCRIBE (caller holds the lock). Without a connection this is left to the
-        reader, which subscribes every channel when it connects."""
-        if self._pubsub is None or not channels:
-            return
-        for ch in channels:
-            self._pending[ch.name] = self._pending.get(ch.name, 0) + 1
-        try:
-            await self._pubsub.subscribe(*(ch.name for ch in channels))
-        except REDIS_ERRORS as exc:
-            log.warning("subscribe failed: %s", exc)
-
-    async def _run(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self._connect()
-                delay = 0.2
-                await self._read()
-            except REDIS_ERRORS as exc:
-                self._metrics.redis_error["pubsub"].inc()
-                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-            await self._close_pubsub()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
-
-    async def _connect(self) -> None:
-        pubsub = self._redis.pubsub()
-        await pubsub.connect()
-        async with self._lock:
-            self._pubsub = pubsub
-            self._pending.clear()
-            channels = list(self._channels.values())
-            for ch in channels:
-                # Confirmed before: it may have missed messages while we were away.
-                if ch.confirmed.is_set():
-                    ch.confirmed.clear()
-                    for sub in ch.subscribers:
-                        sub.push(CATCH_UP)
-            await self._subscribe(channels)
-        if channels:
-            self._resubscribed()
-
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_check = loop.time() + self._check_interval
-        while True:
-            message = await self._pubsub.get_message(timeout=1.0)
-            if message is not None:
-                self._on_message(message)
-                # Buffered messages are returned without awaiting the socket: yield so the
-                # clients' senders drain their queues between messages, not after a burst.
-                await asyncio.sleep(0)
-            if loop.time() >= next_check:
-                next_check = loop.time() + self._check_interval
-                await self._check_streams()
-
-    def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        name = _text(message.get("channel"))
+    # -- subscription events -----------------------------------------------------------------
+    def _on_message(self, name: str, data: Any) -> None:
         channel = self._channels.get(name)
-        if kind == "message":
-            if channel is None:
-                return
-            raw = _text(message["data"])
-            try:
-                seq = seq_of(raw)
-            except ValueError:
-                log.warning("ignoring a malformed envelope on %s", name)
-                return
-            channel.max_seq = max(channel.max_seq, seq)
-            item = Live(seq, raw)
-            for sub in channel.subscribers:
-                sub.push(item)
-        elif kind == "subscribe":
-            pending = self._pending.get(name, 0)
-            if pending > 0:
-                self._pending[name] = pending - 1
-            elif channel is not None:
-                # Re-subscribed by the client library after a reconnect of its own.
-                self._resubscribed()
-                for sub in channel.subscribers:
-                    sub.push(CATCH_UP)
-            if channel is not None and self._pending.get(name, 0) == 0:
-                channel.confirmed.set()
+        if channel is None:
+            return
+        raw = _text(data)
+        try:
+            seq = seq_of(raw)
+        except ValueError:
+            log.warning("ignoring a malformed envelope on %s", name)
+            return
+        channel.max_seq = max(channel.max_seq, seq)
+        item = Live(seq, raw)
+        for sub in channel.subscribers:
+            sub.push(item)
 
-    def _resubscribed(self) -> None:
-        self.resubscribes += 1
-        self._metrics.pubsub_resubscribes.inc()
+    def _on_active(self, name: str, resumed: bool) -> None:
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        if resumed:
+            # Subscribed again: what was published while it was not is only in the history.
+            self.resubscribes += 1
+            self._metrics.pubsub_resubscribes.inc()
+            for sub in channel.subscribers:
+                sub.push(CATCH_UP)
+        channel.confirmed.set()
+
+    def _on_interrupted(self, name: str) -> None:
+        channel = self._channels.get(name)
+        if channel is not None:
+            # Joins wait until it is subscribed again (the join is subscribe-then-read).
+            channel.confirmed.clear()
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._metrics.redis_error["pubsub"].inc()
+
+    # -- periodic check ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_interval)
+            try:
+                await self._check_streams()
+            except REDIS_ERRORS as exc:
+                log.info("stream check skipped: %s", exc)
 
     async def _check_streams(self) -> None:
         """A lost message followed by silence shows no seq gap: compare each followed session's
@@ -287,12 +254,6 @@ class FanoutHub:
             if head and int(_text(head[0][0]).split("-", 1)[0]) > ch.max_seq:
                 for sub in ch.subscribers:
                     sub.push(CATCH_UP)
-
-    async def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(*REDIS_ERRORS):
-                await pubsub.aclose()
 
 
 def _text(value: Any) -> str:

@@ -1,5 +1,6 @@
 """listenerpool: one reader per session fleet-wide, events fanned out through Redis."""
 
+import listenerpool.rqprefix  # noqa: F401 - before anything imports rq
 from listenerpool.control import ClaimOutcome, ClaimResult, SessionControl, SessionStatus
 from listenerpool.envelope import Envelope
 from listenerpool.errors import (

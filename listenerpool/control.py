@@ -1,7 +1,8 @@
 """The control operations the gateway (and tests, and the CLI) call: claim, cancel, status.
 
 A claim takes the session's lease in one Lua script; only the winner enqueues a listen job, so
-concurrent claims on any number of replicas yield one job and one reader.
+concurrent claims on any number of replicas yield one job and one reader. The scripts touch one
+session's keys only; the session indexes are written around them (see :mod:`listenerpool.index`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 from rq import Queue
 
-from listenerpool import keys
+from listenerpool import index, keys
 from listenerpool.allowlist import check_host
-from listenerpool.scripts import Scripts
+from listenerpool.scripts import Scripts, call_many
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 
@@ -62,7 +63,7 @@ class SessionStatus:
 
 
 def control_message(op: str, sid: str) -> str:
-    """A notice on the control channel (``lp:ctl``)."""
+    """A notice on the control channel (``lp:ctl``, sharded pub/sub)."""
     return json.dumps({"op": op, "sid": sid})
 
 
@@ -102,15 +103,27 @@ class SessionControl:
         spec = UpstreamSpec(url=url, headers=dict(headers or {}))
         check_host(self._allow, spec.host)
         token = secrets.token_hex(8)
-        outcome, epoch = await self._scripts.claim(
-            keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
-            args=["put", sid, token, self._pending_ttl_ms, spec.url, spec.headers_json()],
+        # The lease index entry first: if the claim then takes a lease and this process dies
+        # before the job is enqueued, the reconciler still finds the lease when it lapses.
+        await index.track(
+            self._redis,
+            self._scripts,
+            {sid: self._pending_ttl_ms},
+            listing=index.Listing.TOUCH,
+        )
+        outcome, epoch, due_ms = await self._scripts.claim(
+            keys=[k.spec, k.lease, k.cancel, k.state],
+            args=["put", token, self._pending_ttl_ms, spec.url, spec.headers_json()],
         )
         result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
         if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
             await self.enqueue(sid, token, result.epoch)
-        elif result.outcome is ClaimOutcome.UPDATED:
-            await self._redis.publish(keys.CONTROL_CHANNEL, control_message("reconnect", sid))
+        else:
+            # A lease held by a reader: its deadline, not the pending claim's, is when the
+            # reconciler must look (the reader's renewals keep moving it).
+            await index.track(self._redis, self._scripts, {sid: int(due_ms)})
+            if result.outcome is ClaimOutcome.UPDATED:
+                await self._redis.spublish(keys.CONTROL_CHANNEL, control_message("reconnect", sid))
         return result
 
     async def reclaim(self, sid: str) -> int | None:
@@ -120,8 +133,13 @@ class SessionControl:
         """
         return (await self.reclaim_many([sid])).get(sid)
 
-    async def reclaim_many(self, sids: Sequence[str]) -> dict[str, int]:
-        """:meth:`reclaim` for many sessions: pipelined claims, then one batch of jobs.
+    async def reclaim_many(
+        self, sids: Sequence[str], seen: Mapping[str, index.DueEntry] | None = None
+    ) -> dict[str, int]:
+        """:meth:`reclaim` for many sessions: pipelined claims, then one batch of jobs, then
+        the sessions' lease index entries: the new deadline of each session still held or
+        claimed, and (for the reconciler, which passes the ``seen`` entries it read) the
+        removal of entries of sessions no longer desired.
 
         Returns the sessions this call claimed, with their new epochs.
         """
@@ -131,27 +149,34 @@ class SessionControl:
                 (keys.SessionKeys(sid), secrets.token_hex(8))
                 for sid in sids[start : start + RECLAIM_BATCH]
             ]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for k, token in batch:
-                    await self._scripts.claim(
-                        keys=[
-                            k.spec,
-                            k.lease,
-                            k.cancel,
-                            k.state,
-                            keys.LEASE_DEADLINES,
-                            keys.SESSIONS,
-                        ],
-                        args=["reconcile", k.sid, token, self._pending_ttl_ms, "", ""],
-                        client=pipe,
+            replies = await call_many(
+                self._redis,
+                self._scripts.claim,
+                [
+                    (
+                        [k.spec, k.lease, k.cancel, k.state],
+                        ["reconcile", token, self._pending_ttl_ms, "", ""],
                     )
-                replies = await pipe.execute()
+                    for k, token in batch
+                ],
+            )
             jobs = []
-            for (k, token), (outcome, epoch) in zip(batch, replies, strict=True):
-                if _text(outcome) == "claimed":
+            dues: dict[str, int | None] = {}
+            stale: list[index.DueEntry] = []
+            for (k, token), (outcome, epoch, due_ms) in zip(batch, replies, strict=True):
+                text = _text(outcome)
+                if text == "claimed":
                     claimed[k.sid] = int(epoch)
                     jobs.append((k.sid, token, int(epoch)))
+                if text == "gone":
+                    if seen is not None and k.sid in seen:
+                        stale.append(seen[k.sid])
+                else:
+                    dues[k.sid] = int(due_ms)
             await self.enqueue_many(jobs)
+            await index.track(self._redis, self._scripts, dues)
+            if stale:
+                await index.untrack(self._redis, self._scripts, stale)
         return claimed
 
     async def enqueue(self, sid: str, token: str, epoch: int) -> None:
@@ -188,13 +213,14 @@ class SessionControl:
         k = keys.SessionKeys(sid)
         tombstone_ms = int((2 * self._settings.lease_ttl + 5) * 1000)
         found = await self._scripts.cancel(
-            keys=[k.spec, k.cancel, k.lease, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
-            args=[sid, tombstone_ms],
+            keys=[k.spec, k.cancel, k.lease, k.state], args=[tombstone_ms]
         )
         if int(found) == 0:
             return False
         if int(found) == 1:
-            await self._redis.publish(keys.CONTROL_CHANNEL, control_message("cancel", sid))
+            await self._redis.spublish(keys.CONTROL_CHANNEL, control_message("cancel", sid))
+        # The listing shows the change; the lease index entry is left to the reconciler.
+        await index.track(self._redis, self._scripts, {sid: None}, listing=index.Listing.TOUCH)
         return True
 
     async def status(self, sid: str) -> SessionStatus | None:

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from listenerpool.allowlist import Allowlist
 from listenerpool.auth import split_secrets
 from listenerpool.errors import ListenerPoolError
+from listenerpool.redis_url import parse_redis_url
 
 MIN_API_TOKEN_CHARS = 16
 MIN_SIGNING_KEY_CHARS = 32
@@ -31,7 +32,11 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(
-        default=None, description="Redis URL of the pool (required by workers)."
+        default=None,
+        description="Redis of the pool (required by workers): redis://host:port[/db] for one "
+        "server; redis+cluster://h1:p1,h2:p2 for a Redis Cluster (any reachable nodes); "
+        "redis+sentinel://[:password@]h1:p1,h2:p2/<master-name>[/db] for a primary watched by "
+        "Sentinels (rediss... for TLS). Redis 7 or later: live events use sharded pub/sub.",
     )
     lease_ttl: float = Field(default=10.0, gt=0.2, description="Lease time to live (s).")
     lease_margin: float | None = Field(
@@ -145,6 +150,13 @@ class Settings(BaseSettings):
 
     # Field validators (not a model validator) so an error names the setting at fault; each
     # runs after the fields it compares with, which are declared before it.
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_redis_url(value)  # raises ValueError naming what is wrong
+        return value
+
     @field_validator("lease_margin")
     @classmethod
     def _margin_below_ttl(cls, value: float | None, info: ValidationInfo) -> float | None:

@@ -15,10 +15,12 @@ import fakeredis
 import pytest
 import redis
 
+from listenerpool import keys
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings, load_settings
 from listenerpool.testing import processes
+from listenerpool.testing.redis_cluster import RedisClusterNodes
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from workers.worker import Worker
@@ -70,10 +72,36 @@ def persistent_redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+# Run a test on one Redis server and on a Redis Cluster, switched only by its Redis URL:
+# ``@BACKENDS`` over a test that takes ``redis_url`` (or ``pool``).
+BACKENDS = pytest.mark.parametrize("backend", ["single", "cluster"])
+
+
 @pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A Redis for tests that only need one: ``LP_TEST_REDIS_URL`` (a database the tests own;
-    its ``lp:*`` and ``rq:*`` keys are deleted before and after) or a private server."""
+def backend() -> str:
+    """What ``redis_url`` names: ``single`` (default) or ``cluster`` (see ``BACKENDS``)."""
+    return "single"
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[RedisClusterNodes]:
+    """One Redis Cluster (3 primaries, 3 replicas) for the whole run; emptied between tests.
+    Tests that fail over or reshape a cluster start their own."""
+    with RedisClusterNodes() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, backend: str) -> Iterator[str]:
+    """A Redis for tests that only need one. On the ``cluster`` backend, the shared cluster.
+    Otherwise ``LP_TEST_REDIS_URL`` (a database the tests own; its ``lp:*`` and rq keys are
+    deleted before and after) or a private server."""
+    if backend == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("shared_cluster")
+        _flush(cluster)
+        yield cluster.url
+        _flush(cluster)
+        return
     given = os.environ.get("LP_TEST_REDIS_URL")
     if not given:
         server: RedisServer = request.getfixturevalue("redis_server")
@@ -84,9 +112,15 @@ def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
     _delete_pool_keys(given)
 
 
+def _flush(cluster: RedisClusterNodes) -> None:
+    for port in cluster.primary_ports():
+        with cluster.client(port) as client:
+            client.flushall()
+
+
 def _delete_pool_keys(url: str) -> None:
     client = redis.Redis.from_url(url)
-    for pattern in ("lp:*", "rq:*"):
+    for pattern in ("lp:*", "rq:*", "{rq}:*"):
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
     client.close()
@@ -153,6 +187,14 @@ class Pool:
             sid: {k.decode(): v.decode() for k, v in reply.items()}
             for sid, reply in zip(sids, replies, strict=True)
         }
+
+    async def indexed(self, which: str) -> set[str]:
+        """Session ids in every bucket of the ``"leases"`` or ``"sessions"`` index."""
+        name = keys.lease_index if which == "leases" else keys.sessions_index
+        found: set[str] = set()
+        for bucket in range(keys.INDEX_BUCKETS):
+            found |= {m.decode() for m in await self.redis.zrange(name(bucket), 0, -1)}
+        return found
 
     async def stream(self, sid: str) -> list[dict[str, str]]:
         entries = await self.redis.xrange(f"lp:{{{sid}}}:events")

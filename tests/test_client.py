@@ -61,7 +61,7 @@ def assert_numbered(items: list[Event | Reset], first: int) -> None:
 
 async def live_subscribers(pool: Pool, sid: str) -> int:
     """Subscribers of the session's live channel: 1 while the gateway has a client for it."""
-    [(_, count)] = await pool.redis.pubsub_numsub(f"lp:{{{sid}}}:live")
+    [_, count] = await pool.redis.execute_command("PUBSUB", "SHARDNUMSUB", f"lp:{{{sid}}}:live")
     return int(count)
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import redis.exceptions
 
-from listenerpool import keys
 from listenerpool.backoff import reconnect_delay
 from listenerpool.envelope import envelope_parts
 from listenerpool.errors import (
@@ -35,6 +34,7 @@ from listenerpool.metrics import ReconnectReason, WorkerMetrics
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.sse import SSEEvent, SSEParser
+from workers.renewal import release_many
 from workers.session import HeldSession
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 RETRYABLE_4XX = frozenset({408, 429})
 # A connection whose first this-many lines name no SSE field is not an event stream.
 GARBAGE_LINES = 64
-REDIS_ERRORS = (redis.exceptions.RedisError, TimeoutError, OSError)
+REDIS_ERRORS = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,  # e.g. a slot without an owner for a moment
+    TimeoutError,
+    OSError,
+)
 REPORT_RETRY_S = 1.0  # a state report Redis did not take is sent again with bytes after this
 POSITION_MOVED = -3  # publish reply: the history is past the seq the reader knows
 
@@ -311,10 +316,7 @@ class Reader:
         s = self.session
         self.state = "failed"
         log.warning("session %s: failed permanently: %s", s.sid, reason, extra={"state": "failed"})
-        await self._scripts.release(
-            keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
-            args=[s.lease_value, s.sid, "failed", reason],
-        )
+        await release_many(self._redis, self._scripts, [(s.keys, s.lease_value)], "failed", reason)
 
 
 def _text(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Batched lease renewal and release: pipelined rounds of compare-and-set scripts."""
+"""Batched lease renewal and release: pipelined rounds of compare-and-set scripts, then the
+sessions' lease index entries (see :mod:`listenerpool.index` for the order of the two)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
 
-from listenerpool import keys
-from listenerpool.scripts import Scripts
+from listenerpool import index
+from listenerpool.keys import SessionKeys
+from listenerpool.scripts import Scripts, call_many
 from workers.session import HeldSession
 
 BATCH = 1000  # scripts per pipeline flush: bounds one reply's size at 10,000 leases
@@ -20,25 +22,41 @@ class RenewVerdict(IntEnum):
     GONE = -2  # the session's spec is gone: Redis lost its data (see workers.restore)
 
 
+class ReleaseVerdict(IntEnum):
+    NOT_OURS = 0
+    DUE = 1  # released, and still desired: due for a new reader at once
+    DONE = 2  # released, and not to be restarted
+
+
 async def renew_all(
     redis: Any, scripts: Scripts, sessions: Sequence[HeldSession], ttl_ms: int
 ) -> list[RenewVerdict]:
-    """Renew every lease in ``sessions``; one verdict per session, in order.
+    """Renew every lease in ``sessions``; one verdict per session, in order. The renewed
+    sessions' lease deadlines move on afterwards (and their listing entries are put back if
+    Redis lost them).
 
     Raises the Redis client's connection/timeout errors when the round cannot complete; the
     caller then leaves its lease clocks unconfirmed, which is what drives self-fencing.
     """
     verdicts: list[RenewVerdict] = []
     for start in range(0, len(sessions), BATCH):
-        async with redis.pipeline(transaction=False) as pipe:
-            for s in sessions[start : start + BATCH]:
-                await scripts.renew(
-                    keys=[s.keys.lease, s.keys.cancel, keys.LEASE_DEADLINES, s.keys.spec],
-                    args=[s.lease_value, ttl_ms, s.sid, s.epoch],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
-        verdicts.extend(RenewVerdict(int(r)) for r in replies)
+        batch = sessions[start : start + BATCH]
+        replies = await call_many(
+            redis,
+            scripts.renew,
+            [
+                ([s.keys.lease, s.keys.cancel, s.keys.spec], [s.lease_value, ttl_ms, s.epoch])
+                for s in batch
+            ],
+        )
+        round_verdicts = [RenewVerdict(int(r)) for r in replies]
+        renewed = {
+            s.sid: ttl_ms
+            for s, v in zip(batch, round_verdicts, strict=True)
+            if v is RenewVerdict.RENEWED
+        }
+        await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
+        verdicts.extend(round_verdicts)
     return verdicts
 
 
@@ -51,13 +69,31 @@ async def release_all(
     """
     released = 0
     for start in range(0, len(sessions), BATCH):
-        async with redis.pipeline(transaction=False) as pipe:
-            for s in sessions[start : start + BATCH]:
-                await scripts.release(
-                    keys=[s.keys.lease, s.keys.spec, s.keys.state, keys.LEASE_DEADLINES],
-                    args=[s.lease_value, s.sid, final, why],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
-        released += sum(int(r) for r in replies)
+        batch = sessions[start : start + BATCH]
+        verdicts = await release_many(
+            redis, scripts, [(s.keys, s.lease_value) for s in batch], final, why
+        )
+        released += sum(v is not ReleaseVerdict.NOT_OURS for v in verdicts)
     return released
+
+
+async def release_many(
+    redis: Any, scripts: Scripts, leases: Sequence[tuple[SessionKeys, str]], final: str, why: str
+) -> list[ReleaseVerdict]:
+    """Release each ``(keys, lease_value)`` if still ours, then mark the released sessions due
+    in the lease index (after the release: a reconciler looking before it would only find the
+    lease still held): one still desired is claimed again at once, the entry of one that is
+    not is dropped at once."""
+    replies = await call_many(
+        redis,
+        scripts.release,
+        [([k.lease, k.spec, k.state], [value, final, why]) for k, value in leases],
+    )
+    verdicts = [ReleaseVerdict(int(r)) for r in replies]
+    due: dict[str, int | None] = {
+        k.sid: 0
+        for (k, _), v in zip(leases, verdicts, strict=True)
+        if v is not ReleaseVerdict.NOT_OURS
+    }
+    await index.track(redis, scripts, due)
+    return verdicts

@@ -3,8 +3,8 @@
 A Redis restarted without persistence (or a failover to an empty replica) forgets every spec,
 lease and stream. The renew and publish scripts then answer "spec gone" instead of "not owner",
 and the worker that still runs a session's reader writes it back (``reassert.lua``): spec,
-lease, state and index entries, at an epoch above the one it held, with seq continuing from the
-last publish Redis confirmed, so clients' ``after`` stays meaningful.
+lease and state (then its index entries), at an epoch above the one it held, with seq
+continuing from the last publish Redis confirmed, so clients' ``after`` stays meaningful.
 
 Only a reader whose lease clock has not run out may re-assert: by the self-fence rule at most
 one worker in the fleet is in that position for a session, so the fleet re-asserts each running
@@ -17,8 +17,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from listenerpool import keys
-from listenerpool.scripts import Scripts
+from listenerpool import index
+from listenerpool.scripts import Scripts, call_many
 from workers.session import HeldSession
 
 BATCH = 10  # scripts per pipeline: each carries up to LP_RESTORE_EVENTS events to encode
@@ -44,18 +44,29 @@ async def reassert_all(
     """
     epochs: list[int | None] = []
     for start in range(0, len(sessions), BATCH):
-        async with redis.pipeline(transaction=False) as pipe:
-            for s in sessions[start : start + BATCH]:
-                await scripts.reassert(
-                    keys=[s.keys.spec, s.keys.lease, s.keys.state, keys.LEASE_DEADLINES,
-                          keys.SESSIONS, s.keys.events],
-                    args=[s.sid, s.lease_value, s.epoch, ttl_ms, s.spec.url,
-                          s.spec.headers_json(), s.seq, s.last_id, worker_id, s.phase,
-                          maxlen, history_ttl_ms, *_recent_args(s)],
-                    client=pipe,
-                )  # fmt: skip
-            replies = await pipe.execute()
-        epochs.extend(int(r[1]) if int(r[0]) == 1 else None for r in replies)
+        batch = sessions[start : start + BATCH]
+        replies = await call_many(
+            redis,
+            scripts.reassert,
+            [
+                (
+                    [s.keys.spec, s.keys.lease, s.keys.state, s.keys.events],
+                    [s.lease_value, s.epoch, ttl_ms, s.spec.url, s.spec.headers_json(), s.seq,
+                     s.last_id, worker_id, s.phase, maxlen, history_ttl_ms, *_recent_args(s)],
+                )
+                for s in batch
+            ],
+        )  # fmt: skip
+        held = [int(r[1]) if int(r[0]) == 1 else None for r in replies]
+        # The index buckets may have lost their entries too (on a cluster they may sit on
+        # another shard that kept them): write them after the sessions are back.
+        await index.track(
+            redis,
+            scripts,
+            {s.sid: ttl_ms for s, epoch in zip(batch, held, strict=True) if epoch is not None},
+            listing=index.Listing.ENSURE,
+        )
+        epochs.extend(held)
         # Encoding thousands of events is CPU work on the worker's one loop: let the renewal
         # round and the readers in between batches, or their leases run out meanwhile.
         await asyncio.sleep(0)

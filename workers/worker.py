@@ -31,13 +31,14 @@ from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context
 from listenerpool.metrics import WorkerMetrics
 from listenerpool.settings import Settings
+from listenerpool.shardsub import ShardedSubscriber
 from listenerpool.spec import UpstreamSpec
 from listenerpool.tasks import cancel_until_done
 from workers import registry
 from workers.dispatch import JobFeed, ListenJob
 from workers.reader import REDIS_ERRORS, Reader
 from workers.reconciler import next_due_in, reconcile_once
-from workers.renewal import RenewVerdict, release_all, renew_all
+from workers.renewal import RenewVerdict, release_all, release_many, renew_all
 from workers.restore import reassert_all
 from workers.session import HeldSession
 from workers.transport import StreamTransport
@@ -220,8 +221,8 @@ class Worker:
         sent_at = self._clock()
         try:
             reply = await self._scripts.adopt(
-                keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES],
-                args=[job.sid, job.token, job.epoch, self.worker_id, self._ttl_ms],
+                keys=[k.spec, k.lease, k.cancel, k.state],
+                args=[job.token, job.epoch, self.worker_id, self._ttl_ms],
             )
         except REDIS_ERRORS as exc:
             # The lease was never ours; it lapses and the reconciler claims it again.
@@ -425,10 +426,7 @@ class Worker:
 
     async def _release(self, k: keys.SessionKeys, lease_value: str, final: str, why: str) -> None:
         try:
-            await self._scripts.release(
-                keys=[k.lease, k.spec, k.state, keys.LEASE_DEADLINES],
-                args=[lease_value, k.sid, final, why],
-            )
+            await release_many(self._redis, self._scripts, [(k, lease_value)], final, why)
         except Exception as exc:
             log.warning(
                 "session %s: release failed (lease will lapse): %s",
@@ -539,39 +537,21 @@ class Worker:
             await asyncio.sleep(max(0.01, earliest - self._clock()))
 
     async def _control_loop(self) -> None:
-        delay = 0.5
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.CONTROL_CHANNEL)
-                delay = 0.5
-                idle = 0.0
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        idle += 1.0
-                        if idle >= 15.0:  # a silent channel may be a dead connection
-                            async with asyncio.timeout(5):
-                                await pubsub.ping()
-                            idle = 0.0
-                        continue
-                    idle = 0.0
-                    if message.get("type") == "message":  # not our own ping's pong
-                        await self._on_control(message.get("data"))
-            except (*REDIS_ERRORS, TimeoutError) as exc:
-                self.metrics.redis_error["control"].inc()
-                log.warning("control channel lost (%s); resubscribing in %.1fs", exc, delay)
-            except Exception:
-                log.exception("control channel failed; resubscribing in %.1fs", delay)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except (*REDIS_ERRORS, TimeoutError):
-                    pass
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
+        """Follow the control channel (sharded pub/sub, one connection to the node serving it;
+        the subscriber moves it after failovers and slot migrations). A notice missed while
+        it was interrupted is caught by the renewal backstop (cancel) or the next PUT."""
 
-    async def _on_control(self, data: Any) -> None:
+        def lost(exc: BaseException) -> None:
+            self.metrics.redis_error["control"].inc()
+
+        subscriber = ShardedSubscriber(
+            self._redis, on_message=lambda _, data: self._on_control(data), on_error=lost
+        )
+        async with subscriber:
+            await subscriber.subscribe(keys.CONTROL_CHANNEL)
+            await asyncio.Event().wait()
+
+    def _on_control(self, data: Any) -> None:
         try:
             notice = json.loads(data)
             op, sid = notice["op"], notice["sid"]
@@ -594,7 +574,7 @@ class Worker:
             try:
                 # Wake when the next lease lapses rather than up to a period later: a dead
                 # worker's sessions then move within the TTL plus a dispatch, not TTL + period.
-                due_in = await next_due_in(self._redis)
+                due_in = await next_due_in(self._redis, self._control)
             except REDIS_ERRORS:
                 due_in = None
             if due_in is not None:

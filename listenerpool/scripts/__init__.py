@@ -1,20 +1,46 @@
 """The pool's Lua scripts, read from this package once and called by SHA.
 
-Each ``*.lua`` file documents its KEYS, ARGV and reply. redis-py's registered scripts send
-EVALSHA and fall back to loading the script on NOSCRIPT (e.g. after a Redis restart), also inside
-pipelines.
+Each ``*.lua`` file documents its KEYS, ARGV and reply. Every script's KEYS lie in one hash
+slot (one session's ``{sid}`` keys, or one index bucket's ``{ix.N}`` keys), so each runs on one
+Redis Cluster shard as on a single server. redis-py's registered scripts send EVALSHA and fall
+back to loading the script on NOSCRIPT (e.g. after a Redis restart); :func:`call_many` does the
+same for pipelined calls on any client, a cluster's included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    TimeoutError,
+    TryAgainError,
+)
 
-NAMES = ("claim", "adopt", "renew", "publish", "report", "release", "cancel", "reassert")
+NAMES = (
+    "claim",
+    "adopt",
+    "renew",
+    "publish",
+    "report",
+    "release",
+    "cancel",
+    "reassert",
+    "track",
+    "due",
+    "untrack",
+)
 
 
 @cache
@@ -35,15 +61,97 @@ class Scripts:
     release: AsyncScript
     cancel: AsyncScript
     reassert: AsyncScript
+    track: AsyncScript
+    due: AsyncScript
+    untrack: AsyncScript
 
     async def preload(self, redis: Any) -> None:
-        """SCRIPT LOAD every script now, so calls start with a hit instead of a NOSCRIPT round
-        trip (and so servers that mishandle NOSCRIPT, like fakeredis over TCP, never see one)."""
-        for script in (self.claim, self.adopt, self.renew, self.publish, self.report,
-                       self.release, self.cancel, self.reassert):  # fmt: skip
-            await redis.script_load(script.script)
+        """SCRIPT LOAD every script now (on every primary of a cluster), so calls start with a
+        hit instead of a NOSCRIPT round trip (and so servers that mishandle NOSCRIPT, like
+        fakeredis over TCP, never see one)."""
+        for field in fields(self):
+            await redis.script_load(getattr(self, field.name).script)
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Register every script on ``redis`` (an asyncio Redis client); no round trip is made."""
         return cls(**{name: redis.register_script(source(name)) for name in NAMES})
+
+
+Call = tuple[Sequence[Any], Sequence[Any]]  # (keys, args) of one script call
+
+
+async def call_many(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+    """Run ``script`` once per ``(keys, args)``, pipelined; the replies in order. Raises the
+    first error a call met.
+
+    A server that does not know the script (a replica promoted by a failover: Redis 7 does not
+    replicate its script cache) refuses those calls with NOSCRIPT and runs nothing of them; the
+    script is loaded and just those calls are sent again.
+
+    On a cluster (whose pipelines refuse EVALSHA) the calls are grouped by the node serving
+    their slot and each group is pipelined on one of that node's connections; a call the node
+    redirects (a slot in migration or just moved) or that meets a connection error is sent
+    again on its own through the cluster client, which follows redirections and failovers.
+    """
+    if not calls:
+        return []
+    run = _on_cluster if isinstance(redis, RedisCluster) else _pipelined
+    replies = await run(redis, script, calls)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        await redis.script_load(script.script)
+        again = await run(redis, script, [calls[i] for i in missing])
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+async def _pipelined(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            await script(keys=keys, args=args, client=pipe)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+async def _on_cluster(redis: RedisCluster, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+    await redis.initialize()
+    groups: dict[str, tuple[Any, list[PipelineCommand]]] = {}
+    for position, (keys, args) in enumerate(calls):
+        node = redis.get_node_from_key(keys[0])
+        assert node is not None, "initialized: every slot has a primary"
+        command = PipelineCommand(position, "EVALSHA", script.sha, len(keys), *keys, *args)
+        groups.setdefault(node.name, (node, []))[1].append(command)
+    replies: list[Any] = [None] * len(calls)
+    retry: list[int] = []
+
+    async def run(node: Any, commands: list[PipelineCommand]) -> None:
+        try:
+            await node.execute_pipeline(commands)
+        except (RedisError, OSError) as exc:
+            for command in commands:
+                command.result = exc
+        for command in commands:
+            if isinstance(command.result, _SEND_AGAIN):
+                retry.append(command.position)
+            replies[command.position] = command.result
+
+    await asyncio.gather(*(run(node, commands) for node, commands in groups.values()))
+    for position in sorted(retry):
+        keys, args = calls[position]
+        try:
+            replies[position] = await redis.evalsha(script.sha, len(keys), *keys, *args)
+        except RedisError as exc:
+            replies[position] = exc
+    return replies
+
+
+# A redirection, or a node that could not be reached: the cluster client sends it again where
+# the slot is now. (Errors raised by the script itself would only repeat.)
+_SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, ConnectionError, TimeoutError, OSError)
+
+
+__all__ = ["NAMES", "Call", "Scripts", "call_many", "source"]

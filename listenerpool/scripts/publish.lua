@@ -1,5 +1,5 @@
 -- The only write path for events: publish a batch if the caller still owns the session.
--- KEYS: lease, spec, state, events, live
+-- KEYS: lease, spec, state, events, live (one session: one hash slot; live is a sharded channel)
 -- ARGV: lease_value, epoch, maxlen, history_ttl_ms, last_id, expected_seq, then per event:
 --       event_type, data, upstream_id, envelope_head, envelope_tail
 -- The live envelope is head .. seq .. tail: seq is only known here. ``expected_seq`` is the seq
@@ -27,7 +27,7 @@ for i = 7, #ARGV, 5 do
   seq = redis.call('HINCRBY', state, 'seq', 1)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, seq .. '-0',
     'seq', seq, 'epoch', epoch, 'event', ARGV[i], 'data', ARGV[i + 1], 'uid', ARGV[i + 2])
-  redis.call('PUBLISH', live, ARGV[i + 3] .. seq .. ARGV[i + 4])
+  redis.call('SPUBLISH', live, ARGV[i + 3] .. seq .. ARGV[i + 4])
 end
 redis.call('HSET', state, 'last_id', last_id)
 redis.call('PEXPIRE', events, ttl)

@@ -1,17 +1,18 @@
 -- After Redis lost its data (restart without persistence, failover to an empty replica), the
--- worker still running a session's reader writes the session back: spec, lease, state, and the
--- index entries, at an epoch above the one it held, with seq continuing where it left off.
+-- worker still running a session's reader writes the session back: spec, lease and state, at an
+-- epoch above the one it held, with seq continuing where it left off (the caller then writes
+-- the session's index entries, which live in other hash slots).
 -- The worker's recent events go back into the history stream, so that clients a little behind
 -- at the moment of the loss still find them.
--- KEYS: spec, lease, state, lease_deadlines, sessions, events
--- ARGV: sid, lease_value, held_epoch, ttl_ms, url, headers_json, seq, last_id, worker_id, phase,
+-- KEYS: spec, lease, state, events (one session: one hash slot)
+-- ARGV: lease_value, held_epoch, ttl_ms, url, headers_json, seq, last_id, worker_id, phase,
 --       maxlen, history_ttl_ms, then per recent event (oldest first): seq, epoch, type, data, uid
 -- Returns {1, epoch} when the caller holds the session at `epoch` afterwards (re-asserted now,
 -- or earlier by the same holder, or nothing was lost), {0, reason} when it must stop.
-local spec, lease, state, deadlines, sessions, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local sid, value, held, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local url, headers, seq, last_id = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-local worker, phase, maxlen, history_ttl = ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12])
+local spec, lease, state, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local value, held, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local url, headers, seq, last_id = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local worker, phase, maxlen, history_ttl = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local holder = redis.call('GET', lease)
@@ -45,14 +46,12 @@ if known > seq then
 end
 redis.call('HSET', state, 'state', phase, 'owner', worker, 'epoch', epoch, 'seq', seq,
   'last_id', last_id, 'since', now)
-redis.call('ZADD', deadlines, now + ttl, sid)
-redis.call('ZADD', sessions, now, sid)
 local top = 0
 local last = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
 if last[1] then
   top = tonumber(string.match(last[1][1], '^(%d+)'))
 end
-for i = 13, #ARGV, 5 do
+for i = 12, #ARGV, 5 do
   local n = tonumber(ARGV[i])
   if n > top and n <= seq then
     redis.call('XADD', events, 'MAXLEN', '~', maxlen, n .. '-0', 'seq', n, 'epoch', ARGV[i + 1],

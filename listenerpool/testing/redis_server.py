@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 
 from listenerpool.testing.loopthread import Service
 
@@ -28,14 +29,22 @@ class RedisServer(Service):
     back empty. :meth:`stop` removes the directory.
     """
 
-    def __init__(self, *, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        persistent: bool = False,
+        extra_args: Sequence[str] = (),
+        directory: str | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
         self.binary = binary
         self.port = port or free_port()
         self.persistent = persistent
-        self.dir = tempfile.mkdtemp(prefix="lp-redis-")
+        self.extra_args = list(extra_args)  # e.g. cluster or replication options
+        self.dir = directory or tempfile.mkdtemp(prefix="lp-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +60,7 @@ class RedisServer(Service):
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self.ping():

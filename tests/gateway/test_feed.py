@@ -29,7 +29,7 @@ async def emit(redis: Any, sid: str, seq: int, *, publish: bool = True, store: b
             id=f"{seq}-0",
         )
     if publish:
-        await redis.publish(k.live, env.to_json())
+        await redis.spublish(k.live, env.to_json())
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ async def test_one_subscription_per_session_while_it_has_clients(
     live = SessionKeys("shared").live
 
     async def subscribers() -> int:
-        [(_, count)] = await pool.redis.pubsub_numsub(live)
+        [_, count] = await pool.redis.execute_command("PUBSUB", "SHARDNUMSUB", live)
         return int(count)
 
     async with SessionFeed(hub, pool.redis, "shared", 0), SessionFeed(hub, pool.redis, "shared", 0):

@@ -30,7 +30,7 @@ from listenerpool.connections import MAX_REDIS_CONNECTIONS
 from listenerpool.sse import SSEParser
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, _stack, eventually
+from tests.conftest import BACKENDS, GatewayProcesses, Pool, WorkerProcesses, _stack, eventually
 from tests.gateway.rawws import RawWebSocket
 
 TOO_SLOW = 1013
@@ -296,6 +296,7 @@ def burst_upstream() -> Iterator[SSEUpstream]:
 
 # -- 1. fan-out ----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
+@BACKENDS
 async def test_every_client_on_every_gateway_gets_all_10000_events_in_order(
     redis_url: str,
     burst_upstream: SSEUpstream,
@@ -328,6 +329,7 @@ async def test_every_client_on_every_gateway_gets_all_10000_events_in_order(
 # -- 2. reconnect --------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["ws", "sse"])
+@BACKENDS
 async def test_a_reconnecting_client_gets_exactly_the_missed_events_then_live(
     kind: str,
     redis_url: str,
@@ -454,7 +456,7 @@ async def test_50_clients_joining_at_random_moments_each_see_a_gap_free_sequence
 
 # -- 4. pub/sub connections killed -------------------------------------------------------------
 async def live_subscribers(pool: Pool, sid: str) -> int:
-    [(_, count)] = await pool.redis.pubsub_numsub(f"lp:{{{sid}}}:live")
+    [_, count] = await pool.redis.execute_command("PUBSUB", "SHARDNUMSUB", f"lp:{{{sid}}}:live")
     return int(count)
 
 
@@ -610,6 +612,7 @@ async def test_a_client_that_stops_reading_is_cut_off_while_others_keep_full_rat
 
 # -- 6. concurrent PUTs, DELETE elsewhere --------------------------------------------------------
 @pytest.mark.timeout(60)
+@BACKENDS
 async def test_concurrent_puts_on_two_gateways_start_one_reader_and_a_delete_anywhere_stops_it(
     redis_url: str,
     pool: Pool,
@@ -715,12 +718,12 @@ async def test_1000_sessions_with_a_client_each_share_one_pubsub_connection(
                 assert all(e.is_set() for e in got_one), [w for w in watchers if w.done()][:1]
 
                 clients = await pool.redis.client_list()
-                pubsub = [c for c in clients if int(c["sub"]) + int(c["psub"]) > 0]
-                big = [c for c in pubsub if int(c["sub"]) >= count]
-                assert len(big) == 1, [(c["addr"], c["sub"]) for c in pubsub]
-                assert int(big[0]["sub"]) == count
+                pubsub = [c for c in clients if int(c["ssub"]) + int(c["sub"]) > 0]
+                big = [c for c in pubsub if int(c["ssub"]) >= count]
+                assert len(big) == 1, [(c["addr"], c["ssub"]) for c in pubsub]
+                assert int(big[0]["ssub"]) == count
                 # Besides it, only the workers' control-channel subscriptions.
-                assert len(pubsub) == 1 + workers, [(c["addr"], c["sub"]) for c in pubsub]
+                assert len(pubsub) == 1 + workers, [(c["addr"], c["ssub"]) for c in pubsub]
                 # And the gateway holds a bounded pool of Redis connections, not one per client.
                 to_redis = [
                     c
@@ -737,7 +740,7 @@ async def test_1000_sessions_with_a_client_each_share_one_pubsub_connection(
             # The last client of each session gone: the hub unsubscribes, on the same connection.
             async def unsubscribed() -> bool:
                 hub = [c for c in await pool.redis.client_list() if c["id"] == hub_id]
-                return len(hub) == 1 and int(hub[0]["sub"]) == 0
+                return len(hub) == 1 and int(hub[0]["ssub"]) == 0
 
             await eventually(unsubscribed, 15, "channels still subscribed without clients")
     finally:
@@ -780,6 +783,7 @@ async def test_redis_down_gives_503_and_the_gateway_recovers_by_itself(
 
 # -- 9. validation and errors -------------------------------------------------------------------
 @pytest.mark.timeout(30)
+@BACKENDS
 async def test_bad_requests_get_json_errors_with_the_right_status(
     redis_url: str, gateway_processes: GatewayProcesses
 ) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 from rq import Queue
 
-from listenerpool import keys
 from listenerpool.control import SessionControl
 from tests.listenerpool.test_scripts import (  # the fixtures and helpers of the ownership tests
     SID,
@@ -67,8 +66,8 @@ async def test_reassert_writes_the_session_back_above_the_held_epoch(
     assert 0 < await fake_redis.pttl(s.keys.lease) <= ttl_ms
     st = await state(fake_redis)
     assert (st["seq"], st["last_id"], st["owner"], st["state"]) == ("2", "2", "w1", "listening")
-    assert await fake_redis.zscore(keys.SESSIONS, SID) is not None
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is not None
+    assert await fake_redis.zscore(s.keys.sessions_index, SID) is not None
+    assert await fake_redis.zscore(s.keys.lease_index, SID) is not None
 
     # The recent events are back in the history, at their seq and epoch.
     restored = await fake_redis.xrange(s.keys.events)

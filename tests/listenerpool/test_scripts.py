@@ -69,10 +69,10 @@ def job_args(queue: Queue) -> list[list[Any]]:
 
 
 async def subscribe(redis: Any, channel: str) -> Any:
-    """A pub/sub subscribed to ``channel``, its confirmation already read."""
+    """A sharded pub/sub subscribed to ``channel``, its confirmation already read."""
     ps = redis.pubsub()
-    await ps.subscribe(channel)
-    assert (await ps.get_message(timeout=1))["type"] == "subscribe"
+    await ps.ssubscribe(channel)
+    assert (await ps.get_message(timeout=1))["type"] == "ssubscribe"
     return ps
 
 
@@ -89,8 +89,8 @@ async def adopt(
 ) -> list[Any]:
     k = SessionKeys(sid)
     reply = await control.scripts.adopt(
-        keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES],
-        args=[sid, token, epoch, worker, ttl_ms],
+        keys=[k.spec, k.lease, k.cancel, k.state],
+        args=[token, epoch, worker, ttl_ms],
     )
     return [text(part) for part in reply]
 
@@ -136,21 +136,20 @@ async def publish(
 
 
 async def release(control: SessionControl, s: HeldSession, final: str, value: str = "") -> int:
-    k = s.keys
-    return int(
-        await control.scripts.release(
-            keys=[k.lease, k.spec, k.state, keys.LEASE_DEADLINES],
-            args=[value or s.lease_value, s.sid, final, f"why-{final}"],
-        )
+    """Release as a worker does: the script, then the lease index entry."""
+    lease = (s.keys, value or s.lease_value)
+    [verdict] = await renewal.release_many(
+        control.scripts.release.registered_client, control.scripts, [lease], final, f"why-{final}"
     )
+    return int(verdict)
 
 
 async def renew(control: SessionControl, s: HeldSession, ttl_ms: int, value: str = "") -> int:
     k = s.keys
     return int(
         await control.scripts.renew(
-            keys=[k.lease, k.cancel, keys.LEASE_DEADLINES, k.spec],
-            args=[value or s.lease_value, ttl_ms, s.sid, s.epoch],
+            keys=[k.lease, k.cancel, k.spec],
+            args=[value or s.lease_value, ttl_ms, s.epoch],
         )
     )
 
@@ -180,8 +179,9 @@ async def test_claim_creates_the_session_and_enqueues_one_job(
     assert spec["url"] == URL
     assert json.loads(spec["headers"]) == {"Authorization": "Bearer t"}
     assert (spec["desired"], spec["epoch"]) == ("1", "1")
-    assert await fake_redis.zscore(keys.SESSIONS, SID) is not None
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) > await now_ms(fake_redis)
+    assert await fake_redis.zscore(K.sessions_index, SID) is not None
+    # Written before the claim: due when the unadopted lease lapses.
+    assert await fake_redis.zscore(K.lease_index, SID) > await now_ms(fake_redis)
     assert (await state(fake_redis))["state"] == "pending"
 
 
@@ -273,7 +273,6 @@ async def test_adopt_after_cancel_drops_the_job_and_the_lease(
     # No reader ran yet: the cancel itself removes the unadopted lease.
     assert await fake_redis.exists(K.lease) == 0
     assert await adopt(control, sid, token, epoch, ttl_ms) == [0, "stale"]
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is None
 
 
 async def test_adopt_of_an_undesired_session_drops_the_lease(
@@ -306,9 +305,9 @@ async def test_renew_extends_only_the_owners_lease(
     s = await start(control, queue, SID, ttl_ms)
     await fake_redis.pexpire(K.lease, 50)
     before = await now_ms(fake_redis)
-    assert await renew(control, s, ttl_ms) == 1
+    assert await renew_all(fake_redis, control.scripts, [s], ttl_ms) == [RenewVerdict.RENEWED]
     assert ttl_ms - 1000 < await fake_redis.pttl(K.lease) <= ttl_ms
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) >= before + ttl_ms
+    assert await fake_redis.zscore(K.lease_index, SID) >= before + ttl_ms
 
     assert await renew(control, s, ttl_ms, value=f"w2:{s.token}") == 0
     assert await fake_redis.get(K.lease) == s.lease_value.encode()
@@ -408,30 +407,35 @@ async def test_release_only_by_the_holder_and_handoff_is_due_at_once(
 
     assert await release(control, s, "handoff") == 1
     assert await fake_redis.exists(K.lease) == 0
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) == 0
+    assert await fake_redis.zscore(K.lease_index, SID) <= await now_ms(fake_redis)
     st = await state(fake_redis)
     assert (st["state"], st["owner"], st["last_error"]) == ("handoff", "", "why-handoff")
     assert await release(control, s, "handoff") == 0  # already gone
 
 
-async def test_released_failed_session_leaves_the_deadline_set(
+async def test_a_failed_session_is_not_reclaimed_and_its_entry_goes_when_due(
     control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
 ) -> None:
     s = await start(control, queue, SID, ttl_ms)
-    assert await release(control, s, "failed") == 1
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is None
+    assert await release(control, s, "failed") == 2
     assert (await state(fake_redis))["state"] == "failed"
+    await fake_redis.zadd(K.lease_index, {SID: 0})  # its deadline comes
     assert await reconcile_once(fake_redis, control) == 0
+    assert await fake_redis.zscore(K.lease_index, SID) is None
+    assert queue.count == 0
 
 
-async def test_released_undesired_session_leaves_the_deadline_set(
+async def test_a_released_undesired_session_leaves_the_index_when_due(
     control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
 ) -> None:
     s = await start(control, queue, SID, ttl_ms)
     await control.cancel(SID)
-    assert await release(control, s, "stopped") == 1
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is None
+    assert await release(control, s, "stopped") == 2
     assert (await state(fake_redis))["state"] == "stopped"
+    assert await fake_redis.zscore(K.lease_index, SID) is not None  # stale until due
+    await fake_redis.zadd(K.lease_index, {SID: 0})
+    assert await reconcile_once(fake_redis, control) == 0
+    assert await fake_redis.zscore(K.lease_index, SID) is None
 
 
 # -- cancel ------------------------------------------------------------------------------------
@@ -456,7 +460,6 @@ async def test_cancel_of_a_running_session_tombstones_and_notifies(
     assert await fake_redis.hget(K.spec, "desired") == b"0"
     assert 0 < await fake_redis.pttl(K.cancel) <= (2 * settings.lease_ttl + 5) * 1000
     assert (await state(fake_redis))["state"] == "stopping"
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is None
     assert [json.loads(m) for m in await received(ctl_channel)] == [{"op": "cancel", "sid": SID}]
 
 
@@ -485,8 +488,8 @@ async def test_claim_after_cancel_while_the_old_lease_lives_is_pending(
     assert queue.count == 0
     assert await control.reclaim(SID) is None  # the old reader still holds the lease
 
-    assert await release(control, old, "stopped") == 1  # old reader obeys the cancel
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) == 0
+    assert await release(control, old, "stopped") == 1  # old reader obeys the cancel: due now
+    assert await fake_redis.zscore(K.lease_index, SID) <= await now_ms(fake_redis)
     assert await reconcile_once(fake_redis, control) == 1
     [[sid, _, epoch]] = job_args(queue)
     assert (sid, epoch) == (SID, 3)
@@ -520,15 +523,35 @@ async def test_reclaim_needs_a_desired_session_without_lease_or_tombstone(
     assert await fake_redis.get(K.lease) == f"-:{token}".encode()
 
 
-async def test_reclaim_of_an_undesired_session_forgets_its_deadline(
+async def test_reconcile_of_an_undesired_session_forgets_its_deadline(
     control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
 ) -> None:
     await start(control, queue, SID, ttl_ms)
     await fake_redis.hset(K.spec, "desired", "0")
     await fake_redis.delete(K.lease)
     assert await control.reclaim(SID) is None
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) is None
+    await fake_redis.zadd(K.lease_index, {SID: 0})
+    assert await reconcile_once(fake_redis, control) == 0
+    assert await fake_redis.zscore(K.lease_index, SID) is None
     assert queue.count == 0
+
+
+async def test_an_entry_rewritten_after_the_reconciler_read_it_stays(
+    control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
+) -> None:
+    """The reconciler finds a session undesired; before it drops the entry, a PUT makes the
+    session wanted again and writes a new deadline: the entry must stay."""
+    from listenerpool import index
+
+    await start(control, queue, SID, ttl_ms)
+    await control.cancel(SID)
+    await fake_redis.delete(K.lease)
+    await fake_redis.zadd(K.lease_index, {SID: 0})
+    view = await index.due(fake_redis, control.scripts, limit=10)
+    [entry] = view.entries
+    await control.claim(SID, URL)  # rewrites the deadline, then takes a lease
+    assert await index.untrack(fake_redis, control.scripts, [entry]) == 0
+    assert await fake_redis.zscore(K.lease_index, SID) > await now_ms(fake_redis)
 
 
 async def test_reconcile_once_claims_an_expired_lease_exactly_once(
@@ -538,7 +561,7 @@ async def test_reconcile_once_claims_an_expired_lease_exactly_once(
     assert await reconcile_once(fake_redis, control) == 0  # deadline in the future
 
     await fake_redis.delete(K.lease)
-    await fake_redis.zadd(keys.LEASE_DEADLINES, {SID: 0})
+    await fake_redis.zadd(K.lease_index, {SID: 0})
     other = SessionControl(fake_redis, queue, settings)  # a second worker's reconciler
     claimed = await asyncio.gather(
         reconcile_once(fake_redis, control), reconcile_once(fake_redis, other)
@@ -546,16 +569,18 @@ async def test_reconcile_once_claims_an_expired_lease_exactly_once(
     assert sorted(claimed) == [0, 1]
     [[sid, _, epoch]] = job_args(queue)
     assert (sid, epoch) == (SID, 2)
-    assert await fake_redis.zscore(keys.LEASE_DEADLINES, SID) > await now_ms(fake_redis)
+    assert await fake_redis.zscore(K.lease_index, SID) > await now_ms(fake_redis)
     assert await reconcile_once(fake_redis, control) == 0
 
 
 async def test_reconcile_once_drops_foreign_entries(
     control: SessionControl, fake_redis: Any
 ) -> None:
-    await fake_redis.zadd(keys.LEASE_DEADLINES, {"not:a/sid": 0, "no-spec": 0})
+    for sid in ("not:a/sid", "no-spec"):
+        await fake_redis.zadd(keys.lease_index(keys.index_bucket(sid)), {sid: 0})
     assert await reconcile_once(fake_redis, control) == 0
-    assert await fake_redis.zcard(keys.LEASE_DEADLINES) == 0
+    for bucket in range(keys.INDEX_BUCKETS):
+        assert await fake_redis.zcard(keys.lease_index(bucket)) == 0
 
 
 async def test_claim_of_a_session_id_with_a_dot_enqueues_its_job(
@@ -571,11 +596,10 @@ async def test_reconcile_once_claims_lapsed_sessions_whatever_their_valid_id(
     for sid in ("run.1", "run-2"):
         k = SessionKeys(sid)
         await control.scripts.claim(
-            keys=[k.spec, k.lease, k.cancel, k.state, keys.LEASE_DEADLINES, keys.SESSIONS],
-            args=["put", sid, "tok", ttl_ms, URL, "{}"],
+            keys=[k.spec, k.lease, k.cancel, k.state], args=["put", "tok", ttl_ms, URL, "{}"]
         )
         await fake_redis.delete(k.lease)
-    await fake_redis.zadd(keys.LEASE_DEADLINES, {"run.1": 0, "run-2": 1})
+        await fake_redis.zadd(k.lease_index, {sid: 1})
     assert await reconcile_once(fake_redis, control) == 2
     assert sorted(args[0] for args in job_args(queue)) == ["run-2", "run.1"]
 

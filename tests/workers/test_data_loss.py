@@ -58,8 +58,8 @@ async def test_sessions_survive_redis_losing_all_data(
             assert int(after[sid]["epoch"]) > int(before[sid]["epoch"]), sid
             assert after[sid]["owner"] == before[sid]["owner"], "re-asserted by its runner"
         # The indexes are rebuilt: listing and the reconciler see every session again.
-        assert set(await pool.redis.zrange(keys.SESSIONS, 0, -1)) == {s.encode() for s in sids}
-        assert len(await pool.redis.zrange(keys.LEASE_DEADLINES, 0, -1)) == len(sids)
+        assert await pool.indexed("sessions") == set(sids)
+        assert await pool.indexed("leases") == set(sids)
 
         # Seq continues where it was, and the recent history (LP_RESTORE_EVENTS, 64 here
         # more than the whole history) was written back by the worker.

@@ -20,7 +20,7 @@ from listenerpool.settings import Settings
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.tcpproxy import TCPProxy
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import FAST, Pool, WorkerProcesses, eventually, fast_settings
+from tests.conftest import BACKENDS, FAST, Pool, WorkerProcesses, eventually, fast_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,6 +95,7 @@ async def sessions_on_first_of_two_workers(
     return first, states
 
 
+@BACKENDS
 async def test_racing_claimers_get_exactly_one_reader_per_session(
     redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
 ) -> None:
@@ -131,6 +132,7 @@ async def test_racing_claimers_get_exactly_one_reader_per_session(
             await c.aclose()
 
 
+@BACKENDS
 async def test_sigkill_of_a_worker_moves_its_100_sessions_within_ttl_plus_reconcile(
     redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
 ) -> None:
@@ -213,6 +215,7 @@ async def test_a_partitioned_worker_fences_itself_before_its_leases_expire(
             await pool.aclose()
 
 
+@BACKENDS
 async def test_sigterm_hands_every_session_to_another_worker_without_loss(
     redis_url: str, slow_upstream: SSEUpstream, worker_processes: WorkerProcesses
 ) -> None:

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import Pool, eventually, running_worker
+from tests.conftest import BACKENDS, Pool, eventually, running_worker
 
 
 @pytest.mark.timeout(30)
+@BACKENDS
 async def test_one_session_publishes_numbered_events(pool: Pool, upstream: SSEUpstream) -> None:
     async with running_worker(pool):
         result = await pool.control.claim("s1", upstream.url("s1"))

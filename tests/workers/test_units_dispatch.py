@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
 from listenerpool.connections import listen_queue
 from listenerpool.control import LISTEN_JOB, SessionControl
@@ -79,7 +80,7 @@ def test_malformed_job_is_dropped(queue: Queue, args: tuple[Any, ...]) -> None:
 async def test_expired_job_leaves_nothing_behind(control: SessionControl, queue: Queue) -> None:
     await control.enqueue("s1", "tok1", 1)
     [job_id] = queue.job_ids
-    queue.connection.delete(f"rq:job:{job_id}")  # what the job's ttl does when no worker is free
+    queue.connection.delete(Job.key_for(job_id))  # what the job's ttl does when no worker is free
 
     assert take_job(queue) is None
     assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 1, "job hash": 0}

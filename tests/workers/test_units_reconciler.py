@@ -1,4 +1,5 @@
-"""workers.reconciler.next_due_in on fakeredis, and the worker's collector settings."""
+"""workers.reconciler.next_due_in on fakeredis (over every index bucket), and the worker's
+collector settings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import pytest
 
 from listenerpool import keys
+from listenerpool.connections import listen_queue
+from listenerpool.control import SessionControl
+from tests.conftest import fast_settings
 from workers.collector import THRESHOLDS, tune_collector
 from workers.reconciler import next_due_in
 
@@ -18,22 +22,40 @@ async def redis_now_ms(redis: Any) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def test_next_due_in_is_none_without_leases(fake_redis: Any) -> None:
-    assert await next_due_in(fake_redis) is None
+@pytest.fixture
+def control(fake_redis: Any, fake_sync_redis: Any) -> SessionControl:
+    settings = fast_settings()
+    return SessionControl(fake_redis, listen_queue(fake_sync_redis, settings), settings)
 
 
-async def test_next_due_in_is_the_earliest_deadline(fake_redis: Any) -> None:
+async def deadlines(redis: Any, entries: dict[str, int]) -> None:
+    """Lease deadlines, each in its session's index bucket."""
+    for sid, score in entries.items():
+        await redis.zadd(keys.lease_index(keys.index_bucket(sid)), {sid: score})
+
+
+async def test_next_due_in_is_none_without_leases(fake_redis: Any, control: SessionControl) -> None:
+    assert await next_due_in(fake_redis, control) is None
+
+
+async def test_next_due_in_is_the_earliest_deadline_of_all_buckets(
+    fake_redis: Any, control: SessionControl
+) -> None:
     now = await redis_now_ms(fake_redis)
-    await fake_redis.zadd(keys.LEASE_DEADLINES, {"late": now + 9000, "early": now + 3000})
-    due = await next_due_in(fake_redis)
+    sids = [f"s{i}" for i in range(40)]
+    assert len({keys.index_bucket(sid) for sid in sids}) > 4
+    await deadlines(fake_redis, {sid: now + 9000 for sid in sids} | {"early": now + 3000})
+    due = await next_due_in(fake_redis, control)
     assert due is not None
     assert 2.5 < due <= 3.0
 
 
-async def test_next_due_in_is_zero_once_a_lease_lapsed(fake_redis: Any) -> None:
+async def test_next_due_in_is_zero_once_a_lease_lapsed(
+    fake_redis: Any, control: SessionControl
+) -> None:
     now = await redis_now_ms(fake_redis)
-    await fake_redis.zadd(keys.LEASE_DEADLINES, {"gone": now - 5000, "held": now + 9000})
-    assert await next_due_in(fake_redis) == 0.0
+    await deadlines(fake_redis, {"gone": now - 5000, "held": now + 9000})
+    assert await next_due_in(fake_redis, control) == 0.0
 
 
 @pytest.fixture

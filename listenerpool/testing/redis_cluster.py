@@ -1,0 +1,259 @@
+"""A throw-away local Redis Cluster (``redis-server --cluster-enabled yes`` processes on free
+loopback ports, joined with ``redis-cli --cluster create``), for tests that fail over primaries
+and move hash slots under a running pool.
+
+Every wait is a condition polled against a deadline; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from listenerpool.testing.loopthread import Service
+from listenerpool.testing.redis_server import RedisServer
+
+HOST = "127.0.0.1"
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(1000):
+        port = random.randint(20000, 30000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind((HOST, candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One line of ``CLUSTER NODES``."""
+
+    id: str
+    port: int
+    role: str  # "primary" or "replica"
+    failed: bool
+    primary: str  # the primary's id for a replica, "-" for a primary
+    slots: tuple[str, ...]  # ranges like "0-5460"
+
+    def serves(self, slot: int) -> bool:
+        for item in self.slots:
+            first, _, last = item.partition("-")
+            if int(first) <= slot <= int(last or first):
+                return True
+        return False
+
+
+class ClusterNotReady(RuntimeError):
+    """The cluster did not reach the state waited for in time."""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 20 ms until true; raise :class:`ClusterNotReady` at the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (redis.exceptions.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterNotReady(f"{what}: not within {timeout}s")
+        time.sleep(0.02)
+
+
+class RedisClusterNodes(Service):
+    """``primaries`` primaries with ``replicas`` replicas each. ``node_timeout_ms`` is
+    ``cluster-node-timeout``: how long a primary may be unreachable before its replica is
+    promoted. :meth:`stop` kills every node and removes their directories."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not on PATH")
+        self.root = tempfile.mkdtemp(prefix="lp-cluster-")
+        self.primaries = primaries
+        self.replicas = replicas
+        self.servers: dict[int, RedisServer] = {}
+        for i in range(primaries * (1 + replicas)):
+            port = cluster_port()
+            directory = Path(self.root) / f"node-{i}"
+            directory.mkdir()
+            self.servers[port] = RedisServer(
+                port=port,
+                directory=str(directory),
+                extra_args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    # A replica may be promoted however long it was cut off from its primary.
+                    "--cluster-replica-validity-factor", "0",
+                    "--cluster-require-full-coverage", "no",
+                    "--cluster-allow-reads-when-down", "no",
+                ],
+            )  # fmt: skip
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The pool's ``LP_REDIS_URL`` for this cluster."""
+        return "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in self.servers)
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            for server in self.servers.values():
+                server.start()
+            subprocess.run(
+                ["redis-cli", "--cluster", "create",
+                 *(f"{HOST}:{port}" for port in self.servers),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout,
+            )  # fmt: skip
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- what the nodes say ------------------------------------------------------------------
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(HOST, port, socket_timeout=2.0, socket_connect_timeout=1.0)
+
+    def alive(self) -> list[int]:
+        return [port for port, s in self.servers.items() if s.process and s.process.poll() is None]
+
+    def nodes(self, port: int | None = None) -> list[NodeInfo]:
+        """``CLUSTER NODES`` as seen by ``port`` (default: any live node)."""
+        asked = port if port is not None else self.alive()[0]
+        with self.client(asked) as c:
+            text = c.execute_command("CLUSTER", "NODES").decode()
+        out = []
+        for line in text.strip().splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            out.append(
+                NodeInfo(
+                    id=fields[0],
+                    port=int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                    role="primary" if "master" in flags else "replica",
+                    failed="fail" in flags or "fail?" in flags,
+                    primary=fields[3],
+                    slots=tuple(s for s in fields[8:] if not s.startswith("[")),
+                )
+            )
+        return out
+
+    def primary_ports(self) -> list[int]:
+        return sorted(
+            n.port for n in self.nodes() if n.role == "primary" and n.slots and not n.failed
+        )
+
+    def owner(self, slot: int) -> int:
+        """The port of the primary serving ``slot``."""
+        for node in self.nodes():
+            if node.role == "primary" and not node.failed and node.serves(slot):
+                return node.port
+        raise ClusterNotReady(f"no primary serves slot {slot}")
+
+    def replica_of(self, primary_port: int) -> int:
+        nodes = self.nodes()
+        primary_id = next(n.id for n in nodes if n.port == primary_port)
+        return next(n.port for n in nodes if n.primary == primary_id and not n.failed)
+
+    def healthy(self) -> bool:
+        """Every live node says ``cluster_state:ok``, all 16384 slots are served, the live
+        nodes agree on who serves what, and every live replica is in sync with its primary."""
+        views = set()
+        for port in self.alive():
+            with self.client(port) as c:
+                info = c.execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+                    return False
+                replication = c.info("replication")
+                if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                    return False
+            view = tuple(
+                sorted(
+                    (n.port, n.slots)
+                    for n in self.nodes(port)
+                    if n.role == "primary" and n.slots and not n.failed
+                )
+            )
+            views.add(view)
+        return len(views) == 1
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        wait_for(self.healthy, timeout, "cluster_state:ok on every node with one slot map")
+
+    # -- faults ------------------------------------------------------------------------------
+    def failover(self, primary_port: int, timeout: float = 20.0) -> int:
+        """``CLUSTER FAILOVER`` on a replica of ``primary_port``; returns the new primary's port
+        once every node agrees."""
+        replica = self.replica_of(primary_port)
+        with self.client(replica) as c:
+            c.execute_command("CLUSTER", "FAILOVER")
+        wait_for(
+            lambda: replica in self.primary_ports() and primary_port not in self.primary_ports(),
+            timeout,
+            f"replica {replica} promoted",
+        )
+        self.wait_healthy(timeout)
+        return replica
+
+    def kill(self, port: int, timeout: float = 20.0) -> int:
+        """SIGKILL the primary on ``port``; returns its replica's port once it is promoted and
+        the cluster is healthy again (without the killed node)."""
+        replica = self.replica_of(port)
+        self.servers[port].kill()
+        wait_for(lambda: replica in self.primary_ports(), timeout, f"replica {replica} promoted")
+        self.wait_healthy(timeout)
+        return replica
+
+    def move_slot(self, slot: int, to_port: int, *, batch: int = 100) -> int:
+        """Migrate ``slot`` and its keys to the primary on ``to_port`` as ``redis-cli --cluster
+        reshard`` does (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE on every
+        primary). Returns how many keys moved."""
+        source = self.owner(slot)
+        if source == to_port:
+            return 0
+        nodes = self.nodes()
+        source_id = next(n.id for n in nodes if n.port == source)
+        target_id = next(n.id for n in nodes if n.port == to_port)
+        moved = 0
+        with self.client(to_port) as target, self.client(source) as src:
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                found = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not found:
+                    break
+                src.execute_command(
+                    "MIGRATE", HOST, to_port, "", 0, 5000, "REPLACE", "KEYS", *found
+                )
+                moved += len(found)
+            target.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for port in self.primary_ports():
+            if port not in (source, to_port):
+                with self.client(port) as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_healthy()
+        return moved

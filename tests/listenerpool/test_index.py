@@ -1,0 +1,136 @@
+"""The bucketed session indexes, and the rule that makes the pool run on Redis Cluster: every
+script call touches keys of one hash slot only (one session, or one index bucket)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from rq import Queue
+
+from listenerpool import index, keys
+from listenerpool.connections import listen_queue
+from listenerpool.control import SessionControl
+from listenerpool.keys import SessionKeys
+from listenerpool.settings import Settings
+from tests.conftest import fast_settings
+from tests.listenerpool.test_scripts import adopt, job_args, publish, start
+from workers.reconciler import reconcile_once
+from workers.renewal import release_all, renew_all
+from workers.restore import reassert_all
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return fast_settings()
+
+
+@pytest.fixture
+def queue(fake_sync_redis: Any, settings: Settings) -> Queue:
+    return listen_queue(fake_sync_redis, settings)
+
+
+@pytest.fixture
+def control(fake_redis: Any, queue: Queue, settings: Settings) -> SessionControl:
+    return SessionControl(fake_redis, queue, settings)
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def test_buckets_are_stable_and_spread_sessions_evenly() -> None:
+    assert keys.index_bucket("session-1") == keys.index_bucket("session-1")
+    counts = Counter(keys.index_bucket(f"run-{i}") for i in range(16_000))
+    assert set(counts) == set(range(keys.INDEX_BUCKETS))
+    assert min(counts.values()) > 800 and max(counts.values()) < 1200, counts
+
+
+def test_each_bucket_is_one_slot_and_the_buckets_spread_over_slots() -> None:
+    for bucket in range(keys.INDEX_BUCKETS):
+        assert slot(keys.lease_index(bucket)) == slot(keys.sessions_index(bucket))
+    slots = {slot(keys.lease_index(b)) for b in range(keys.INDEX_BUCKETS)}
+    assert len(slots) == keys.INDEX_BUCKETS
+    # On a 3-primary cluster's even split, the buckets land on every primary.
+    assert {s * 3 // 16384 for s in slots} == {0, 1, 2}
+
+
+def test_a_sessions_keys_and_channel_share_its_slot() -> None:
+    k = SessionKeys("run.7")
+    assert {slot(name) for name in (k.spec, k.lease, k.cancel, k.state, k.events, k.live)} == {
+        slot("{run.7}")
+    }
+    assert slot(keys.RQ_KEY_PREFIX + ":queue:lp-listen") == slot("{rq}")
+
+
+async def test_listing_merges_every_bucket_most_recent_first(
+    control: SessionControl, fake_redis: Any
+) -> None:
+    sids = [f"list-{i}" for i in range(40)]
+    assert len({keys.index_bucket(s) for s in sids}) > 8
+    for i, sid in enumerate(sids):
+        await fake_redis.zadd(SessionKeys(sid).sessions_index, {sid: 1000 + i})
+    page, total = await index.list_recent(fake_redis, 0, 10)
+    assert (page, total) == (sids[::-1][:10], 40)
+    page, _ = await index.list_recent(fake_redis, 35, 10)
+    assert page == sids[::-1][35:]
+
+
+async def test_due_reads_every_bucket_and_reports_more(
+    control: SessionControl, fake_redis: Any
+) -> None:
+    sids = [f"due-{i}" for i in range(50)]
+    for sid in sids:
+        await fake_redis.zadd(SessionKeys(sid).lease_index, {sid: 1})
+    view = await index.due(fake_redis, control.scripts, limit=2)
+    assert view.more and view.next_due_in == 0.0
+    everything = await index.due(fake_redis, control.scripts, limit=100)
+    assert sorted(e.sid for e in everything.entries) == sorted(sids)
+    assert not everything.more
+
+
+async def test_every_script_call_touches_one_hash_slot(
+    control: SessionControl,
+    queue: Queue,
+    fake_redis: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Drive every operation of the pool on fakeredis and check the KEYS of each script call."""
+    calls: list[tuple[str, list[str]]] = []
+    original = AsyncScript.__call__
+
+    async def recording(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None):  # type: ignore[no-untyped-def]
+        name = next(
+            n for n in type(control.scripts).__slots__ if getattr(control.scripts, n) is self
+        )
+        calls.append((name, [k if isinstance(k, str) else k.decode() for k in keys or []]))
+        return await original(self, keys=keys, args=args, client=client)
+
+    monkeypatch.setattr(AsyncScript, "__call__", recording)
+    ttl_ms = int(settings.lease_ttl * 1000)
+    held = [await start(control, queue, f"slot-{i}", ttl_ms) for i in range(6)]
+    await publish(control, held[0], [("m", "a", "1")])
+    await control.scripts.report(
+        keys=[held[0].keys.lease, held[0].keys.state], args=[held[0].lease_value, "state", "x"]
+    )
+    await renew_all(fake_redis, control.scripts, held, ttl_ms)
+    await control.claim("slot-0", "http://runner/other")  # updated: reconnect notice
+    await control.cancel("slot-1")
+    await release_all(fake_redis, control.scripts, held[1:3], "handoff", "test")
+    for s in held[1:3]:
+        await fake_redis.zadd(s.keys.lease_index, {s.sid: 0})
+    await reconcile_once(fake_redis, control)
+    [[sid, token, epoch]] = [a for a in job_args(queue) if a[0] == "slot-2"]
+    await adopt(control, sid, token, epoch, ttl_ms)
+    await fake_redis.flushall()
+    await reassert_all(fake_redis, control.scripts, held[3:], "w1", ttl_ms)
+
+    used = {name for name, _ in calls}
+    assert used == set(type(control.scripts).__slots__), f"not exercised: {used}"
+    for name, called_keys in calls:
+        assert called_keys, name
+        assert len({slot(k) for k in called_keys}) == 1, (name, called_keys)
