@@ -440,7 +440,10 @@ class Worker:
         interval = self.settings.renew_interval
         while True:
             sent_at = self._clock()
-            renewed = await self._renew_round(sent_at, deadline=interval)
+            # A reply is worth waiting for until the clocks it would confirm run out anyway:
+            # cut off sooner (a loaded machine, a busy Redis), a round Redis may well apply
+            # confirms nothing, and readers fence on leases that were in fact renewed.
+            renewed = await self._renew_round(sent_at, deadline=self.settings.fence_after)
             # A failed round is retried soon rather than a whole interval later: after a Redis
             # restart the next round is what keeps the lease clocks (and, after a data loss,
             # the right to re-assert) from running out.

@@ -9,15 +9,17 @@ import asyncio
 import dataclasses
 import os
 import time
+from typing import Any
 
 import psutil
 import pytest
 import redis.exceptions
 
+import workers.worker as worker_module
 from listenerpool.keys import SessionKeys
 from listenerpool.testing.redis_server import free_port
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import Pool, eventually, running_worker
+from tests.conftest import Pool, eventually, fast_settings, running_worker
 from workers.worker import StopReason
 
 pytestmark = pytest.mark.timeout(60)
@@ -347,3 +349,32 @@ async def test_a_state_report_redis_did_not_take_is_sent_again(
         await eventually(lambda: failures == 1, 5, "the listening report was never made")
         await wait_state(pool, "unreported", "listening", timeout=5)
         assert upstream.stats("unreported").connections_total == 1
+
+
+async def test_a_slow_renewal_round_still_confirms_the_leases_it_renewed(
+    pool: Pool, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds whose replies come later than a renewal interval but before the fencing point
+    (a loaded machine, a busy Redis) keep their readers: cut off at the interval, they would
+    confirm nothing and every reader would fence on a lease Redis had in fact renewed."""
+    # Rounds go one after the other, so a reply may take up to half the fencing time.
+    settings = fast_settings(redis_url=pool.url, lease_ttl=5.0, lease_margin=0.5)
+    lag = (settings.renew_interval + settings.fence_after / 2) / 2  # above the interval
+    real = worker_module.renew_all
+    rounds = 0
+
+    async def slow_renew_all(*args: Any, **kwargs: Any) -> Any:
+        nonlocal rounds
+        verdicts = await real(*args, **kwargs)
+        await asyncio.sleep(lag)  # the reply's delay: Redis has applied the round already
+        rounds += 1
+        return verdicts
+
+    monkeypatch.setattr(worker_module, "renew_all", slow_renew_all)
+    async with running_worker(pool, lease_ttl=5.0, lease_margin=0.5) as worker:
+        await pool.control.claim("slow-renew", upstream.url("slow-renew"))
+        await wait_state(pool, "slow-renew", "listening")
+        await eventually(lambda: rounds >= 5, 20, "fewer than 5 renewal rounds")
+        assert worker.metrics.self_fences._value.get() == 0
+        assert worker.held_sessions() == ["slow-renew"]
+        assert upstream.stats("slow-renew").connections_total == 1
