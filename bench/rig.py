@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from density import BenchError, Children, count_states, read_line, send_line, worker_env
 
@@ -147,8 +148,6 @@ def start_worker(
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """``python -m workers``, returned once it registered in ``lp:workers``."""
-    import redis
-
     from listenerpool import keys
 
     env = worker_env(redis_url, capacity, lease_ttl)
@@ -156,7 +155,7 @@ def start_worker(
     env.update(extra_env or {})
     with open(log_path, "wb") as log:
         proc = children.spawn([sys.executable, "-m", "workers"], env=env, log=log)
-    sync = redis.Redis.from_url(redis_url)
+    sync = plain_client(redis_url)
     try:
         deadline = time.monotonic() + 30
         while not sync.exists(keys.worker_key(worker_id)):
@@ -168,6 +167,24 @@ def start_worker(
     finally:
         sync.close()
     return proc
+
+
+def plain_client(redis_url: str) -> Any:
+    """A blocking redis-py client for a pool URL: ``redis.Redis`` for ``redis://``, a
+    ``redis.RedisCluster`` for ``redis+cluster://`` (any key, any slot)."""
+    import redis
+    from redis.cluster import ClusterNode
+
+    from listenerpool.redis_url import RedisKind, parse_redis_url
+
+    target = parse_redis_url(redis_url)
+    if target.kind is RedisKind.CLUSTER:
+        return redis.RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+            username=target.username,
+            password=target.password,
+        )
+    return redis.Redis.from_url(redis_url)
 
 
 async def claim_and_wait(
