@@ -177,7 +177,14 @@ class Worker:
                 log.info("worker %s draining %d sessions", self.worker_id, self.load)
                 self._draining = True
                 self._feed.stop()
-                await feed
+                # The feed finishes its job read first (a job taken is handled), unless Redis
+                # cannot be reached: then the jobs stay in rq's intermediate list, whose sweep
+                # puts them back, and the drain goes on.
+                if not (await asyncio.wait([feed], timeout=self.settings.lease_ttl))[0]:
+                    log.warning(
+                        "job feed did not stop within %gs; draining", self.settings.lease_ttl
+                    )
+                    await cancel_until_done(feed)
                 await self._drain()
                 await asyncio.gather(*(cancel_until_done(task) for task in duties))
         finally:
@@ -198,8 +205,13 @@ class Worker:
         await asyncio.gather(*(cancel_until_done(r.task) for r in running))
         sessions = [r.session for r in running]
         try:
-            await release_all(self._redis, self._scripts, sessions, "handoff", "worker draining")
-            await self._control.reclaim_many([s.sid for s in sessions])
+            # Bounded: cut off from Redis, a draining worker must still exit; its leases lapse
+            # within a ttl and the reconcilers move the sessions then.
+            async with asyncio.timeout(self.settings.lease_ttl):
+                await release_all(
+                    self._redis, self._scripts, sessions, "handoff", "worker draining"
+                )
+                await self._control.reclaim_many([s.sid for s in sessions])
         except Exception as exc:
             # Released leases are due at once and others' reconcilers take them; unreleased
             # ones lapse within a TTL. Either way no session is lost.

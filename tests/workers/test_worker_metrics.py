@@ -3,6 +3,9 @@ listener states, renewal failures and self-fences, /readyz."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import pytest
 
@@ -116,7 +119,13 @@ async def test_a_cut_off_worker_counts_failed_renewals_and_self_fences_and_turns
                             pool.settings.lease_ttl + 2,
                             "no self-fence counted",
                         )
-                        assert sample(worker, "listenerpool_lease_renew_failures_total") >= 1
+                        # The stalled round fails when the clocks it would confirm run out,
+                        # about when the reader fences.
+                        await eventually(
+                            lambda: sample(worker, "listenerpool_lease_renew_failures_total") >= 1,
+                            pool.settings.lease_ttl,
+                            "no failed renewal counted",
+                        )
                         assert sample(worker, "listenerpool_redis_errors_total", operation="renew")
                         await eventually(lambda: ready(503), pool.settings.lease_ttl + 2)
                         body = (await http.get("/readyz")).json()
@@ -124,5 +133,35 @@ async def test_a_cut_off_worker_counts_failed_renewals_and_self_fences_and_turns
                         proxy.set_mode("pass")
                         await eventually(lambda: ready(200), 10, "not ready after Redis is back")
         finally:
+            await pool.aclose()
+            await direct.aclose()
+
+
+async def test_a_worker_cut_off_from_redis_still_drains_within_a_ttl(
+    redis_server: RedisServer, upstream: SSEUpstream
+) -> None:
+    """Asked to stop while Redis cannot be reached, the worker cannot hand its leases back;
+    it must still stop its readers and exit (the leases lapse on their own)."""
+    with TCPProxy(redis_server.port) as proxy:
+        pool = Pool(f"redis://127.0.0.1:{proxy.port}/0")
+        direct = Pool(redis_server.url)
+        try:
+            worker = Worker(pool.settings, redis=pool.redis, queue=pool.queue, worker_id="w-cut")
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop))
+            await eventually(worker.ready.is_set, 5, "worker did not start")
+            await direct.control.claim("cutdrain", upstream.url("cutdrain"))
+            await eventually(lambda: worker.load == 1, 10, "not adopted")
+            proxy.set_mode("stall")
+            started = time.monotonic()
+            stop.set()
+            # The job feed and the hand-over each give up after a ttl.
+            done, _ = await asyncio.wait([task], timeout=3 * pool.settings.lease_ttl + 2)
+            assert done, "the worker did not exit while cut off from Redis"
+            assert time.monotonic() - started < 3 * pool.settings.lease_ttl + 2
+            await eventually(lambda: upstream.stats("cutdrain").concurrent == 0, 2,
+                             "the reader's upstream connection is still open")  # fmt: skip
+        finally:
+            proxy.set_mode("pass")
             await pool.aclose()
             await direct.aclose()
