@@ -25,7 +25,7 @@ from gateway.limits import ClientLimits
 from gateway.openapi import install_openapi
 from gateway.ratelimit import RateLimit, RateLimiter
 from gateway.state import GatewayState
-from listenerpool.connections import async_redis, listen_queue, sync_redis
+from listenerpool.connections import async_redis, check_server, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.metrics import CONTENT_TYPE, GatewayMetrics, exposition
 from listenerpool.settings import Settings
@@ -53,6 +53,7 @@ async def gateway_lifespan(
     clients = ClientLimits(per_session=settings.max_clients_per_session, total=settings.max_clients)
     app.state.gateway = GatewayState(settings, redis, control, hub, clients, metrics)
     with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
+        await check_server(redis)
         await control.scripts.preload(redis)
     await hub.start()
     try:

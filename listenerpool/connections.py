@@ -28,9 +28,29 @@ from redis.sentinel import Sentinel
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from listenerpool import keys
 from listenerpool.errors import ListenerPoolError
 from listenerpool.redis_url import RedisKind, RedisTarget, parse_redis_url
 from listenerpool.settings import Settings
+
+
+class RedisTooOld(ListenerPoolError):
+    """The Redis server lacks what the pool needs (sharded pub/sub: Redis 7 or later)."""
+
+
+async def check_server(client: Any) -> None:
+    """Refuse a server without sharded pub/sub at start, with a message that says so, instead
+    of failing every publish later. Connection errors propagate (the caller may wait for Redis).
+    A probe, not a version number: fakeredis has no INFO, and what matters is the command."""
+    try:
+        await client.spublish(keys.PROBE_CHANNEL, "")
+    except redis.exceptions.ResponseError as exc:
+        if "unknown command" not in str(exc).lower():
+            raise
+        raise RedisTooOld(
+            "the Redis server at LP_REDIS_URL does not know SPUBLISH: the pool needs Redis 7 "
+            "or later (live events use sharded pub/sub)"
+        ) from None
 
 
 class RedisNotConfigured(ListenerPoolError):

@@ -20,6 +20,7 @@ SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 INDEX_BUCKETS = 16
 WORKERS = "lp:workers"  # sorted set: worker id -> heartbeat deadline (ms)
 CONTROL_CHANNEL = "lp:ctl"  # sharded pub/sub: cancel and reconnect notices to workers
+PROBE_CHANNEL = "lp:probe"  # sharded pub/sub, never followed: a start-up check of the server
 RQ_KEY_PREFIX = "{rq}"  # rq's keys, all in one hash slot (see listenerpool.rqprefix)
 
 

@@ -25,6 +25,7 @@ import redis.exceptions
 from rq import Queue
 
 from listenerpool import keys
+from listenerpool.connections import check_server
 from listenerpool.control import SessionControl
 from listenerpool.errors import InvalidInput, NotOwner
 from listenerpool.lease import LeaseClock
@@ -155,6 +156,7 @@ class Worker:
 
     async def _run(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(*REDIS_ERRORS):  # Redis may come later; calls load on demand
+            await check_server(self._redis)
             await self._scripts.preload(self._redis)
         try:
             async with asyncio.TaskGroup() as tg:
