@@ -497,6 +497,11 @@ class Worker:
             for s, epoch, verdict in zip(sessions, epochs, verdicts, strict=True)
             if verdict is RenewVerdict.GONE
         ]
+        # "Spec gone" proves that, when the round was sent, nobody held these leases and no
+        # reconciler could claim them (nothing left to claim): the clocks run on from then,
+        # so a re-assertion slower than what was left of them does not fence its readers.
+        for session, _ in gone:
+            session.clock.confirm(sent_at)
         refused = await self._restore_after_loss(gone) if gone else set()
         stops = []
         for session, epoch, verdict in zip(sessions, epochs, verdicts, strict=True):

@@ -17,7 +17,7 @@ import redis.exceptions
 
 import workers.worker as worker_module
 from listenerpool.keys import SessionKeys
-from listenerpool.testing.redis_server import free_port
+from listenerpool.testing.redis_server import RedisServer, free_port
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, fast_settings, running_worker
 from workers.worker import StopReason
@@ -378,3 +378,41 @@ async def test_a_slow_renewal_round_still_confirms_the_leases_it_renewed(
         assert worker.metrics.self_fences._value.get() == 0
         assert worker.held_sessions() == ["slow-renew"]
         assert upstream.stats("slow-renew").connections_total == 1
+
+
+async def test_a_reassertion_slower_than_the_lease_clock_left_still_keeps_the_reader(
+    redis_server: RedisServer, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a data loss the renewal round sees "spec gone": nobody holds the lease and no
+    reconciler can claim it, so the reader's clock runs on from that round. A re-assertion
+    that takes longer than what was left of the clock (a loaded machine, many sessions with
+    history to write back) must not fence the reader and drop the session."""
+    pool = Pool(redis_server.url)
+    real = worker_module.reassert_all
+    settings = fast_settings(redis_url=pool.url, lease_ttl=5.0)
+    # Longer than a clock confirmed a renewal interval before the loss has left, shorter
+    # than a whole clock.
+    slow = settings.fence_after - settings.renew_interval / 2
+
+    async def slow_reassert_all(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(slow)  # the write-back's own cost, before it reaches Redis
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "reassert_all", slow_reassert_all)
+    try:
+        # Three events, then heartbeats only: the renewal round, not a publish, meets the loss.
+        upstream.configure("slow-restore", total=3)
+        async with running_worker(pool, lease_ttl=5.0) as worker:
+            await pool.control.claim("slow-restore", upstream.url("slow-restore"))
+            await wait_state(pool, "slow-restore", "listening")
+            await wait_events(pool, "slow-restore", 3)
+            redis_server.lose_data()
+            await eventually(
+                lambda: pool.redis.exists(SessionKeys("slow-restore").spec), 10,
+                "the session was not re-asserted",
+            )  # fmt: skip
+            assert worker.metrics.self_fences._value.get() == 0
+            assert worker.held_sessions() == ["slow-restore"]
+            assert upstream.stats("slow-restore").max_concurrent == 1
+    finally:
+        await pool.aclose()
