@@ -2,8 +2,8 @@
 
 A Redis restarted without persistence (or a failover to an empty replica) forgets every spec,
 lease and stream. The renew and publish scripts then answer "spec gone" instead of "not owner",
-and the worker that still runs a session's reader writes it back (``reassert.lua``): spec,
-lease and state (then its index entries), at an epoch above the one it held, with seq
+and the worker that still runs a session's reader writes it back (``reassert.lua``): its index
+entries first, then spec, lease and state, at an epoch above the one it held, with seq
 continuing from the last publish Redis confirmed, so clients' ``after`` stays meaningful.
 
 Only a reader whose lease clock has not run out may re-assert: by the self-fence rule at most
@@ -45,6 +45,13 @@ async def reassert_all(
     epochs: list[int | None] = []
     for start in range(0, len(sessions), BATCH):
         batch = sessions[start : start + BATCH]
+        # The index buckets lost their entries too (on a cluster they may sit on a shard that
+        # kept them). Written first, as for a claim: a lease created below without its entry
+        # (the next call failing) would never be found by a reconciler once it lapses. An
+        # entry for a session that turns out to be someone else's is stale and harmless.
+        await index.track(
+            redis, scripts, {s.sid: ttl_ms for s in batch}, listing=index.Listing.ENSURE
+        )
         replies = await call_many(
             redis,
             scripts.reassert,
@@ -57,16 +64,7 @@ async def reassert_all(
                 for s in batch
             ],
         )  # fmt: skip
-        held = [int(r[1]) if int(r[0]) == 1 else None for r in replies]
-        # The index buckets may have lost their entries too (on a cluster they may sit on
-        # another shard that kept them): write them after the sessions are back.
-        await index.track(
-            redis,
-            scripts,
-            {s.sid: ttl_ms for s, epoch in zip(batch, held, strict=True) if epoch is not None},
-            listing=index.Listing.ENSURE,
-        )
-        epochs.extend(held)
+        epochs.extend(int(r[1]) if int(r[0]) == 1 else None for r in replies)
         # Encoding thousands of events is CPU work on the worker's one loop: let the renewal
         # round and the readers in between batches, or their leases run out meanwhile.
         await asyncio.sleep(0)

@@ -7,10 +7,12 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import redis.exceptions
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from rq import Queue
 
+import workers.restore as restore_module
 from listenerpool import index, keys
 from listenerpool.connections import listen_queue
 from listenerpool.control import SessionControl
@@ -134,3 +136,32 @@ async def test_every_script_call_touches_one_hash_slot(
     for name, called_keys in calls:
         assert called_keys, name
         assert len({slot(k) for k in called_keys}) == 1, (name, called_keys)
+
+
+async def test_a_reasserted_lease_is_never_left_without_its_index_entry(
+    fake_redis: Any,
+    control: SessionControl,
+    queue: Queue,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a data loss the write-back creates leases again. If the connection dies right
+    after (the reply lost), the index must already name them: a lease a reconciler cannot find
+    would leave its session orphaned for good once its reader stops."""
+    ttl_ms = int(settings.lease_ttl * 1000)
+    held = [await start(control, queue, f"orphan-{i}", ttl_ms) for i in range(3)]
+    await fake_redis.flushall()
+    real = restore_module.call_many
+
+    async def applied_then_cut(*args: Any, **kwargs: Any) -> Any:
+        replies = await real(*args, **kwargs)
+        if args[1] is control.scripts.reassert:
+            raise redis.exceptions.ConnectionError("connection lost after the scripts ran")
+        return replies
+
+    monkeypatch.setattr(restore_module, "call_many", applied_then_cut)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await reassert_all(fake_redis, control.scripts, held, "w1", ttl_ms)
+    for s in held:
+        assert await fake_redis.exists(s.keys.lease), "the write-back did not run"
+        assert await fake_redis.zscore(s.keys.lease_index, s.sid) is not None, s.sid
