@@ -296,16 +296,21 @@ class Reader:
         for name, value in fields.items():
             args += [name, value]
         try:
-            await self._scripts.report(keys=[s.keys.lease, s.keys.state], args=args)
+            written = int(await self._scripts.report(keys=[s.keys.lease, s.keys.state], args=args))
         except REDIS_ERRORS as exc:
             self._metrics.redis_error["reader"].inc()
             log.debug("session %s: state not recorded: %s", s.sid, exc)
-            # Reports are made on changes only: left unsent, Redis would show the old state
-            # (say "connecting" from the adoption) for as long as this connection lasts.
-            self._unreported = {**(self._unreported or {}), **fields}
-            self._report_retry_at = time.monotonic() + REPORT_RETRY_S
-        else:
+            written = 0
+        if written:
             self._unreported = None
+            return
+        # Reports are made on changes only: left unsent, Redis would show the old state (say
+        # "connecting" from the adoption, or from a write-back after a data loss that raced
+        # this report) for as long as this connection lasts. A reader that is truly no longer
+        # the owner is stopped by its next publish or renewal; until then a retry costs one
+        # refused call a second.
+        self._unreported = {**(self._unreported or {}), **fields}
+        self._report_retry_at = time.monotonic() + REPORT_RETRY_S
 
     async def _retry_report(self) -> None:
         """Send a report that Redis did not take, once its retry time has come."""
