@@ -1,5 +1,5 @@
-"""The chaos soak, short: 2 gateways, 3 workers, 60 sessions, every fault kind once or twice
-in 45 s with a 3 s lease, then the history check (bench/chaos.py runs the long one)."""
+"""The chaos soak, short: 2 gateways, 3 workers, 60 sessions, every fault kind once in 30 s
+with a 3 s lease, then the history check (bench/chaos.py runs the long one)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ pytestmark = pytest.mark.timeout(240)
 async def test_no_event_is_lost_duplicated_or_reordered_under_random_faults() -> None:
     result = await run_soak(
         SoakConfig(
-            duration=45,
+            duration=30,
             sessions=60,
             followed=10,
             rate=2.0,
-            faults_per_kind=2,
+            faults_per_kind=1,
             lease_ttl=3.0,
             idle_timeout=3.0,
             seed=3,
@@ -28,7 +28,7 @@ async def test_no_event_is_lost_duplicated_or_reordered_under_random_faults() ->
     print(headline(result))
     print(format_table(result))
     assert result.failures() == [], result.totals.problems
-    assert all(1 <= result.injected.get(kind, 0) <= 2 for kind in KINDS), result.injected
+    assert all(result.injected.get(kind, 0) == 1 for kind in KINDS), result.injected
     t = result.totals
     assert t.emitted > 0 and t.delivered == t.expected_deliveries > 0
     assert result.failover["worker_kill"], "a killed worker held no session"

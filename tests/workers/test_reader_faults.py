@@ -379,7 +379,7 @@ async def test_a_slow_renewal_round_still_confirms_the_leases_it_renewed(
     async with running_worker(pool, lease_ttl=5.0, lease_margin=0.5) as worker:
         await pool.control.claim("slow-renew", upstream.url("slow-renew"))
         await wait_state(pool, "slow-renew", "listening")
-        await eventually(lambda: rounds >= 5, 20, "fewer than 5 renewal rounds")
+        await eventually(lambda: rounds >= 3, 20, "fewer than 3 renewal rounds")
         assert worker.metrics.self_fences._value.get() == 0
         assert worker.held_sessions() == ["slow-renew"]
         assert upstream.stats("slow-renew").connections_total == 1
