@@ -425,6 +425,7 @@ def test_huge_event_sends_one_event_of_many_data_lines() -> None:
         client.close()
 
 
+@pytest.mark.slow  # the hostile-upstream tests exercise this mode in every run
 def test_slow_head_dribbles_the_response_head() -> None:
     with SSEUpstream(rate=50.0, heartbeat=0.5) as up:
         up.configure("s1", mode="slow_head")
