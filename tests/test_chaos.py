@@ -1,4 +1,4 @@
-"""The chaos soak, short: 2 gateways, 3 workers, 60 sessions, every fault kind once in 30 s
+"""The chaos soak, short: 2 gateways, 3 workers, 40 sessions, every fault kind once in 30 s
 with a 3 s lease, then the history check (bench/chaos.py runs the long one)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ async def test_no_event_is_lost_duplicated_or_reordered_under_random_faults() ->
     result = await run_soak(
         SoakConfig(
             duration=30,
-            sessions=60,
+            sessions=40,
             followed=10,
             rate=2.0,
             faults_per_kind=1,

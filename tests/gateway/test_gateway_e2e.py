@@ -403,7 +403,7 @@ async def test_50_clients_joining_at_random_moments_each_see_a_gap_free_sequence
     gateway_processes: GatewayProcesses,
     worker_processes: WorkerProcesses,
 ) -> None:
-    total, clients, window = 20_000, 50, 1500
+    total, clients, window = 12_000, 50, 1500
     sid = "joinrace"
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
