@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import control_api, events_api, ui_routes
 from gateway.errors import error_response, error_responses, install_error_handlers
-from gateway.hub import REDIS_ERRORS, FanoutHub
+from gateway.hub import FanoutHub
 from gateway.limits import ClientLimits
 from gateway.openapi import install_openapi
 from gateway.ratelimit import RateLimit, RateLimiter
@@ -29,6 +29,7 @@ from listenerpool.connections import async_redis, check_server, listen_queue, sy
 from listenerpool.control import SessionControl
 from listenerpool.metrics import CONTENT_TYPE, GatewayMetrics, exposition
 from listenerpool.settings import Settings
+from listenerpool.shardsub import REDIS_ERRORS
 
 
 @asynccontextmanager

@@ -11,13 +11,14 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 
-from gateway.hub import REDIS_ERRORS, HubUnavailable
+from gateway.hub import HubUnavailable
 from listenerpool.errors import (
     HeadersTooLarge,
     InvalidSessionId,
     InvalidUpstream,
     UpstreamNotAllowed,
 )
+from listenerpool.shardsub import REDIS_ERRORS
 
 
 class ErrorDetail(BaseModel):

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect
 from gateway.auth import check_subscriber
 from gateway.errors import ApiError, error_response, error_responses
 from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
-from gateway.hub import REDIS_ERRORS, HubUnavailable
+from gateway.hub import HubUnavailable
 from gateway.limits import ClientLimitReached, ClientLimits
 from gateway.state import GatewayState
 from gateway.wsprotocol import FORCE_CLOSE
@@ -30,6 +30,7 @@ from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
 from listenerpool.metrics import GatewayMetrics, Transport
+from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.tasks import cancel_until_done
 
 router = APIRouter(prefix="/v1")

@@ -20,22 +20,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import redis.exceptions
-
 from listenerpool import keys
 from listenerpool.envelope import seq_of
 from listenerpool.metrics import GatewayMetrics
-from listenerpool.shardsub import ShardedSubscriber
+from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
 from listenerpool.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
-
-REDIS_ERRORS = (
-    redis.exceptions.RedisError,
-    redis.exceptions.RedisClusterException,  # e.g. a slot without an owner for a moment
-    OSError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True, slots=True)

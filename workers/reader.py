@@ -17,7 +17,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
-import redis.exceptions
 
 from listenerpool.backoff import reconnect_delay
 from listenerpool.envelope import envelope_parts
@@ -33,6 +32,7 @@ from listenerpool.logs import redact_url
 from listenerpool.metrics import ReconnectReason, WorkerMetrics
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
+from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.sse import SSEEvent, SSEParser
 from workers.renewal import release_many
 from workers.session import HeldSession
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 RETRYABLE_4XX = frozenset({408, 429})
 # A connection whose first this-many lines name no SSE field is not an event stream.
 GARBAGE_LINES = 64
-REDIS_ERRORS = (
-    redis.exceptions.RedisError,
-    redis.exceptions.RedisClusterException,  # e.g. a slot without an owner for a moment
-    TimeoutError,
-    OSError,
-)
 REPORT_RETRY_S = 1.0  # a state report Redis did not take is sent again with bytes after this
 POSITION_MOVED = -3  # publish reply: the history is past the seq the reader knows
 

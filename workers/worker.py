@@ -32,12 +32,12 @@ from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context
 from listenerpool.metrics import WorkerMetrics
 from listenerpool.settings import Settings
-from listenerpool.shardsub import ShardedSubscriber
+from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
 from listenerpool.spec import UpstreamSpec
 from listenerpool.tasks import cancel_until_done
 from workers import registry
 from workers.dispatch import JobFeed, ListenJob
-from workers.reader import REDIS_ERRORS, Reader
+from workers.reader import Reader
 from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, release_many, renew_all
 from workers.restore import reassert_all
