@@ -108,7 +108,7 @@ def async_redis(settings: Settings) -> Any:
             **common,
         )
     if target.kind is RedisKind.SENTINEL:
-        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+        sentinel = AsyncSentinel(
             target.nodes,
             sentinel_kwargs=_sentinel_kwargs(target),
             socket_connect_timeout=CONNECT_TIMEOUT,
@@ -169,12 +169,12 @@ def sync_redis(settings: Settings) -> redis.Redis:
         )
         return redis.Redis(connection_pool=pool)
     if target.kind is RedisKind.SENTINEL:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             target.nodes,
             sentinel_kwargs=_sentinel_kwargs(target),
             socket_connect_timeout=CONNECT_TIMEOUT,
         )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(
             target.master,
             db=target.db,
             username=target.username,
