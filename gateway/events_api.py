@@ -147,7 +147,7 @@ async def _with_heartbeats(
     frames: AsyncIterator[Frame], every: float
 ) -> AsyncIterator[Frame | None]:
     """The frames, with ``None`` whenever ``every`` seconds pass without one."""
-    pending: asyncio.Future[Frame] | None = None
+    pending: asyncio.Task[Frame] | None = None
     try:
         while True:
             if pending is None:
@@ -163,9 +163,10 @@ async def _with_heartbeats(
         return
     finally:
         if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+            # The frame being read may be in a Redis call, which can absorb one cancel.
+            await cancel_until_done(pending)
+            if not pending.cancelled():
+                pending.exception()  # read, so asyncio does not log it: the stream is over
 
 
 async def _wait_http_disconnect(receive: Receive) -> None:

@@ -23,7 +23,11 @@ from listenerpool.testing import processes
 from listenerpool.testing.redis_cluster import RedisClusterNodes
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
+from tests.tasks import task_stack
 from workers.worker import Worker
+
+# Every test ends its tasks and its teardown within a deadline (see tests/teardown.py).
+pytest_plugins = ["tests.teardown"]
 
 ROOT = processes.ROOT
 
@@ -249,25 +253,10 @@ async def running_worker(
         stop.set()
         done, _ = await asyncio.wait([task], timeout=15)
         if not done:
-            stacks = "\n".join(f"{t.get_name()}: {_stack(t)}" for t in asyncio.all_tasks())
+            stacks = "\n".join(f"{t.get_name()}: {task_stack(t)}" for t in asyncio.all_tasks())
             task.cancel()
             raise AssertionError(f"worker did not drain within 15 s; tasks:\n{stacks}")
         task.result()
-
-
-def _stack(task: asyncio.Task[Any]) -> str:
-    """Walk the await chain, including async generators, which ``print_stack`` stops at."""
-    lines = []
-    obj: Any = task.get_coro()
-    while obj is not None:
-        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
-        if frame is not None:
-            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-        nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
-        if nxt is None:
-            lines.append(f"  awaiting {obj!r:.200}")
-        obj = nxt
-    return "\n".join(lines)
 
 
 # -- gateways ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from listenerpool.client import Event, PoolClient, PoolClientError, Reset
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
 
@@ -169,8 +170,7 @@ async def test_reconnects_across_a_gateway_restart_without_gap_or_duplicate(
 
             await eventually(lambda: len(items) >= at_kill + 60, 20, "did not reconnect")
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_until_done(task)
     assert_numbered(items, first=1)
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from listenerpool.client import Event, PoolClient
 from listenerpool.metrics import ReconnectReason
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.redis_server import free_port
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
@@ -60,8 +61,7 @@ async def background(*coros: object) -> AsyncIterator[list[asyncio.Task[None]]]:
         yield tasks
     finally:
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_until_done(task)
 
 
 async def test_counters_move_with_events_and_with_a_failover(

@@ -116,7 +116,7 @@ class LocalPool(Service):
                         stop.set()
                         await asyncio.wait([task], timeout=CALL_TIMEOUT - 1)
                         if not task.done():
-                            task.cancel()
+                            await cancel_until_done(task)
 
                     runner.run(finish())
             finally:

@@ -19,6 +19,7 @@ import pytest
 from redis.crc import key_slot
 
 from listenerpool.keys import SessionKeys
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.redis_cluster import RedisClusterNodes
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
@@ -117,8 +118,7 @@ class Run:
 
     async def cancel(self) -> None:
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await cancel_until_done(self.task)
 
 
 async def started(

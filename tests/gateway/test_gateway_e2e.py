@@ -28,10 +28,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from listenerpool.connections import MAX_REDIS_CONNECTIONS
 from listenerpool.sse import SSEParser
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import BACKENDS, GatewayProcesses, Pool, WorkerProcesses, _stack, eventually
+from tests.conftest import BACKENDS, GatewayProcesses, Pool, WorkerProcesses, eventually
 from tests.gateway.rawws import RawWebSocket
+from tests.tasks import finish_tasks, task_stack
 
 TOO_SLOW = 1013
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
@@ -213,12 +215,12 @@ async def run_clients(
             tasks, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION
         )
         if pending:
-            stacks = "\n".join(_stack(t) for t in list(pending)[:3])
+            stacks = "\n".join(task_stack(t) for t in list(pending)[:3])
     finally:
-        for task in tasks:
-            task.cancel()
-        _, stuck = await asyncio.wait(tasks, timeout=10)
-        assert not stuck, f"{len(stuck)} client tasks ignore cancellation: {_stack(stuck.pop())}"
+        stuck = await finish_tasks(set(tasks), time.monotonic() + 10)
+        assert not stuck, (
+            f"{len(stuck)} client tasks ignore cancellation: {task_stack(stuck.pop())}"
+        )
     errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
     if pending or errors:
         unfinished = "\n  ".join(rec.summary() for rec in recs if not rec.finished)
@@ -383,8 +385,8 @@ class HeadWatcher:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        # One cancel is not enough: the Redis call can absorb it (see tests/teardown.py).
+        await cancel_until_done(self._task)
 
     async def _poll(self) -> None:
         while True:
@@ -497,8 +499,7 @@ async def test_clients_see_no_gap_when_redis_kills_the_pubsub_connections(
                     killed = await pool.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
                     assert int(killed) >= 2
             except BaseException:
-                clients.cancel()
-                await asyncio.gather(clients, return_exceptions=True)
+                await cancel_until_done(clients)
                 raise
             await clients
             for rec in received:
@@ -569,8 +570,7 @@ async def test_a_client_that_stops_reading_is_cut_off_while_others_keep_full_rat
             fast_done = time.monotonic()
             await fast_task
         finally:
-            fast_task.cancel()
-            await asyncio.gather(fast_task, return_exceptions=True)
+            await cancel_until_done(fast_task)
 
         # The slow client was cut off mid-stream and, reading nothing, had its connection
         # dropped by the gateway once the grace (one heartbeat here) had passed.

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.redis_sentinel import RedisSentinels
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses
@@ -66,8 +67,7 @@ async def test_sessions_keep_delivering_after_the_primary_is_killed(
                 assert new != old
                 await clients
             finally:
-                clients.cancel()
-                await asyncio.gather(clients, return_exceptions=True)
+                await cancel_until_done(clients)
             for rec in received:
                 rec.assert_consecutive(until=TOTAL)
                 assert rec.connects == 1, rec.summary()

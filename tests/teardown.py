@@ -1,0 +1,81 @@
+"""Bounded teardown: a test that fails or times out is reported with its name and the run goes
+on, instead of hanging in teardown.
+
+Two ways a teardown hangs, and what this plugin does about each:
+
+- A task the test left running survives its cancellation. pytest-asyncio closes a test's loop
+  by cancelling every task once and waiting for all of them, so one task that absorbs that
+  single cancellation hangs the run. On Python 3.11 any task can absorb one: ``asyncio.wait_for``
+  (redis-py wraps every command's send in it) returns the result instead of raising when the
+  cancellation arrives as the awaited call completes. :func:`reap_tasks` cancels what is left
+  until it is done, and fails the test naming the tasks that outlive a deadline.
+- Teardown blocks in code that no cancellation reaches (a thread join, a blocking call).
+  pytest-timeout's timer covers a test's setup, call and teardown together and is spent once
+  it fired in the call, so :func:`pytest_runtest_teardown` arms a watchdog of its own: it prints
+  the test's name and every thread's stack, then ends the run with a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Generator
+
+import pytest
+
+from tests.tasks import finish_tasks, task_stack
+
+#: How long left-over tasks are cancelled again and again before the test fails naming them.
+REAP_DEADLINE = 10.0
+#: How long a test's teardown may take before the watchdog ends the run.
+TEARDOWN_DEADLINE = 120.0
+
+
+@pytest.fixture(autouse=True)
+async def reap_tasks() -> AsyncIterator[None]:
+    """After every test (and its other fixtures' teardown): no task of the test's loop is left."""
+    yield
+    me = asyncio.current_task()
+    left = {t for t in asyncio.all_tasks() if t is not me}
+    survivors = await finish_tasks(left, time.monotonic() + REAP_DEADLINE)
+    if survivors:
+        stacks = "\n".join(f"{t.get_name()}:\n{task_stack(t)}" for t in survivors)
+        pytest.fail(
+            f"{len(survivors)} task(s) outlived {REAP_DEADLINE:.0f} s of cancellation:\n{stacks}",
+            pytrace=False,
+        )
+
+
+def _end_the_run(config: pytest.Config, nodeid: str, deadline: float) -> None:
+    # Output capture would swallow what a process that exits this way prints.
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=False)
+    sys.stderr.write(f"\n\nteardown of {nodeid} did not finish within {deadline:.0f} s; stacks:\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    deadline = float(item.config.getini("teardown_deadline") or TEARDOWN_DEADLINE)
+    watchdog = threading.Timer(deadline, _end_the_run, (item.config, item.nodeid, deadline))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "teardown_deadline",
+        f"seconds a test's teardown may take before the run ends (default {TEARDOWN_DEADLINE})",
+    )
