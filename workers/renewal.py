@@ -17,6 +17,7 @@ BATCH = 1000  # scripts per pipeline flush: bounds one reply's size at 10,000 le
 
 class RenewVerdict(IntEnum):
     RENEWED = 1
+    SPEC_CHANGED = 2  # renewed, and the stored spec is newer than the reader's: reconnect
     LOST = 0
     CANCELLED = -1
     GONE = -2  # the session's spec is gone: Redis lost its data (see workers.restore)
@@ -45,7 +46,10 @@ async def renew_all(
             redis,
             scripts.renew,
             [
-                ([s.keys.lease, s.keys.cancel, s.keys.spec], [s.lease_value, ttl_ms, s.epoch])
+                (
+                    [s.keys.lease, s.keys.cancel, s.keys.spec],
+                    [s.lease_value, ttl_ms, s.epoch, s.spec_rev],
+                )
                 for s in batch
             ],
         )
@@ -53,7 +57,7 @@ async def renew_all(
         renewed = {
             s.sid: ttl_ms
             for s, v in zip(batch, round_verdicts, strict=True)
-            if v is RenewVerdict.RENEWED
+            if v in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED)
         }
         await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
         verdicts.extend(round_verdicts)

@@ -59,7 +59,8 @@ async def reassert_all(
                 (
                     [s.keys.spec, s.keys.lease, s.keys.state, s.keys.events],
                     [s.lease_value, s.epoch, ttl_ms, s.spec.url, s.spec.headers_json(), s.seq,
-                     s.last_id, worker_id, s.phase, maxlen, history_ttl_ms, *_recent_args(s)],
+                     s.last_id, worker_id, s.phase, maxlen, history_ttl_ms, s.spec_rev,
+                     *_recent_args(s)],
                 )
                 for s in batch
             ],

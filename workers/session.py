@@ -21,7 +21,8 @@ class RecentEvent(NamedTuple):
 
 @dataclass(slots=True)
 class HeldSession:
-    """A session whose lease this worker holds (value ``<worker_id>:<token>``) at ``epoch``.
+    """A session whose lease this worker holds (value ``<worker_id>:<token>``) at ``epoch``,
+    reading the upstream ``spec`` at revision ``spec_rev`` (renewals report a newer one).
 
     ``seq`` and ``last_id`` are the position of the last publish Redis confirmed (or that the
     reader read back on connecting), and ``phase`` the state the reader last reported: what a
@@ -41,6 +42,7 @@ class HeldSession:
     last_id: str = ""
     phase: str = "connecting"
     recent: deque[RecentEvent] | None = None
+    spec_rev: int = 0
 
     def remember(
         self, first_seq: int, epoch: int, events: list[tuple[str, str, str]], keep: int

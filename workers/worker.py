@@ -248,6 +248,7 @@ class Worker:
             return
         url, headers_json = _text(reply[1]), _text(reply[2])
         last_id, seq = _text(reply[3]), int(_text(reply[4]) or 0)
+        spec_rev = int(_text(reply[5]) or 0)
         clock = LeaseClock(confirmed_at=sent_at, fence_after=self.settings.fence_after)
         try:
             spec = UpstreamSpec.from_redis(url, headers_json)
@@ -255,7 +256,15 @@ class Worker:
             await self._release(k, lease_value, "failed", f"stored spec is invalid: {exc}")
             return
         session = HeldSession(
-            k, job.token, job.epoch, lease_value, spec, clock, seq=seq, last_id=last_id
+            k,
+            job.token,
+            job.epoch,
+            lease_value,
+            spec,
+            clock,
+            seq=seq,
+            last_id=last_id,
+            spec_rev=spec_rev,
         )
         if seq:
             await self._load_recent(session)
@@ -361,8 +370,9 @@ class Worker:
 
     async def _restart_with_new_spec(self, s: HeldSession) -> None:
         try:
-            url, headers_json = await self._redis.hmget(s.keys.spec, "url", "headers")
+            url, headers_json, rev = await self._redis.hmget(s.keys.spec, "url", "headers", "rev")
             s.spec = UpstreamSpec.from_redis(_text(url), _text(headers_json))
+            s.spec_rev = int(_text(rev) or 0)
         except (*REDIS_ERRORS, InvalidInput, ValueError) as exc:
             log.warning("session %s: keeping the old spec: %s", s.sid, exc, extra=_where(s))
         if self._tg is not None and s.sid not in self._readers:
@@ -468,6 +478,7 @@ class Worker:
         """One renewal round for every reader; False when it could not complete."""
         sessions = [r.session for r in self._readers.values()]
         epochs = [s.epoch for s in sessions]
+        revs = [s.spec_rev for s in sessions]
         try:
             async with asyncio.timeout(deadline):
                 verdicts = await renew_all(self._redis, self._scripts, sessions, self._ttl_ms)
@@ -504,9 +515,16 @@ class Worker:
             session.clock.confirm(sent_at)
         refused = await self._restore_after_loss(gone) if gone else set()
         stops = []
-        for session, epoch, verdict in zip(sessions, epochs, verdicts, strict=True):
+        for session, epoch, rev, verdict in zip(sessions, epochs, revs, verdicts, strict=True):
             if verdict is RenewVerdict.RENEWED:
                 session.clock.confirm(sent_at)
+            elif verdict is RenewVerdict.SPEC_CHANGED:
+                # The 'reconnect' notice was lost (or is still on its way): the renewal is
+                # what makes a changed spec reach the reader within an interval regardless.
+                session.clock.confirm(sent_at)
+                # Unless the notice already restarted it with the new spec meanwhile.
+                if session.spec_rev == rev and session.sid in self._readers:
+                    stops.append(self.stop_reader(session.sid, StopReason.RECONNECT))
             elif verdict is RenewVerdict.CANCELLED:
                 stops.append(self.stop_reader(session.sid, StopReason.CANCELLED))
             elif verdict is RenewVerdict.GONE:
@@ -561,7 +579,8 @@ class Worker:
     async def _control_loop(self) -> None:
         """Follow the control channel (sharded pub/sub, one connection to the node serving it;
         the subscriber moves it after failovers and slot migrations). A notice missed while
-        it was interrupted is caught by the renewal backstop (cancel) or the next PUT."""
+        it was interrupted is caught by the renewal backstop: a tombstone for a cancel, a
+        newer spec revision for a reconnect."""
 
         def lost(exc: BaseException) -> None:
             self.metrics.redis_error["control"].inc()

@@ -4,6 +4,9 @@
 -- Returns {outcome, epoch, due_ms}; the caller enqueues a listen job only for 'created' and
 -- 'claimed'. due_ms is how long until the session may need the reconciler (the lease's or the
 -- tombstone's remaining time); the caller writes it to the lease index (see index.py).
+-- A PUT whose url or headers differ from the stored ones bumps the spec's revision (``rev``):
+-- the holder's renewals report the change (renew.lua), so its reader reconnects with the new
+-- spec within a renewal interval even when the 'reconnect' notice is lost.
 local spec, lease, cancel, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
@@ -25,6 +28,9 @@ if mode == 'put' then
   local same_spec = old[1] == url and old[2] == headers
   local was_desired = old[3] == '1'
   redis.call('HSET', spec, 'url', url, 'headers', headers, 'desired', '1', 'updated', now)
+  if not same_spec then
+    redis.call('HINCRBY', spec, 'rev', 1)
+  end
   redis.call('HSETNX', spec, 'created', now)
   local had_tombstone = redis.call('DEL', cancel) == 1
   local pttl = redis.call('PTTL', lease)

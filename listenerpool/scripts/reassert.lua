@@ -6,13 +6,15 @@
 -- at the moment of the loss still find them.
 -- KEYS: spec, lease, state, events (one session: one hash slot)
 -- ARGV: lease_value, held_epoch, ttl_ms, url, headers_json, seq, last_id, worker_id, phase,
---       maxlen, history_ttl_ms, then per recent event (oldest first): seq, epoch, type, data, uid
+--       maxlen, history_ttl_ms, spec_rev, then per recent event (oldest first): seq, epoch,
+--       type, data, uid
 -- Returns {1, epoch} when the caller holds the session at `epoch` afterwards (re-asserted now,
 -- or earlier by the same holder, or nothing was lost), {0, reason} when it must stop.
 local spec, lease, state, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local value, held, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local url, headers, seq, last_id = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local worker, phase, maxlen, history_ttl = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
+local rev = ARGV[12]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local holder = redis.call('GET', lease)
@@ -38,7 +40,7 @@ end
 local epoch = held + 1
 redis.call('SET', lease, value, 'PX', ttl)
 redis.call('HSET', spec, 'url', url, 'headers', headers, 'desired', '1', 'epoch', epoch,
-  'created', now, 'updated', now, 'restored', now, 'restored_by', value .. '@' .. epoch)
+  'rev', rev, 'created', now, 'updated', now, 'restored', now, 'restored_by', value .. '@' .. epoch)
 local known = tonumber(redis.call('HGET', state, 'seq')) or 0
 if known > seq then
   seq = known
@@ -51,7 +53,7 @@ local last = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)
 if last[1] then
   top = tonumber(string.match(last[1][1], '^(%d+)'))
 end
-for i = 12, #ARGV, 5 do
+for i = 13, #ARGV, 5 do
   local n = tonumber(ARGV[i])
   if n > top and n <= seq then
     redis.call('XADD', events, 'MAXLEN', '~', maxlen, n .. '-0', 'seq', n, 'epoch', ARGV[i + 1],

@@ -62,6 +62,8 @@ async def test_reassert_writes_the_session_back_above_the_held_epoch(
     assert epoch == held + 1
     spec = {k.decode(): v.decode() for k, v in (await fake_redis.hgetall(s.keys.spec)).items()}
     assert (spec["url"], spec["desired"], spec["epoch"]) == (s.spec.url, "1", str(held + 1))
+    # The spec's revision is the reader's: its renewals do not ask it to reconnect.
+    assert spec["rev"] == str(s.spec_rev) == "1"
     assert await fake_redis.get(s.keys.lease) == s.lease_value.encode()
     assert 0 < await fake_redis.pttl(s.keys.lease) <= ttl_ms
     st = await state(fake_redis)

@@ -103,7 +103,8 @@ async def start(
     [job] = [j for j in queue.jobs if j.args[0] == sid]
     _, token, epoch = job.args
     job.delete()
-    assert (await adopt(control, sid, token, epoch, ttl_ms, worker))[0] == 1
+    adopted = await adopt(control, sid, token, epoch, ttl_ms, worker)
+    assert adopted[0] == 1
     return HeldSession(
         keys=SessionKeys(sid),
         token=token,
@@ -111,6 +112,7 @@ async def start(
         lease_value=f"{worker}:{token}",
         spec=UpstreamSpec(f"http://runner/events/{sid}"),
         clock=LeaseClock(confirmed_at=0.0, fence_after=1.0),
+        spec_rev=int(adopted[5]),
     )
 
 
@@ -149,7 +151,7 @@ async def renew(control: SessionControl, s: HeldSession, ttl_ms: int, value: str
     return int(
         await control.scripts.renew(
             keys=[k.lease, k.cancel, k.spec],
-            args=[value or s.lease_value, ttl_ms, s.epoch],
+            args=[value or s.lease_value, ttl_ms, s.epoch, s.spec_rev],
         )
     )
 
@@ -240,7 +242,7 @@ async def test_adopt_succeeds_once_for_the_jobs_token(
     await control.claim(SID, URL, {"X-A": "1"})
     [[sid, token, epoch]] = job_args(queue)
 
-    assert await adopt(control, sid, token, epoch, ttl_ms) == [1, URL, '{"X-A":"1"}', "", "0"]
+    assert await adopt(control, sid, token, epoch, ttl_ms) == [1, URL, '{"X-A":"1"}', "", "0", "1"]
     assert await fake_redis.get(K.lease) == f"w1:{token}".encode()
     assert 0 < await fake_redis.pttl(K.lease) <= ttl_ms
     st = await state(fake_redis)
@@ -319,6 +321,41 @@ async def test_renew_reports_a_cancel_tombstone(
     s = await start(control, queue, SID, ttl_ms)
     await control.cancel(SID)
     assert await renew(control, s, ttl_ms) == -1
+
+
+async def test_a_changed_spec_bumps_the_revision_and_renew_reports_it_until_caught_up(
+    control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
+) -> None:
+    s = await start(control, queue, SID, ttl_ms)
+    assert s.spec_rev == 1
+    # The same spec again changes nothing the reader must act on.
+    assert (await control.claim(SID, s.spec.url)).outcome is ClaimOutcome.UNCHANGED
+    assert await renew(control, s, ttl_ms) == RenewVerdict.RENEWED
+
+    assert (await control.claim(SID, URL + "-new")).outcome is ClaimOutcome.UPDATED
+    assert await fake_redis.hget(K.spec, "rev") == b"2"
+    await fake_redis.pexpire(K.lease, 50)
+    # Renewed all the same (the lease is still the reader's), and told to reconnect.
+    assert await renew(control, s, ttl_ms) == RenewVerdict.SPEC_CHANGED
+    assert ttl_ms - 1000 < await fake_redis.pttl(K.lease) <= ttl_ms
+    assert await renew(control, s, ttl_ms) == RenewVerdict.SPEC_CHANGED
+
+    s.spec_rev = 2  # the reader reconnected with the stored spec
+    assert await renew(control, s, ttl_ms) == RenewVerdict.RENEWED
+    # Headers count as the spec too.
+    assert (await control.claim(SID, URL + "-new", {"Authorization": "x"})).outcome is (
+        ClaimOutcome.UPDATED
+    )
+    assert await renew(control, s, ttl_ms) == RenewVerdict.SPEC_CHANGED
+
+
+async def test_a_cancel_outranks_a_changed_spec(
+    control: SessionControl, queue: Queue, ttl_ms: int
+) -> None:
+    s = await start(control, queue, SID, ttl_ms)
+    await control.claim(SID, URL + "-new")
+    await control.cancel(SID)
+    assert await renew(control, s, ttl_ms) == RenewVerdict.CANCELLED
 
 
 # -- publish -----------------------------------------------------------------------------------
