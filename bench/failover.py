@@ -1,13 +1,22 @@
-"""Failover: a worker is SIGKILLed; how long until each of its sessions listens on another.
+"""Failover: a worker is SIGKILLed; how long until each of its sessions listens on another, and
+until its events flow again.
 
-For each lease TTL in ``--ttls`` (3 s and 10 s): a private ``redis-server``, the idle test upstream
-(``density.py _upstream``), worker A holding ``--sessions`` (200) sessions, then worker B (both
-``python -m workers`` with ``LP_LEASE_TTL`` = TTL). The bench SIGKILLs A (no FIN reaches
-Redis: its leases simply stop being renewed) and polls every session's ``lp:{sid}:state`` every
-``--poll`` s (pipelined) until it reads ``listening`` with owner B. Per session: kill -> that
-moment. No baseline: the target is the TTL plus 1 s. Figures last::
+For each lease TTL in ``--ttls`` (3 s and 10 s): a private ``redis-server``, the test upstream
+in a child process (``SSEUpstream``, ``--rate`` events/s per session, resuming after
+``Last-Event-ID`` with the next event at once), worker A holding ``--sessions`` (200) sessions,
+then worker B (both ``python -m workers`` with ``LP_LEASE_TTL`` = TTL). The bench reads every
+lease's remaining time, SIGKILLs A (no FIN reaches Redis: its leases simply stop being renewed)
+and polls every session every ``--poll`` s (pipelined) until its ``lp:{sid}:state`` reads
+``listening`` with owner B and its history's newest event carries B's epoch. Per session:
 
-    failover_p99_ttl3: 3.9 s (target <= 4 s = ttl + 1 s) PASS
+- kill -> listening on B, and kill -> first event published by B;
+- lease lapse -> listening on B (the hand-over: the lease's remaining time at the kill is a
+  floor no failover can beat, since it keeps two readers from overlapping).
+
+No baseline: the target is the TTL plus 1 s. Times are as seen by the poll (``--poll``
+resolution). Figures last::
+
+    failover_p99_ttl3: 3.9 s (target <= 4 s = lease ttl + 1 s; 0 not resumed) PASS
 
     .venv/bin/python bench/failover.py
     .venv/bin/python bench/failover.py --ttls 10 --sessions 2000
@@ -26,10 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from density import BenchError, Children, UpstreamProcess, machine_line, run_guarded, verdict
-from rig import claim_and_wait, percentile, start_worker
+from density import BenchError, Children, machine_line, read_line, run_guarded, verdict
+from rig import claim_and_wait, percentile, plain_client, start_worker
 
 SESSIONS = 200
+RATE = 1.0  # events/s per session: enough to see the first event after a take-over, cheap
+HEARTBEAT = 15.0
 
 
 def redis_version() -> str:
@@ -40,43 +51,111 @@ def redis_version() -> str:
     return f"Redis {word[2:]}"
 
 
+# ============================================================================================
+# The upstream child (run as `failover.py _upstream`)
+# ============================================================================================
+def upstream_child(rate: float, heartbeat: float) -> int:
+    """Serve numbered event streams until stdin closes or says ``quit``."""
+    from listenerpool.testing.upstream import SSEUpstream
+
+    upstream = SSEUpstream(rate=rate, heartbeat=heartbeat)
+    upstream.start()
+    print(f"port {upstream.port}", flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "quit":
+                break
+    finally:
+        upstream.stop()
+    return 0
+
+
+class EventUpstream:
+    def __init__(self, children: Children, rate: float) -> None:
+        self.proc = children.spawn(
+            [sys.executable, __file__, "_upstream", "--rate", str(rate),
+             "--heartbeat", str(HEARTBEAT)]
+        )  # fmt: skip
+        words = read_line(self.proc, 30, "upstream start").split()
+        if len(words) != 2 or words[0] != "port":
+            raise BenchError(f"upstream start: unexpected {words!r}")
+        self.port = int(words[1])
+
+    def url(self, sid: str) -> str:
+        return f"http://127.0.0.1:{self.port}/events/{sid}"
+
+
+# ============================================================================================
+# One TTL
+# ============================================================================================
 @dataclass
 class Result:
     ttl: float
     sessions: int
-    latencies: list[float] = field(default_factory=list)  # s, kill -> listening on B
-    missing: int = 0
+    listening: list[float] = field(default_factory=list)  # s, kill -> listening on B
+    first_event: list[float] = field(default_factory=list)  # s, kill -> first event from B
+    handover: list[float] = field(default_factory=list)  # s, lease lapse -> listening on B
+    lease_left: list[float] = field(default_factory=list)  # s, lease time left at the kill
+    missing: int = 0  # never listening on B
+    silent: int = 0  # listening on B, but no event from B before the timeout
 
     @property
     def p99(self) -> float:
-        return percentile(self.latencies, 99) if not self.missing else float("inf")
+        return percentile(self.listening, 99) if not self.missing else float("inf")
+
+
+def lease_time_left(redis_url: str, sids: Sequence[str]) -> list[float]:
+    """Each session's lease PTTL in s (pipelined), read just before the kill."""
+    from listenerpool import keys
+
+    client = plain_client(redis_url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.pttl(keys.SessionKeys(sid).lease)
+            return [max(0, int(ms)) / 1000 for ms in pipe.execute()]
+    finally:
+        client.close()
 
 
 async def watch(
-    redis_url: str, sids: Sequence[str], owner: str, started: float, opts: argparse.Namespace
-) -> tuple[list[float], int]:
+    redis_url: str,
+    sids: Sequence[str],
+    owner: str,
+    started: float,
+    opts: argparse.Namespace,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Poll until every session listens on ``owner`` and has an event at ``owner``'s epoch
+    (or the timeout); returns kill -> listening and kill -> first event, per session."""
     import redis.asyncio as aioredis
 
     from listenerpool import keys
 
     client = aioredis.Redis.from_url(redis_url)
-    pending = {keys.SessionKeys(sid).state: sid for sid in sids}
-    done: list[float] = []
+    listening: dict[str, float] = {}
+    epochs: dict[str, bytes] = {}  # the epoch B listens at
+    first_event: dict[str, float] = {}
     try:
         deadline = started + opts.timeout
-        while pending and time.monotonic() < deadline:
-            names = list(pending)
+        while len(first_event) < len(sids) and time.monotonic() < deadline:
+            waiting = [sid for sid in sids if sid not in listening]
+            flowing = [sid for sid in sids if sid in listening and sid not in first_event]
             async with client.pipeline(transaction=False) as pipe:
-                for key in names:
-                    pipe.hmget(key, "state", "owner")
+                for sid in waiting:
+                    pipe.hmget(keys.SessionKeys(sid).state, "state", "owner", "epoch")
+                for sid in flowing:
+                    pipe.xrevrange(keys.SessionKeys(sid).events, count=1)
                 replies = await pipe.execute()
-            now = time.monotonic()
-            for key, (state, who) in zip(names, replies, strict=True):
+            now = time.monotonic() - started
+            for sid, (state, who, epoch) in zip(waiting, replies[: len(waiting)], strict=True):
                 if state == b"listening" and who == owner.encode():
-                    done.append(now - started)
-                    del pending[key]
+                    listening[sid] = now
+                    epochs[sid] = epoch
+            for sid, newest in zip(flowing, replies[len(waiting) :], strict=True):
+                if newest and newest[0][1].get(b"epoch") == epochs[sid]:
+                    first_event[sid] = now
             await asyncio.sleep(opts.poll)
-        return done, len(pending)
+        return listening, first_event
     finally:
         await client.aclose()
 
@@ -89,7 +168,7 @@ def run_ttl(ttl: float, children: Children, opts: argparse.Namespace, log_dir: P
     procs = []
     try:
         server.start()
-        upstream = UpstreamProcess(children, 15.0)
+        upstream = EventUpstream(children, opts.rate)
         procs.append(upstream.proc)
         worker_a = start_worker(
             children, server.url, worker_id="bench-fo-a", capacity=opts.sessions + 64,
@@ -109,13 +188,18 @@ def run_ttl(ttl: float, children: Children, opts: argparse.Namespace, log_dir: P
         )  # fmt: skip
         procs.append(worker_b)
         time.sleep(opts.settle)
+        left = dict(zip(sids, lease_time_left(server.url, sids), strict=True))
         started = time.monotonic()
         worker_a.send_signal(signal.SIGKILL)
-        result.latencies, result.missing = asyncio.run(
-            watch(server.url, sids, "bench-fo-b", started, opts)
-        )
+        listening, first_event = asyncio.run(watch(server.url, sids, "bench-fo-b", started, opts))
         if worker_b.poll() is not None:
             raise BenchError(f"worker B exited with {worker_b.returncode}")
+        result.lease_left = list(left.values())
+        result.listening = list(listening.values())
+        result.first_event = list(first_event.values())
+        result.handover = [at - left[sid] for sid, at in listening.items()]
+        result.missing = len(sids) - len(listening)
+        result.silent = len(listening) - len(first_event)
     finally:
         for proc in reversed(procs):
             Children.stop(proc, timeout=10)
@@ -123,16 +207,30 @@ def run_ttl(ttl: float, children: Children, opts: argparse.Namespace, log_dir: P
     return result
 
 
+# ============================================================================================
+# Report
+# ============================================================================================
+def spread(values: Sequence[float]) -> str:
+    if not values:
+        return "none"
+    return (
+        f"p50 {percentile(values, 50):.2f}s, p99 {percentile(values, 99):.2f}s, "
+        f"max {percentile(values, 100):.2f}s"
+    )
+
+
 def print_report(results: Sequence[Result], opts: argparse.Namespace, machine: str) -> None:
     print()
-    print(f"failover: SIGKILL of the worker holding {opts.sessions} sessions -- {machine}")
+    print(
+        f"failover: SIGKILL of the worker holding {opts.sessions} sessions "
+        f"({opts.rate:g} events/s each) -- {machine}"
+    )
     for r in results:
-        lat = r.latencies
-        print(
-            f"  ttl {r.ttl:g}s: {len(lat)}/{r.sessions} resumed on the other worker; kill -> "
-            f"listening p50 {percentile(lat, 50):.2f}s, p90 {percentile(lat, 90):.2f}s, "
-            f"p99 {percentile(lat, 99):.2f}s, max {percentile(lat, 100):.2f}s"
-        )
+        print(f"  ttl {r.ttl:g}s: {len(r.listening)}/{r.sessions} listening on the other worker")
+        print(f"    lease time left at the kill   {spread(r.lease_left)}")
+        print(f"    kill -> listening             {spread(r.listening)}")
+        print(f"    kill -> first event           {spread(r.first_event)}")
+        print(f"    lease lapse -> listening      {spread(r.handover)}")
     print()
     for r in results:
         target = r.ttl + 1.0
@@ -140,17 +238,36 @@ def print_report(results: Sequence[Result], opts: argparse.Namespace, machine: s
             f"failover_p99_ttl{r.ttl:g}: {r.p99:.2f} s (target <= {target:g} s = lease ttl + 1 s; "
             f"{r.missing} not resumed) {verdict(r.p99 <= target)}"
         )
+        first = percentile(r.first_event, 99) if not (r.missing or r.silent) else float("inf")
+        print(
+            f"failover_first_event_p99_ttl{r.ttl:g}: {first:.2f} s "
+            f"(kill -> first event from the new owner; {r.silent} silent) (info)"
+        )
+        print(
+            f"failover_handover_p99_ttl{r.ttl:g}: {percentile(r.handover, 99):.2f} s "
+            f"(lease lapse -> listening) (info)"
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="child")  # internal: the upstream child
+    up = sub.add_parser("_upstream")
+    up.add_argument("--rate", type=float, default=RATE)
+    up.add_argument("--heartbeat", type=float, default=HEARTBEAT)
+
     parser.add_argument("--ttls", default="3,10", help="lease TTLs in s (3,10)")
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(200)")
+    parser.add_argument("--rate", type=float, default=RATE, help="events/s per session (1)")
     parser.add_argument("--poll", type=float, default=0.02, help="state poll period s (0.02)")
     parser.add_argument("--settle", type=float, default=1.0, help="s between B up and kill (1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="give up after (60 s)")
     parser.add_argument("--log-dir", default="", help="keep worker logs here")
     opts = parser.parse_args(argv)
+    if opts.child:
+        return opts
+    if opts.rate <= 0:
+        parser.error("--rate must be > 0: the first event after the take-over is measured")
     try:
         opts.ttl_list = [float(t) for t in opts.ttls.split(",") if t.strip()]
     except ValueError:
@@ -179,7 +296,10 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    opts = parse_args(argv)
+    if opts.child == "_upstream":
+        return upstream_child(opts.rate, opts.heartbeat)
+    return run_guarded(run, opts)
 
 
 if __name__ == "__main__":

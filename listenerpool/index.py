@@ -7,7 +7,8 @@ index. Index writes are therefore separate commands, ordered so that a crash bet
 can only leave an index entry that is stale, never a lease the reconciler cannot find:
 
 - an entry is written *before* the script that may create a lease that needs it (a claim), or
-  *after* the script that confirmed how long the lease lasts (renewal, the reconciler's claim);
+  *after* the script that confirmed how long the lease lasts (adoption, which cuts a claim's
+  long unadopted lease to one TTL; renewal; the reconciler's claim);
 - a deadline written after a script can be at most that lease's remaining time late, so a
   race with another writer delays a failover by at most one TTL and never loses it;
 - entries are removed only by the reconciler, for sessions it found not desired (or failed),

@@ -134,12 +134,13 @@ def sweep_intermediate(queue: Queue) -> int:
 
 
 class JobFeed:
-    """Pulls listen jobs and hands each to ``handle`` while ``spare_capacity()`` is positive."""
+    """Pulls listen jobs and hands each batch taken to ``handle`` while ``spare_capacity()``
+    is positive."""
 
     def __init__(
         self,
         queue: Queue,
-        handle: Callable[[ListenJob], Awaitable[None]],
+        handle: Callable[[list[ListenJob]], Awaitable[None]],
         spare_capacity: Callable[[], int],
     ) -> None:
         self._queue = queue
@@ -186,8 +187,10 @@ class JobFeed:
                 continue
             if not jobs:
                 continue
-            handle = on_stop_job if self._stopping.is_set() else self._handle
-            await asyncio.gather(*(handle(job) for job in jobs))
+            if self._stopping.is_set():
+                await asyncio.gather(*(on_stop_job(job) for job in jobs))
+            else:
+                await self._handle(jobs)
 
     async def _pause(self, seconds: float) -> None:
         try:

@@ -24,7 +24,7 @@ import httpx
 import redis.exceptions
 from rq import Queue
 
-from listenerpool import keys
+from listenerpool import index, keys
 from listenerpool.connections import check_server
 from listenerpool.control import SessionControl
 from listenerpool.errors import InvalidInput, NotOwner
@@ -111,7 +111,7 @@ class Worker:
         self._restore_lock = asyncio.Lock()
         self._restore_wanted: list[tuple[HeldSession, int, asyncio.Future[bool]]] = []
         self._tg: asyncio.TaskGroup | None = None
-        self._feed = JobFeed(queue, self._adopt, self._spare_capacity)
+        self._feed = JobFeed(queue, self._adopt_many, self._spare_capacity)
         self._started = time.time()
         self.ready = asyncio.Event()
         #: This worker's metrics; ``metrics.registry`` is what its metrics port serves.
@@ -224,12 +224,23 @@ class Worker:
     def _spare_capacity(self) -> int:
         return self.settings.worker_capacity - len(self._readers)
 
-    async def _adopt(self, job: ListenJob) -> None:
+    async def _adopt_many(self, jobs: list[ListenJob]) -> None:
+        """Adopt a batch of jobs, move the adopted sessions' lease index entries to their
+        lease deadlines, then start their readers."""
+        taken = await asyncio.gather(*(self._adopt(job) for job in jobs))
+        sessions = [session for session in taken if session is not None]
+        if not sessions:
+            return
+        await self._track_adopted(sessions)
+        await asyncio.gather(*(self._start_adopted(session) for session in sessions))
+
+    async def _adopt(self, job: ListenJob) -> HeldSession | None:
+        """Take the lease a job names; None when the job is stale, cancelled or broken."""
         try:
             k = keys.SessionKeys(job.sid)
         except InvalidInput:
             log.warning("dropping listen job with invalid session id %r", job.sid)
-            return
+            return None
         where = {"session": job.sid, "epoch": job.epoch}
         lease_value = f"{self.worker_id}:{job.token}"
         sent_at = self._clock()
@@ -242,10 +253,10 @@ class Worker:
             # The lease was never ours; it lapses and the reconciler claims it again.
             self.metrics.redis_error["adopt"].inc()
             log.warning("session %s: adopt failed: %s", job.sid, exc, extra=where)
-            return
+            return None
         if int(reply[0]) != 1:
             log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]), extra=where)
-            return
+            return None
         url, headers_json = _text(reply[1]), _text(reply[2])
         last_id, seq = _text(reply[3]), int(_text(reply[4]) or 0)
         spec_rev = int(_text(reply[5]) or 0)
@@ -254,8 +265,8 @@ class Worker:
             spec = UpstreamSpec.from_redis(url, headers_json)
         except (InvalidInput, ValueError) as exc:
             await self._release(k, lease_value, "failed", f"stored spec is invalid: {exc}")
-            return
-        session = HeldSession(
+            return None
+        return HeldSession(
             k,
             job.token,
             job.epoch,
@@ -266,14 +277,29 @@ class Worker:
             last_id=last_id,
             spec_rev=spec_rev,
         )
-        if seq:
+
+    async def _track_adopted(self, sessions: list[HeldSession]) -> None:
+        """The claim left each session's index entry due when the *unadopted* lease would
+        lapse (PENDING_TTL_FACTOR TTLs away); adopting cut the lease to one TTL. Left there
+        until this worker's first renewal round, a worker dying before that round would leave
+        its sessions unclaimed for up to that factor times the TTL instead of one TTL. Written
+        before the readers start, so a reader's release (due now) is never overwritten."""
+        try:
+            await index.track(self._redis, self._scripts, {s.sid: self._ttl_ms for s in sessions})
+        except REDIS_ERRORS as exc:
+            # The entries stay due when the claims' leases would have lapsed: late, not lost.
+            self.metrics.redis_error["adopt"].inc()
+            log.warning("lease index not moved for %d adopted sessions: %s", len(sessions), exc)
+
+    async def _start_adopted(self, session: HeldSession) -> None:
+        if session.seq:
             await self._load_recent(session)
         self._start_reader(session)
         log.info(
             "session %s: reader started at epoch %d",
-            job.sid,
-            job.epoch,
-            extra={**where, "state": "connecting"},
+            session.sid,
+            session.epoch,
+            extra={**_where(session), "state": "connecting"},
         )
 
     async def _load_recent(self, session: HeldSession) -> None:

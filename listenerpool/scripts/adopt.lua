@@ -2,9 +2,10 @@
 -- KEYS: spec, lease, cancel, state (one session: one hash slot)
 -- ARGV: token, epoch, worker_id, ttl_ms
 -- Returns {1, url, headers_json, last_id, seq, rev} or {0, reason} (rev: the spec's revision,
--- which the reader then renews against, see renew.lua). The lease index is not touched:
--- the claim left an entry due when the unadopted lease lapses, and the worker's renewals
--- move it on (a cancelled session's entry is dropped by the reconciler when due).
+-- which the reader then renews against, see renew.lua). The lease index is not touched (it
+-- is in another slot): the claim left an entry due when the unadopted lease lapses, and the
+-- worker moves it to this lease's deadline right after (Worker._track_adopted), then its
+-- renewals move it on (a cancelled session's entry is dropped by the reconciler when due).
 local spec, lease, cancel, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, epoch, worker, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local t = redis.call('TIME')
