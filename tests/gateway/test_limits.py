@@ -95,7 +95,7 @@ class AsgiCall:
         kind = "http.disconnect" if "http.response.start" in self.kinds() else None
         self.inbox.put_nowait({"type": kind or "websocket.disconnect", "code": 1000})
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(10):
                 await asyncio.shield(self.task)
         except TimeoutError:
             await cancel_until_done(self.task)
@@ -103,13 +103,13 @@ class AsgiCall:
 
 async def open_sse(app: FastAPI, sid: str) -> AsgiCall:
     call = AsgiCall(app, "http", f"/v1/sessions/{sid}/events")
-    await eventually(lambda: call.status() is not None, 5, "no response start")
+    await eventually(lambda: call.status() is not None, 10, "no response start")
     return call
 
 
 async def open_ws(app: FastAPI, sid: str) -> AsgiCall:
     call = AsgiCall(app, "websocket", f"/v1/sessions/{sid}/events")
-    await eventually(lambda: bool(call.sent), 5, "no WebSocket answer")
+    await eventually(lambda: bool(call.sent), 10, "no WebSocket answer")
     return call
 
 
@@ -175,7 +175,7 @@ async def test_sse_clients_per_session_are_limited_with_429(
         first, second = await open_sse(app, "s1"), await open_sse(app, "s1")
         assert (first.status(), second.status()) == (200, 200)
         refused = await open_sse(app, "s1")
-        await asyncio.wait_for(refused.task, 5)
+        await asyncio.wait_for(refused.task, 10)
         assert refused.status() == 429
         assert refused.headers()["retry-after"] == "1"
         assert b'"code":"too_many_clients"' in refused.body()
@@ -201,11 +201,11 @@ async def test_clients_per_gateway_are_limited_with_503_and_4503(
         assert held[1].kinds()[0] == "websocket.accept"
         assert held[1].close_message() is None
         refused = await open_sse(app, "s3")
-        await asyncio.wait_for(refused.task, 5)
+        await asyncio.wait_for(refused.task, 10)
         assert refused.status() == 503
         assert b'"code":"gateway_full"' in refused.body()
         ws = await open_ws(app, "s3")
-        await eventually(lambda: ws.close_message() is not None, 5, "WebSocket not closed")
+        await eventually(lambda: ws.close_message() is not None, 10, "WebSocket not closed")
         closed = ws.close_message()
         assert closed is not None and closed["code"] == 4503
         assert closed["reason"].startswith("gateway_full: ")
@@ -222,7 +222,7 @@ async def test_websocket_clients_per_session_are_closed_with_4429(
         first = await open_ws(app, "s1")
         assert first.close_message() is None
         second = await open_ws(app, "s1")
-        await eventually(lambda: second.close_message() is not None, 5, "not closed")
+        await eventually(lambda: second.close_message() is not None, 10, "not closed")
         closed = second.close_message()
         assert closed is not None and closed["code"] == 4429
         assert closed["reason"].startswith("too_many_clients: ")
