@@ -42,6 +42,11 @@ def ttl_ms(settings: Settings) -> int:
     return int(settings.lease_ttl * 1000)
 
 
+# For a lease cut short and then renewed: long enough that no stall of a loaded machine between
+# the calls lets it lapse first, or hides that the renewal extended it.
+LONG_TTL_MS = 60_000
+
+
 @pytest.fixture
 def queue(fake_sync_redis: Any, settings: Settings) -> Queue:
     return listen_queue(fake_sync_redis, settings)
@@ -302,13 +307,14 @@ async def test_session_cancelled_before_adoption_ends_stopped(
 
 # -- renew -------------------------------------------------------------------------------------
 async def test_renew_extends_only_the_owners_lease(
-    control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
+    control: SessionControl, queue: Queue, fake_redis: Any
 ) -> None:
+    ttl_ms = LONG_TTL_MS
     s = await start(control, queue, SID, ttl_ms)
-    await fake_redis.pexpire(K.lease, 50)
+    await fake_redis.pexpire(K.lease, ttl_ms // 2)
     before = await now_ms(fake_redis)
     assert await renew_all(fake_redis, control.scripts, [s], ttl_ms) == [RenewVerdict.RENEWED]
-    assert ttl_ms - 1000 < await fake_redis.pttl(K.lease) <= ttl_ms
+    assert ttl_ms // 2 < await fake_redis.pttl(K.lease) <= ttl_ms
     assert await fake_redis.zscore(K.lease_index, SID) >= before + ttl_ms
 
     assert await renew(control, s, ttl_ms, value=f"w2:{s.token}") == 0
@@ -324,8 +330,9 @@ async def test_renew_reports_a_cancel_tombstone(
 
 
 async def test_a_changed_spec_bumps_the_revision_and_renew_reports_it_until_caught_up(
-    control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
+    control: SessionControl, queue: Queue, fake_redis: Any
 ) -> None:
+    ttl_ms = LONG_TTL_MS
     s = await start(control, queue, SID, ttl_ms)
     assert s.spec_rev == 1
     # The same spec again changes nothing the reader must act on.
@@ -334,10 +341,10 @@ async def test_a_changed_spec_bumps_the_revision_and_renew_reports_it_until_caug
 
     assert (await control.claim(SID, URL + "-new")).outcome is ClaimOutcome.UPDATED
     assert await fake_redis.hget(K.spec, "rev") == b"2"
-    await fake_redis.pexpire(K.lease, 50)
+    await fake_redis.pexpire(K.lease, ttl_ms // 2)
     # Renewed all the same (the lease is still the reader's), and told to reconnect.
     assert await renew(control, s, ttl_ms) == RenewVerdict.SPEC_CHANGED
-    assert ttl_ms - 1000 < await fake_redis.pttl(K.lease) <= ttl_ms
+    assert ttl_ms // 2 < await fake_redis.pttl(K.lease) <= ttl_ms
     assert await renew(control, s, ttl_ms) == RenewVerdict.SPEC_CHANGED
 
     s.spec_rev = 2  # the reader reconnected with the stored spec

@@ -44,10 +44,12 @@ async def test_next_due_in_is_the_earliest_deadline_of_all_buckets(
     now = await redis_now_ms(fake_redis)
     sids = [f"s{i}" for i in range(40)]
     assert len({keys.index_bucket(sid) for sid in sids}) > 4
-    await deadlines(fake_redis, {sid: now + 9000 for sid in sids} | {"early": now + 3000})
+    await deadlines(fake_redis, {sid: now + 90_000 for sid in sids} | {"early": now + 30_000})
     due = await next_due_in(fake_redis, control)
+    # Not later than the earliest deadline, and not yet due: the time this test itself takes
+    # only brings it closer, so the bounds hold on any machine short of a 30 s stall.
     assert due is not None
-    assert 2.5 < due <= 3.0
+    assert 0 < due <= 30.0
 
 
 async def test_next_due_in_is_zero_once_a_lease_lapsed(
