@@ -134,14 +134,14 @@ def round_trip(sock: socket.socket, data: bytes) -> None:
 def test_pass_forwards_both_ways(proxy: TCPProxy, echo: EchoServer) -> None:
     with connect(proxy) as sock:
         round_trip(sock, b"PING\r\n")
-        wait_until(lambda: proxy.connections() == 1, 2)
+        wait_until(lambda: proxy.connections() == 1, 10)
         payload = os.urandom(4 * 1024 * 1024)
         sender = threading.Thread(target=sock.sendall, args=(payload,))
         sender.start()
         assert recv_exactly(sock, len(payload), timeout=20) == payload
         sender.join()
-    wait_until(lambda: proxy.connections() == 0, 2, "client close not propagated")
-    wait_until(lambda: echo.open == 0, 2, "target side not closed")
+    wait_until(lambda: proxy.connections() == 0, 10, "client close not propagated")
+    wait_until(lambda: echo.open == 0, 10, "target side not closed")
 
 
 def test_stall_holds_bytes_both_ways_until_pass(proxy: TCPProxy, echo: EchoServer) -> None:
@@ -154,7 +154,7 @@ def test_stall_holds_bytes_both_ways_until_pass(proxy: TCPProxy, echo: EchoServe
     new = connect(proxy)
     new.sendall(b"waiting")
     assert silent_for(new, 0.3)
-    wait_until(lambda: proxy.connections() == 2, 2)
+    wait_until(lambda: proxy.connections() == 2, 10)
     assert echo.accepted == 1  # the target is not even dialled during a stall
 
     proxy.set_mode("pass")
@@ -164,7 +164,7 @@ def test_stall_holds_bytes_both_ways_until_pass(proxy: TCPProxy, echo: EchoServe
     assert echo.accepted == 2
     old.close()
     new.close()
-    wait_until(lambda: proxy.connections() == 0, 2)
+    wait_until(lambda: proxy.connections() == 0, 10)
 
 
 def test_stall_holds_target_to_client_bytes(proxy: TCPProxy, echo: EchoServer) -> None:
@@ -186,7 +186,7 @@ def test_client_close_during_stall_reaches_the_target_after_pass(
     sock.close()
     assert holds(lambda: echo.open == 1 and proxy.connections() == 1, 0.2)
     proxy.set_mode("pass")
-    wait_until(lambda: echo.open == 0 and proxy.connections() == 0, 2)
+    wait_until(lambda: echo.open == 0 and proxy.connections() == 0, 10)
 
 
 def test_cut_closes_open_and_new_connections(proxy: TCPProxy, echo: EchoServer) -> None:
@@ -194,13 +194,13 @@ def test_cut_closes_open_and_new_connections(proxy: TCPProxy, echo: EchoServer) 
     round_trip(first, b"x")
     proxy.set_mode("stall")
     stalled = connect(proxy)
-    wait_until(lambda: proxy.connections() == 2, 2)
+    wait_until(lambda: proxy.connections() == 2, 10)
 
     proxy.set_mode("cut")
     assert closed_by_peer(first)
     assert closed_by_peer(stalled)
-    wait_until(lambda: proxy.connections() == 0, 2)
-    wait_until(lambda: echo.open == 0, 2, "target side not closed")
+    wait_until(lambda: proxy.connections() == 0, 10)
+    wait_until(lambda: echo.open == 0, 10, "target side not closed")
 
     with connect(proxy) as rejected:  # accepted, then closed at once
         assert closed_by_peer(rejected)
@@ -219,7 +219,7 @@ def test_target_down_closes_the_client() -> None:
         dead_port = probe.getsockname()[1]
     with TCPProxy(dead_port) as proxy, connect(proxy) as sock:
         assert closed_by_peer(sock)
-        wait_until(lambda: proxy.connections() == 0, 2)
+        wait_until(lambda: proxy.connections() == 0, 10)
 
 
 def test_stop_closes_every_socket_and_leaves_no_thread(echo: EchoServer) -> None:
@@ -230,13 +230,13 @@ def test_stop_closes_every_socket_and_leaves_no_thread(echo: EchoServer) -> None
     round_trip(sock, b"x")
     proxy.set_mode("stall")
     stalled = connect(proxy)
-    wait_until(lambda: proxy.connections() == 2, 2)
+    wait_until(lambda: proxy.connections() == 2, 10)
     proxy.stop()
     assert closed_by_peer(sock)
     assert closed_by_peer(stalled)
     sock.close()
     stalled.close()
-    wait_until(lambda: echo.open == 0, 2)
+    wait_until(lambda: echo.open == 0, 10)
     # The echo server's own handler threads may still be finishing; only ours must be gone.
     assert [t for t in set(threading.enumerate()) - before if t.name.startswith("TCPProxy")] == []
     with pytest.raises(OSError):
