@@ -201,7 +201,10 @@ async def test_failover_tour_on_the_compose_stack(stack: ComposeStack) -> None:
                 now = await owner()
                 return bool(now) and now != first_owner
 
-            await eventually(moved, 30, "the session did not fail over")
+            # The lease must lapse (LP_LEASE_TTL in the compose file) and a reconciler wake (a
+            # third of it): several of those is a deadline a loaded machine meets.
+            ttl = float(stack.spec["x-pool-env"]["LP_LEASE_TTL"])
+            await eventually(moved, 4 * ttl + ttl / 3, "the session did not fail over")
             target = seqs[-1] + 20
             while seqs[-1] < target:
                 seqs.append(json.loads(await ws.recv())["seq"])

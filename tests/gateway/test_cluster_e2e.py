@@ -35,7 +35,10 @@ from tests.gateway.test_gateway_e2e import (
 )
 
 RATE = 100  # events/s per session
-TOTAL = 900  # events per session: 9 s of stream, long enough for two faults
+TOTAL = 900  # events per session
+# The streams are let out in steps (Run.let_out): each fault lands mid-stream with events
+# still to come however long the machine takes over the faults, and no stream ends early.
+FIRST_STEP = 300
 
 
 @pytest.fixture
@@ -94,7 +97,7 @@ class Run:
     async def start(self) -> None:
         async with http_client() as client:
             for sid in self.sids:
-                self.upstream.configure(sid, rate=RATE, total=TOTAL)
+                self.upstream.configure(sid, rate=RATE, total=FIRST_STEP)
                 resp = await put_session(client, self.base, sid, self.upstream.url(sid))
                 assert resp.status_code == 201, resp.text
         jobs = []
@@ -105,8 +108,14 @@ class Run:
                 jobs.append(follow(kind, self.base, sid, TOTAL, rec=rec))
         self.task = asyncio.create_task(run_clients(jobs, self.received, 90))
 
+    def let_out(self, total: int) -> None:
+        """Let every session's stream run on up to event ``total`` (at most TOTAL)."""
+        for sid in self.sids:
+            self.upstream.configure(sid, total=min(total, TOTAL))
+
     async def finish(self) -> None:
         assert self.task is not None
+        self.let_out(TOTAL)
         await self.task
         for rec in self.received:
             rec.assert_consecutive(until=TOTAL)
@@ -167,12 +176,17 @@ async def test_sessions_on_every_shard_survive_a_failover_and_a_killed_primary(
         # (a) a manual failover: the primary becomes a replica of its former replica.
         first = primaries[0]
         promoted = await asyncio.to_thread(cluster.failover, first)
-        for sid in run.by_primary[first]:
-            head = int(await pool.redis.hget(SessionKeys(sid).state, "seq") or 0)
+        heads = {
+            sid: int(await pool.redis.hget(SessionKeys(sid).state, "seq") or 0)
+            for sid in run.by_primary[first]
+        }
+        run.let_out(FIRST_STEP + 200)
+        for sid, head in heads.items():
             await wait_head(pool, sid, head + 100, 20)  # still flowing, now on `promoted`
 
         # ... then a primary SIGKILLed: its replica is promoted by the cluster.
         second = primaries[1]
+        run.let_out(TOTAL)
         await asyncio.to_thread(cluster.kill, second)
         await run.finish()
         assert promoted in cluster.primary_ports()
@@ -196,8 +210,10 @@ async def test_live_sessions_keep_delivering_while_their_slots_move(
             target = primaries[(primaries.index(source) + 1) % len(primaries)]
             for sid in run.by_primary[source]:
                 moves.append((sid, target))
-        for sid, target in moves:
+        step = (TOTAL - FIRST_STEP) // len(moves)
+        for n, (sid, target) in enumerate(moves, start=1):
             head = int(await pool.redis.hget(SessionKeys(sid).state, "seq") or 0)
+            run.let_out(FIRST_STEP + n * step)
             moved = await asyncio.to_thread(cluster.move_slot, slot_of(sid), target)
             assert moved >= 4, f"{sid}: only {moved} keys moved"
             assert cluster.owner(slot_of(sid)) == target

@@ -26,6 +26,9 @@ from tests.gateway.test_gateway_e2e import (
 
 RATE = 100
 TOTAL = 700
+# The streams hold here until the primary is replaced, so events always follow the failover
+# however long the Sentinels take over it.
+BEFORE_KILL = 300
 
 
 @pytest.fixture
@@ -43,7 +46,7 @@ async def test_sessions_keep_delivering_after_the_primary_is_killed(
     sids = ["sen-a", "sen-b", "sen-c"]
     pool = Pool(sentinels.url)
     try:
-        with SSEUpstream(rate=RATE, total=TOTAL, heartbeat=0.5) as upstream:
+        with SSEUpstream(rate=RATE, total=BEFORE_KILL, heartbeat=0.5) as upstream:
             start_workers(worker_processes, sentinels.url, 1)
             [base] = await start_gateways(
                 gateway_processes, sentinels.url, 1, stream_check_interval=600
@@ -65,6 +68,8 @@ async def test_sessions_keep_delivering_after_the_primary_is_killed(
                 old = sentinels.primary_port()
                 new = await asyncio.to_thread(sentinels.kill_primary)
                 assert new != old
+                for sid in sids:
+                    upstream.configure(sid, total=TOTAL)
                 await clients
             finally:
                 await cancel_until_done(clients)

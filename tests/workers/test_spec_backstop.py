@@ -18,12 +18,12 @@ from tests.workers.test_reader_faults import wait_events, wait_state
 pytestmark = pytest.mark.timeout(60)
 
 # Deadlines a loaded machine meets: the backstop acts at the next renewal (every
-# renew_interval), so several intervals leave room for a slow round and the reconnect.
-RENEWALS = 5
+# renew_interval); several lease TTLs leave room for slow rounds and the reconnect.
+LEASE_TTLS = 5
 
 
 async def assert_moved(pool: Pool, upstream: SSEUpstream, sid: str, old: str, new: str) -> None:
-    deadline = RENEWALS * pool.settings.renew_interval + pool.settings.lease_ttl
+    deadline = LEASE_TTLS * pool.settings.lease_ttl + pool.settings.renew_interval
     await eventually(lambda: upstream.stats(new).connections_total >= 1, deadline,
                      f"{sid}: the reader never connected to the new URL")  # fmt: skip
     await eventually(lambda: upstream.stats(old).concurrent == 0, deadline,
