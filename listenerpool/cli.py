@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -111,13 +112,37 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # inside the try: a reader gone shows up here at the latest
+    except BrokenPipeError:
+        # The reader of stdout went away (`listenerpool tail demo-1 | head -3`): stop quietly,
+        # as coreutils do. They die of SIGPIPE, which a shell reports as 128 + 13; Python
+        # ignores SIGPIPE and gets EPIPE instead, so this exits with that same status after
+        # unwinding normally (child processes stopped): unseen in a plain pipeline, where the
+        # last command's status counts, and under `set -o pipefail` the same as for `cat`.
+        # stdout now points at /dev/null, so the interpreter's last flush of what is still
+        # buffered does not fail again with an "Exception ignored" message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except (ListenerPoolError, ValueError) as exc:
+        from listenerpool.launch import STARTUP_FAILURE, StartupError
+
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, StartupError):
+            return STARTUP_FAILURE
         return 2 if not isinstance(exc, PoolClientError) else 1
     except httpx.TransportError as exc:
         print(f"error: cannot reach the gateway: {exc}", file=sys.stderr)
@@ -125,14 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from listenerpool import launch
-
     command = args.command
     if command in ("status", "tail", "cancel"):
         return asyncio.run(CLIENT_COMMANDS[command](args))
+    return serve(command, args)
+
+
+def serve(command: str, args: argparse.Namespace) -> int:
+    """A server command; every port it will listen on is checked before anything starts."""
+    from listenerpool import launch
+
     if command == "upstream-demo":
         from listenerpool.demo_upstream import serve_demo_upstream
 
+        launch.check_ports(launch.listeners_for(command, None, args), "nothing was started")
         configure_logging("INFO")
         print(f"demo upstream on http://{args.host}:{args.port}/events/<session>", flush=True)
         asyncio.run(
@@ -140,10 +171,17 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     settings = settings_from(args)
-    configure_logging(settings.log_level, settings.log_format)
     if command in ("gateway", "worker") and not settings.redis_url:
         raise CliError(f"LP_REDIS_URL (or --redis-url) is required for `listenerpool {command}`")
-    with launch.redis_for(settings, lambda line: print(line, flush=True)) as settings:
+    launch.check_ports(launch.listeners_for(command, settings, args), "nothing was started")
+    configure_logging(settings.log_level, settings.log_format)
+    # From the moment a child redis-server may exist, a signal must stop it rather than kill
+    # this process on the spot; within the event loop, stop_on_signals takes over.
+    with (
+        launch.DeferredSignals().installed() as signals,
+        launch.redis_for(settings, lambda line: print(line, flush=True)) as settings,
+    ):
+        signals.raise_if_received()
         asyncio.run(launch.serve_command(command, settings, args))
     return 0
 

@@ -3,18 +3,83 @@
 A child ``redis-server`` on a free loopback port when the binary is on PATH; otherwise an
 in-process fakeredis served over TCP (Lua through lupa), so the pool runs with no Redis
 installed at all. Nothing is persisted in either case.
+
+The child never outlives this process: it is stopped on the way out, and the kernel kills it
+should this process die without unwinding (SIGKILL, a crash), see :class:`ChildRedis`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
-from typing import Literal
+import time
+from collections.abc import Callable
+from typing import Final, Literal
 
 from listenerpool.testing.loopthread import Service
 from listenerpool.testing.redis_server import RedisServer, free_port
 
 Kind = Literal["redis-server", "fakeredis"]
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+class ChildRedis(RedisServer):
+    """A ``redis-server`` child that dies with this process.
+
+    On Linux it gets ``PR_SET_PDEATHSIG`` (SIGKILL once the thread that started it is gone;
+    only set when that is the main thread, which lives as long as the process). It runs in a
+    session of its own, so a Ctrl-C in the terminal reaches this process alone, which drains its
+    readers against a Redis still up and then stops it.
+    """
+
+    def start(self, timeout: float = 10.0) -> None:
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", self.dir,
+            "--logfile", os.path.join(self.dir, "redis.log"),
+        ]  # fmt: skip
+        die_with_us = None
+        if (
+            sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        ):
+            die_with_us = _die_with(os.getpid())
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_us,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+            time.sleep(0.01)
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn``: in the child before exec, ask for SIGKILL once ``parent`` is gone.
+    libc is loaded here, in the parent: little should happen between fork and exec."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return in_child
 
 
 class EmbeddedRedis(Service):
@@ -25,7 +90,7 @@ class EmbeddedRedis(Service):
             "redis-server" if shutil.which("redis-server") else "fakeredis"
         )
         self.port = 0
-        self._child: RedisServer | None = None
+        self._child: ChildRedis | None = None
         self._fake: object | None = None
         self._thread: threading.Thread | None = None
 
@@ -42,9 +107,14 @@ class EmbeddedRedis(Service):
 
     def start(self) -> None:
         if self.kind == "redis-server":
-            self._child = RedisServer()
-            self._child.start()
-            self.port = self._child.port
+            child = ChildRedis()
+            try:
+                child.start()
+            except BaseException:
+                child.stop()  # a failure or an interrupt mid-start must not leave it behind
+                raise
+            self._child = child
+            self.port = child.port
             return
         from fakeredis import TcpFakeServer
 
