@@ -246,7 +246,7 @@ async def running_worker(
     )
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    await eventually(worker.ready.is_set, 5, "worker did not start")
+    await eventually(worker.ready.is_set, 10, "worker did not start")
     try:
         yield worker
     finally:
