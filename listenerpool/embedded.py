@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Final, Literal
 
-from listenerpool.testing.loopthread import Service
-from listenerpool.testing.redis_server import RedisServer, free_port
+from listenerpool.redis_process import RedisServer, free_port
+from listenerpool.service import Service
 
 Kind = Literal["redis-server", "fakeredis"]
 

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry
 
 from listenerpool.metrics import CONTENT_TYPE, exposition
-from listenerpool.testing.loopthread import Service
+from listenerpool.service import Service
 
 #: The routes this server answers; anything else is 404.
 ROUTES: Final = ("/metrics", "/healthz", "/readyz")

@@ -8,10 +8,11 @@ import concurrent.futures
 import socket
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Coroutine
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
+
+from listenerpool.service import Service
 
 __all__ = [
     "BACKLOG",
@@ -118,29 +119,6 @@ class LoopThread:
         """Stop the loop, wait for the thread to end and close the loop."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(CALL_TIMEOUT)
-
-
-class Service(ABC):
-    """Something a test starts and stops; as a context manager, ``with`` starts it and returns
-    it, and leaving the block stops it (also on an exception, which is not suppressed)."""
-
-    @abstractmethod
-    def start(self) -> None: ...
-
-    @abstractmethod
-    def stop(self) -> None: ...
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class ThreadedServer(Service):
