@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import inspect
 import os
 import sys
 import threading
@@ -36,8 +37,17 @@ TEARDOWN_DEADLINE = 120.0
 
 
 @pytest.fixture(autouse=True)
+def bounded_task_teardown(request: pytest.FixtureRequest) -> None:
+    """Reaps the tasks of every ``async def`` test. Sync tests run no loop of pytest-asyncio's
+    (and some run a loop of their own, Playwright's, on which a fixture's loop cannot run)."""
+    if inspect.iscoroutinefunction(getattr(request, "function", None)):
+        # Requested first, so it is torn down last: after the test's other fixtures.
+        request.getfixturevalue("reap_tasks")
+
+
+@pytest.fixture
 async def reap_tasks() -> AsyncIterator[None]:
-    """After every test (and its other fixtures' teardown): no task of the test's loop is left."""
+    """After the test (and its other fixtures' teardown): no task of the test's loop is left."""
     yield
     me = asyncio.current_task()
     left = {t for t in asyncio.all_tasks() if t is not me}
