@@ -3,11 +3,16 @@
 Faults, at random, each kind equally often (see ``listenerpool.testing.faults``): worker
 SIGKILL, SIGSTOP/SIGCONT (woken after its leases expired), SIGTERM, gateway SIGKILL, Redis
 restart (append-only file), Redis paused, Redis data lost (restarted empty), a worker cut off
-from Redis, upstreams that die without a FIN, upstream 500 bursts. Killed processes are
-restarted. Afterwards every session's history is compared: what the upstream emitted, what the
-Redis stream holds, what every client received (``listenerpool.testing.history``).
+from Redis, a spec change whose 'reconnect' notice is lost (spec_change_notice_lost: a few
+followed sessions PUT with a new header while Redis refuses the workers' control channel
+subscriptions, so only the lease renewals can tell the readers), upstreams that die without a
+FIN, upstream 500 bursts. Killed processes are restarted. Afterwards every session's history is
+compared: what the upstream emitted, what the Redis stream holds, what every client received
+(``listenerpool.testing.history``), and every session's open upstream connection must carry
+its last PUT's spec.
 
-Exit status 0 when every loss and leak column is 0, 1 otherwise (or when the run breaks).
+Exit status 0 when every loss, leak and stale-spec column is 0, 1 otherwise (or when the run
+breaks).
 
     .venv/bin/python bench/chaos.py --duration 600 --faults-per-kind 22
 """
@@ -42,7 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sets the fault period: duration / (kinds per lane x this)")  # fmt: skip
     p.add_argument("--lease-ttl", type=float, default=defaults.lease_ttl)
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
-    p.add_argument("--kinds", default=",".join(KINDS), help="fault kinds to inject")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="fault kinds to inject, comma-separated (default: all of them):\n"
+                   + "\n".join(KINDS))  # fmt: skip
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--log-dir", default="", help="keep the process logs here")
     p.add_argument("-v", "--verbose", action="store_true", help="log each fault")
@@ -93,7 +100,7 @@ def run(opts: argparse.Namespace) -> int:
     if failures:
         print("FAIL: " + "; ".join(failures))
         return 1
-    print("PASS: every loss and leak column is 0")
+    print("PASS: every loss, leak and stale-spec column is 0")
     return 0
 
 

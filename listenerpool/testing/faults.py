@@ -4,18 +4,23 @@ an :class:`~listenerpool.testing.upstream.SSEUpstream` on two lanes:
 - the fleet lane, one fault at a time (a fault on Redis and one on a worker never overlap, so
   each one's effect can be told apart): worker SIGKILL, SIGSTOP/SIGCONT (paused past its lease),
   SIGTERM, gateway SIGKILL, Redis restart (append-only file kept), Redis paused, Redis data lost
-  (restarted empty), worker cut off from Redis (its proxy stalls past the lease);
+  (restarted empty), worker cut off from Redis (its proxy stalls past the lease), a spec change
+  whose 'reconnect' notice is lost (the workers' control channel subscriptions are cut and
+  refused while a few followed sessions are PUT with a new header);
 - the upstream lane: a few sessions' upstream dies without a FIN (``vanish``), or answers 500.
 
 Each lane shuffles its kinds into a bag and injects them at a fixed period, so every kind comes
 up equally often. Every killed process is restarted, every paused one continued, every
 partition healed, so the fleet stays at strength. Failover times are tracked per fault: from
-the fault to each affected session listening again at a higher epoch.
+the fault to each affected session listening again at a higher epoch; for a spec change, from
+the PUT to the upstream's first connection with the new header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
 import signal
@@ -24,11 +29,23 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from listenerpool import keys
+from listenerpool.control import SessionControl
+from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.testing.fleet import Fleet, WorkerSlot, tcp_peers
 from listenerpool.testing.history import PausedWindow
-from listenerpool.testing.upstream import SSEUpstream
+from listenerpool.testing.upstream import SSEUpstream, UpstreamStats
 
-__all__ = ["FLEET_KINDS", "KINDS", "UPSTREAM_KINDS", "FaultInjector"]
+__all__ = [
+    "FLEET_KINDS",
+    "KINDS",
+    "SPEC_HEADER",
+    "UPSTREAM_KINDS",
+    "FaultInjector",
+    "stale_specs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +58,26 @@ FLEET_KINDS = (
     "redis_pause",
     "redis_lose_data",
     "worker_partition",
+    "spec_change_notice_lost",
 )
 UPSTREAM_KINDS = ("upstream_vanish", "upstream_500")
 KINDS = FLEET_KINDS + UPSTREAM_KINDS
 TRACK_TIMEOUT = 60.0  # a session not listening again within this long counts as not recovered
 POLL = 0.2
 STEADY_TIMEOUT = 120.0  # a data loss waits this long for every session to have a reader
+# A spec change keeps the session's URL, so the upstream goes on with the same numbering from
+# Last-Event-ID; the request header is what tells which spec a connection was opened with.
+SPEC_HEADER = "X-Soak-Spec"
+SPEC_CHANGES = 5  # sessions PUT anew per spec change, at most (a third of the followed ones)
+PUT_TIMEOUT = 10.0
+# While the spec changes land, the pool's Redis user may use every channel but the control
+# channel: Redis then drops the workers' subscriptions to it and refuses them again, while the
+# gateways' live channels and a starting process's probe go on. The PUTs come from a user of
+# the soak's own, whose notices are published (to no one). Killing the subscriptions alone
+# (CLIENT KILL TYPE pubsub, however often) lets notices through: the Redis client subscribes
+# again within a few ms.
+SOAK_USER = "lp-soak"
+POOL_CHANNELS = ("&lp:{*", f"&{keys.PROBE_CHANNEL}")
 
 
 def _text(value: Any) -> str:
@@ -72,6 +103,8 @@ class FaultInjector:
         idle_timeout: float,
         rng: random.Random,
         kinds: Sequence[str] = KINDS,
+        followed: Sequence[str] = (),
+        make_control: Callable[[Any], SessionControl] | None = None,
     ) -> None:
         self.fleet = fleet
         self.upstream = upstream
@@ -81,6 +114,23 @@ class FaultInjector:
         self.idle_timeout = idle_timeout
         self.rng = rng
         self.kinds = [k for k in KINDS if k in kinds]
+        self.followed = list(followed) or self.sids
+        self.control: SessionControl | None = None
+        self._put_redis: Any = None
+        self._notices: _NoticeLog | None = None
+        if "spec_change_notice_lost" in self.kinds:
+            if make_control is None:
+                raise ValueError("spec changes need make_control")
+            self._put_redis = aioredis.Redis.from_url(
+                fleet.redis.url,
+                username=SOAK_USER,
+                password="-",
+                socket_timeout=3.0,
+                socket_connect_timeout=3.0,
+            )
+            # It records how many workers each notice reached.
+            self._notices = _NoticeLog(self._put_redis)
+            self.control = make_control(self._notices)
         self.injected: Counter[str] = Counter()
         self.failover: dict[str, list[float]] = defaultdict(list)
         self.not_recovered: Counter[str] = Counter()
@@ -89,6 +139,10 @@ class FaultInjector:
         self.unsteady_reasons: list[str] = []  # why, at each of those
         self._trackers: set[asyncio.Task[None]] = set()
         self.timeline: list[tuple[float, float, str]] = []  # (start, end, kind), monotonic
+        self.spec_values: dict[str, str] = {}  # SPEC_HEADER's value in each session's last PUT
+        self.spec_changes = 0  # PUTs with a new spec
+        self.notices_missed = 0  # of those, sent on the control channel and heard by no worker
+        self.spec_stale_after_ttl = 0  # changed sessions still read on an older spec then
 
     # -- lanes -------------------------------------------------------------------------------
     async def run(self, duration: float, per_kind: int) -> None:
@@ -108,6 +162,8 @@ class FaultInjector:
         finally:
             if self._trackers:
                 await asyncio.gather(*self._trackers, return_exceptions=True)
+            if self._put_redis is not None:
+                await self._put_redis.aclose()
 
     async def _lane(self, kinds: list[str], period: float, deadline: float) -> None:
         start = time.monotonic()
@@ -139,6 +195,7 @@ class FaultInjector:
             "redis_pause": self.redis_pause,
             "redis_lose_data": self.redis_lose_data,
             "worker_partition": self.worker_partition,
+            "spec_change_notice_lost": self.spec_change_notice_lost,
             "upstream_vanish": self.upstream_vanish,
             "upstream_500": self.upstream_500,
         }
@@ -230,6 +287,90 @@ class FaultInjector:
         # sessions back takes them with it, which says nothing new.
         if tracker is not None:
             await asyncio.wait([tracker], timeout=STEADY_TIMEOUT)
+
+    async def spec_change_notice_lost(self) -> None:
+        """PUT a few followed sessions with a new header while the workers cannot follow the
+        control channel, so only the renewal backstop can bring the new spec to the readers."""
+        assert self.control is not None
+        chosen = self.rng.sample(self.followed, max(1, min(SPEC_CHANGES, len(self.followed) // 3)))
+        # Redis forgets its users when it restarts: made again each time.
+        await self._redis_call("ACL", "SETUSER", SOAK_USER, "on", "nopass", "~*", "&*", "+@all")
+        await self._redis_call("ACL", "SETUSER", "default", "resetchannels", *POOL_CHANNELS)
+        try:
+            await asyncio.gather(*(self._change_spec(sid) for sid in chosen))
+        finally:
+            await self._redis_call("ACL", "SETUSER", "default", "allchannels")
+        # By a lease ttl after the PUT each old reader has either had a renewal, which reports
+        # the new revision, or fenced itself and closed its socket. The lane waits for that (up
+        # to that long), so that no other fleet fault restarts the readers meanwhile (a
+        # re-adoption reads the stored spec, and would hide a backstop that does not work).
+        deadline = time.monotonic() + self.ttl
+        while True:
+            stale = {
+                sid: found
+                for sid in chosen
+                if (found := stale_specs(self.upstream.stats(sid), self.spec_values.get(sid)))
+            }
+            if not stale or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL)
+        self.spec_stale_after_ttl += len(stale)
+        for sid, found in stale.items():
+            log.warning(
+                "%s: upstream still read with %s %s a lease ttl after the PUT of %s",
+                sid,
+                SPEC_HEADER,
+                found,
+                self.spec_values.get(sid),
+            )
+
+    async def _redis_call(self, *args: str) -> Any:
+        """A command on the soak's client, tried again for a while: its pooled connections
+        may be older than a Redis restart."""
+        deadline = time.monotonic() + PUT_TIMEOUT
+        while True:
+            try:
+                return await self.redis.execute_command(*args)
+            except REDIS_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(POLL)
+
+    async def _change_spec(self, sid: str) -> None:
+        assert self.control is not None
+        self.spec_changes += 1
+        value = str(self.spec_changes)
+        put_at = time.monotonic()
+        while True:
+            try:
+                await self.control.claim(sid, self.upstream.url(sid), {SPEC_HEADER: value})
+                break
+            except REDIS_ERRORS as exc:  # pooled connections older than a Redis restart
+                if time.monotonic() - put_at > PUT_TIMEOUT:
+                    raise
+                log.info("PUT of %s failed (%r); again", sid, exc)
+                await asyncio.sleep(POLL)
+        self.spec_values[sid] = value
+        assert self._notices is not None
+        reached = self._notices.reached.pop(sid, None)
+        if reached == 0:
+            self.notices_missed += 1
+        log.info("%s: %s %s, notice reached %s workers", sid, SPEC_HEADER, value, reached)
+        task = asyncio.get_running_loop().create_task(self._follow_spec(sid, value, put_at))
+        self._trackers.add(task)
+        task.add_done_callback(self._trackers.discard)
+
+    async def _follow_spec(self, sid: str, value: str, put_at: float) -> None:
+        """Time from the PUT until the upstream sees a connection with the new header."""
+        while time.monotonic() - put_at < TRACK_TIMEOUT:
+            if self.spec_values.get(sid) != value:
+                return  # changed again meanwhile: the later change is followed instead
+            stats = self.upstream.stats(sid)
+            for record, headers in zip(stats.connections, stats.request_headers, strict=True):
+                if record.opened >= put_at and headers.get(SPEC_HEADER.lower()) == value:
+                    self.failover["spec_change_notice_lost"].append(record.opened - put_at)
+                    return
+            await asyncio.sleep(POLL)
 
     # -- upstream faults ---------------------------------------------------------------------
     def _some_sessions(self) -> list[str]:
@@ -358,3 +499,32 @@ class FaultInjector:
                     self.failover[kind].append(now - start)
                     del waiting[sid]
         self.not_recovered[kind] += len(waiting)
+
+
+def stale_specs(stats: UpstreamStats, wanted: str | None) -> list[str | None]:
+    """SPEC_HEADER's values on a session's open upstream connections that were opened with
+    another value than ``wanted`` (None: no such header, as in the soak's first PUT)."""
+    header = SPEC_HEADER.lower()
+    return [
+        headers.get(header)
+        for record, headers in zip(stats.connections, stats.request_headers, strict=True)
+        if record.closed is None and headers.get(header) != wanted
+    ]
+
+
+class _NoticeLog:
+    """The asyncio Redis client ``redis`` as it is, but for SPUBLISH: how many subscribers
+    each session's last control notice reached is kept in ``reached``."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self.reached: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def spublish(self, channel: str, message: str) -> int:
+        reached = int(await self._redis.spublish(channel, message))
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            self.reached[json.loads(message)["sid"]] = reached
+        return reached

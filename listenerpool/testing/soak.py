@@ -6,8 +6,9 @@ its own TCP proxy to Redis), ``gateways`` gateway processes, an :class:`SSEUpstr
 honours ``Last-Event-ID`` and ``sessions`` sessions on it; the first ``followed`` sessions get
 one client on every gateway. It injects faults for ``duration`` seconds
 (:class:`~listenerpool.testing.faults.FaultInjector`), lets the fleet settle, ends every
-upstream stream where it is, waits for the stream and the clients to catch up, checks the
-histories, then cancels every session and looks for what was left behind.
+upstream stream where it is, waits for the stream and the clients to catch up, checks that
+every session's open upstream connection carries its last PUT's spec, checks the histories,
+then cancels every session and looks for what was left behind.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import redis.asyncio as aioredis
 from listenerpool.connections import listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import load_settings
-from listenerpool.testing.faults import KINDS, FaultInjector
+from listenerpool.testing.faults import KINDS, SPEC_HEADER, FaultInjector, stale_specs
 from listenerpool.testing.fleet import Fleet, tcp_peers
 from listenerpool.testing.followers import Follower
 from listenerpool.testing.history import HistoryTotals, StoredEntry, check_session, count_overlaps
@@ -86,6 +87,10 @@ class SoakResult:
     worker_fds_above_baseline: int
     gateway_client_sockets_left: int
     elapsed: float
+    stale_spec_readers: int = 0  # sessions read on another spec than their last PUT's
+    spec_changes: int = 0
+    spec_notices_missed: int = 0  # spec changes whose notice no worker heard
+    spec_stale_after_ttl: int = 0  # spec changes not on the upstream a lease ttl later
     notes: list[str] = field(default_factory=list)
 
     def failures(self) -> list[str]:
@@ -102,6 +107,8 @@ class SoakResult:
             "reset notices": t.resets,
             "sessions dropped": self.sessions_dropped,
             "not recovered": sum(self.not_recovered.values()),
+            "spec changes not read within a lease ttl": self.spec_stale_after_ttl,
+            "readers on a stale spec": self.stale_spec_readers,
             "client failures": self.client_failures,
             "upstream connections after cancel": self.upstream_open_after_cancel,
             "readers left": self.readers_left,
@@ -178,7 +185,8 @@ class _Soak:
         c = self.config
         settings = load_settings(redis_url=self.fleet.redis.url, lease_ttl=c.lease_ttl)
         sync = sync_redis(settings)
-        control = SessionControl(self.redis, listen_queue(sync, settings), settings)
+        queue = listen_queue(sync, settings)
+        control = SessionControl(self.redis, queue, settings)
         try:
             await self._wait_workers()
             baseline = self._worker_fds()
@@ -205,6 +213,8 @@ class _Soak:
                 idle_timeout=c.idle_timeout,
                 rng=random.Random(c.seed),
                 kinds=c.kinds,
+                followed=self.followed,
+                make_control=lambda redis: SessionControl(redis, queue, settings),
             )
             await injector.run(c.duration, c.faults_per_kind)
             log.info("soak: faults over (%s); settling", dict(injector.injected))
@@ -212,6 +222,7 @@ class _Soak:
             await _eventually(self._all_listening, c.settle_timeout)
             highest = await asyncio.to_thread(self.upstream.finish_all)
             caught_up = await _eventually(lambda: self._caught_up(highest), c.settle_timeout)
+            stale = self._stale_specs(injector.spec_values)
             totals, dropped = await self._check(highest, injector, caught_up)
             not_caught_up = 0 if caught_up else await self._count_behind(highest)
             client_failures = await self._stop_followers()
@@ -234,10 +245,15 @@ class _Soak:
             worker_fds_above_baseline=leaks[2],
             gateway_client_sockets_left=leaks[3],
             elapsed=time.monotonic() - started,
+            stale_spec_readers=len(stale),
+            spec_changes=injector.spec_changes,
+            spec_notices_missed=injector.notices_missed,
+            spec_stale_after_ttl=injector.spec_stale_after_ttl,
             notes=[
                 f"data loss injected on an unsteady fleet: {why}"
                 for why in injector.unsteady_reasons
-            ],
+            ]
+            + [f"reader on a stale spec: {why}" for why in stale[:10]],
         )
 
     # -- waiting -----------------------------------------------------------------------------
@@ -288,6 +304,16 @@ class _Soak:
         )
 
     # -- the check ---------------------------------------------------------------------------
+    def _stale_specs(self, wanted: dict[str, str]) -> list[str]:
+        """Sessions with an open upstream connection opened with another spec than their last
+        PUT's (``wanted``: SPEC_HEADER's value, for the sessions PUT with one)."""
+        stale = []
+        for sid in self.sids:
+            found = stale_specs(self.upstream.stats(sid), wanted.get(sid))
+            if found:
+                stale.append(f"{sid}: {SPEC_HEADER} {found} open, last PUT {wanted.get(sid)!r}")
+        return stale
+
     async def _check(
         self, highest: dict[str, int], injector: FaultInjector, caught_up: bool
     ) -> tuple[HistoryTotals, int]:

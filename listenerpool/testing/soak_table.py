@@ -13,6 +13,7 @@ FAILOVER_LABELS = {
     "worker_term": "hand-over after worker SIGTERM → listening elsewhere",
     "worker_partition": "failover after worker cut off from Redis → listening elsewhere",
     "redis_lose_data": "Redis data loss → session re-asserted and listening",
+    "spec_change_notice_lost": "spec change, control channel cut → upstream read with it",
 }
 
 
@@ -43,6 +44,9 @@ def format_table(result: SoakResult) -> str:
         if kind in result.config.kinds:
             rows.append((f"faults: {kind}", str(result.injected.get(kind, 0))))
     rows.append(("faults: total", str(sum(result.injected.values()))))
+    if "spec_change_notice_lost" in result.config.kinds:
+        rows.append(("spec changes PUT (whose 'reconnect' notice no worker heard)",
+                     f"{result.spec_changes} ({result.spec_notices_missed})"))  # fmt: skip
     rows.append(("events emitted by the upstream", f"{t.emitted:,}"))
     stored = f"{t.stored:,}"
     if t.history_dropped:
@@ -76,6 +80,11 @@ def format_table(result: SoakResult) -> str:
     rows.append(
         ("**sessions not listening again within 60 s**", str(sum(result.not_recovered.values())))
     )
+    if "spec_change_notice_lost" in result.config.kinds:
+        rows.append(("**spec changes still read on the old spec a lease ttl after the PUT**",
+                     str(result.spec_stale_after_ttl)))  # fmt: skip
+    rows.append(("**readers on a stale spec at the end (not the last PUT's)**",
+                 str(result.stale_spec_readers)))  # fmt: skip
     rows.append(("**upstream connections left after cancelling every session**",
                  str(result.upstream_open_after_cancel)))  # fmt: skip
     rows.append(("**readers (tasks) left in workers**", str(result.readers_left)))
