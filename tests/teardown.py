@@ -60,6 +60,9 @@ async def reap_tasks() -> AsyncIterator[None]:
         )
 
 
+WATCHDOG = pytest.StashKey["TeardownWatchdog"]()
+
+
 def _end_the_run(config: pytest.Config, nodeid: str, deadline: float) -> None:
     # Output capture would swallow what a process that exits this way prints.
     capture = config.pluginmanager.getplugin("capturemanager")
@@ -72,16 +75,54 @@ def _end_the_run(config: pytest.Config, nodeid: str, deadline: float) -> None:
     os._exit(1)
 
 
+class TeardownWatchdog:
+    """One thread for the whole run, armed during each teardown. One thread, started before
+    any test, rather than a timer per teardown: tests that compare the threads alive before
+    and after them must not see the watchdog come and go."""
+
+    def __init__(self, config: pytest.Config, seconds: float) -> None:
+        self._config = config
+        self._seconds = seconds
+        self._armed: tuple[str, float] | None = None  # (nodeid, monotonic deadline)
+        self._changed = threading.Condition()
+        threading.Thread(target=self._watch, name="teardown-watchdog", daemon=True).start()
+
+    def arm(self, nodeid: str) -> None:
+        with self._changed:
+            self._armed = (nodeid, time.monotonic() + self._seconds)
+            self._changed.notify()
+
+    def disarm(self) -> None:
+        with self._changed:
+            self._armed = None
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                if self._armed is None:
+                    self._changed.wait()
+                    continue
+                nodeid, deadline = self._armed
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _end_the_run(self._config, nodeid, self._seconds)
+                self._changed.wait(left)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    seconds = float(config.getini("teardown_deadline") or TEARDOWN_DEADLINE)
+    config.stash[WATCHDOG] = TeardownWatchdog(config, seconds)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    deadline = float(item.config.getini("teardown_deadline") or TEARDOWN_DEADLINE)
-    watchdog = threading.Timer(deadline, _end_the_run, (item.config, item.nodeid, deadline))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = item.config.stash[WATCHDOG]
+    watchdog.arm(item.nodeid)
     try:
         return (yield)
     finally:
-        watchdog.cancel()
+        watchdog.disarm()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
