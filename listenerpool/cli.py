@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from listenerpool.client import Event, PoolClient, PoolClientError, Reset
 from listenerpool.errors import ListenerPoolError
 from listenerpool.logs import configure_logging
 from listenerpool.settings import Settings, load_settings
+from listenerpool.tasks import cancel_until_done
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
@@ -152,7 +153,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def run(args: argparse.Namespace) -> int:
     command = args.command
     if command in ("status", "tail", "cancel"):
-        return asyncio.run(CLIENT_COMMANDS[command](args))
+        return asyncio.run(until_interrupted(CLIENT_COMMANDS[command](args)))
     return serve(command, args)
 
 
@@ -184,6 +185,25 @@ def serve(command: str, args: argparse.Namespace) -> int:
         signals.raise_if_received()
         asyncio.run(launch.serve_command(command, settings, args))
     return 0
+
+
+async def until_interrupted(command: Coroutine[Any, Any, int]) -> int:
+    """Run a client command until it ends, or until SIGINT/SIGTERM stops it (status 130).
+
+    asyncio.run's own SIGINT handling cancels the command once, and a read under httpx's
+    timeouts can absorb that one cancellation (the command then runs on, as `tail` did);
+    this cancels it until it is done."""
+    from listenerpool import launch
+
+    async with launch.stop_on_signals() as stop:
+        task = asyncio.ensure_future(command)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if task.done():
+            return task.result()
+        await cancel_until_done(task)
+        return 130
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
