@@ -229,6 +229,11 @@ async def stop_on_signals() -> AsyncIterator[asyncio.Event]:
     # remove_signal_handler() leaves the default action behind (SIGTERM: die on the spot), so
     # the handlers from before are put back: the CLI's, which note a signal that comes while
     # the embedded redis-server is being stopped instead of orphaning it.
+    if threading.current_thread() is not threading.main_thread():
+        # Python delivers signals to the main thread only: a command run from another thread
+        # (a test, an embedding application) is stopped by cancelling it, not by a signal.
+        yield stop
+        return
     previous = {sig: signal.getsignal(sig) for sig in DeferredSignals.SIGNALS}
     for sig in previous:
         loop.add_signal_handler(sig, on_signal)
