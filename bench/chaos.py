@@ -1,6 +1,6 @@
 """Chaos soak: 2 gateways, 3 workers and 500 sessions under random faults, then one table.
 
-Faults, at random, each kind equally often (see ``listenerpool.testing.faults``): worker
+Faults, at random, each kind equally often (see ``listenerpool.testing.harness.faults``): worker
 SIGKILL, SIGSTOP/SIGCONT (woken after its leases expired), SIGTERM, gateway SIGKILL, Redis
 restart (append-only file), Redis paused, Redis data lost (restarted empty), a worker cut off
 from Redis, a spec change whose 'reconnect' notice is lost (spec_change_notice_lost: a few
@@ -8,7 +8,7 @@ followed sessions PUT with a new header while Redis refuses the workers' control
 subscriptions, so only the lease renewals can tell the readers), upstreams that die without a
 FIN, upstream 500 bursts. Killed processes are restarted. Afterwards every session's history is
 compared: what the upstream emitted, what the Redis stream holds, what every client received
-(``listenerpool.testing.history``), and every session's open upstream connection must carry
+(``listenerpool.testing.harness.history``), and every session's open upstream connection must carry
 its last PUT's spec.
 
 Exit status 0 when every loss, leak and stale-spec column is 0, 1 otherwise (or when the run
@@ -28,9 +28,9 @@ from pathlib import Path
 # bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
 from density import BenchError, machine_line, run_guarded
 
-from listenerpool.testing.faults import KINDS
-from listenerpool.testing.soak import SoakConfig, run_soak
-from listenerpool.testing.soak_table import format_table, headline
+from listenerpool.testing.harness.faults import KINDS
+from listenerpool.testing.harness.soak import SoakConfig, run_soak
+from listenerpool.testing.harness.soak_table import format_table, headline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

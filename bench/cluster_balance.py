@@ -1,7 +1,7 @@
 """Balance over a Redis Cluster: how evenly the pool's sessions, keys, memory, Redis CPU and
 commands spread over the primaries.
 
-A local cluster (``listenerpool.testing.redis_cluster``: 3 primaries with a replica each, on
+A local cluster (``listenerpool.testing.harness.redis_cluster``: 3 primaries with a replica each, on
 free loopback ports), ``--workers`` (2) ``python -m workers`` on it, and ``--sessions`` (3,000)
 sessions claimed through :class:`SessionControl` (the gateway's claim path), with uuid4-hex ids
 (``--ids uuid``) or ``user-1``, ``user-2``, ... (``--ids sequential``). The upstream
@@ -356,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_cluster import RedisClusterNodes
+    from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
 
     machine = machine_line()
     load = os.getloadavg()

@@ -19,8 +19,8 @@ from listenerpool import keys
 from listenerpool.connections import async_redis, listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import Settings, load_settings
-from listenerpool.testing import processes
-from listenerpool.testing.redis_cluster import RedisClusterNodes
+from listenerpool.testing.harness import processes
+from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from tests.tasks import task_stack

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from listenerpool.testing.processes import ROOT
+from listenerpool.testing.harness.processes import ROOT
 
 # Long enough for a loaded machine to start pytest, time out the stuck test and reap its tasks
 # (the test's own timeout is 2 s and the reaper retries for at most 10 s).

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from listenerpool.testing.faults import KINDS
-from listenerpool.testing.soak import SoakConfig, run_soak
-from listenerpool.testing.soak_table import format_table, headline
+from listenerpool.testing.harness.faults import KINDS
+from listenerpool.testing.harness.soak import SoakConfig, run_soak
+from listenerpool.testing.harness.soak_table import format_table, headline
 
 pytestmark = pytest.mark.timeout(240)
 

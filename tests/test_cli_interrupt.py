@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from listenerpool.cli import until_interrupted
+from listenerpool.cli.commands import until_interrupted
 
 
 async def test_a_command_that_absorbs_one_cancel_still_ends_on_sigint() -> None:

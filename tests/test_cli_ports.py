@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from listenerpool import launch
-from listenerpool.embedded import EmbeddedRedis
+from listenerpool.cli import launch
+from listenerpool.cli.embedded import EmbeddedRedis
 from listenerpool.settings import load_settings
 from listenerpool.testing.loopthread import wait_until
 from listenerpool.testing.redis_server import free_port

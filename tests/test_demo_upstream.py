@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from listenerpool.demo_upstream import (
+from listenerpool.cli.demo_upstream import (
     MIN_RUN_EVENTS,
     DemoUpstream,
     create_demo_app,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from listenerpool.testing.processes import ROOT
+from listenerpool.testing.harness.processes import ROOT
 
 
 def instructions() -> list[tuple[str, str]]:

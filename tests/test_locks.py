@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from listenerpool.testing.processes import ROOT
+from listenerpool.testing.harness.processes import ROOT
 
 LOCKS = {"runtime": [], "test": ["test"]}
 

@@ -196,7 +196,7 @@ class Reader:
         async with self._http.stream("GET", s.spec.url, headers=headers) as response:
             network = response.extensions.get("network_stream")
             self._socket = network.get_extra_info("socket") if network is not None else None
-            _check_response(response)
+            check_response(response)
             await self._report(state="listening", retries=0, last_error="")
             self.state = "listening"
             log.info(
@@ -324,7 +324,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _check_response(response: httpx.Response) -> None:
+def check_response(response: httpx.Response) -> None:
+    """Raise the error a response head other than a 200 event stream means: permanent for
+    204 and for 4xx other than 408/429, retryable (with any ``Retry-After``) otherwise."""
     status = response.status_code
     if status == 204:
         raise UpstreamRejected("upstream answered 204 No Content: the stream is over")
@@ -334,7 +336,7 @@ def _check_response(response: httpx.Response) -> None:
         raise UpstreamStatus(
             f"upstream answered HTTP {status}",
             permanent=False,
-            retry_after=_retry_after(response.headers.get("retry-after")),
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
     content_type = response.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "text/event-stream":
@@ -344,7 +346,8 @@ def _check_response(response: httpx.Response) -> None:
         )
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta seconds or an HTTP date), if it parses."""
     if not value:
         return None
     if value.strip().isdigit():

@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import httpx
 
+from listenerpool.cli.embedded import EmbeddedRedis
 from listenerpool.client import Event, PoolClient
-from listenerpool.embedded import EmbeddedRedis
 from listenerpool.settings import Settings, load_settings
 from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.loopthread import CALL_TIMEOUT, LoopThread, Service
@@ -59,7 +59,7 @@ class LocalPool(Service):
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start Redis, the gateway and the worker; returns once the worker is registered."""
-        from listenerpool import launch
+        from listenerpool.cli import launch
 
         redis = EmbeddedRedis(prefer="fakeredis")
         redis.start()

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway import create_app
 from gateway.auth import listen_host
 from listenerpool.auth import sign_subscribe_token
-from listenerpool.launch import gateway_server
+from listenerpool.cli.launch import gateway_server
 from listenerpool.logs import AccessQueryFilter
 from listenerpool.settings import Settings
 from listenerpool.testing.loopthread import listen_socket
@@ -255,7 +255,7 @@ def test_the_filter_masks_query_values_in_access_and_websocket_lines() -> None:
 async def test_cli_client_commands_send_the_api_token(
     secured: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from listenerpool.cli import main
+    from listenerpool.cli.commands import main
 
     base = f"http://{secured}"
     async with httpx.AsyncClient(base_url=base) as client:

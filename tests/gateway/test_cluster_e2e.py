@@ -20,7 +20,7 @@ from redis.crc import key_slot
 
 from listenerpool.keys import SessionKeys
 from listenerpool.tasks import cancel_until_done
-from listenerpool.testing.redis_cluster import RedisClusterNodes
+from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
 from tests.gateway.test_gateway_e2e import (

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from listenerpool.tasks import cancel_until_done
-from listenerpool.testing.redis_sentinel import RedisSentinels
+from listenerpool.testing.harness.redis_sentinel import RedisSentinels
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses
 from tests.gateway.test_gateway_e2e import (

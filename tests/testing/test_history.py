@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from listenerpool.testing.followers import Received
-from listenerpool.testing.history import (
+from listenerpool.testing.harness.followers import Received
+from listenerpool.testing.harness.history import (
     HistoryTotals,
     PausedWindow,
     StoredEntry,

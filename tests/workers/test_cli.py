@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from listenerpool.cli import build_parser, settings_from
+from listenerpool.cli.commands import build_parser, settings_from
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from listenerpool import keys
-from listenerpool.testing.followers import Follower
+from listenerpool.testing.harness.followers import Follower
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually

@@ -24,7 +24,7 @@ import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from listenerpool.testing.followers import Received
+from listenerpool.testing.harness.followers import Received
 from listenerpool.testing.upstream import ConnectionRecord
 
 __all__ = ["HistoryTotals", "PausedWindow", "StoredEntry", "check_session", "count_overlaps"]

@@ -33,7 +33,7 @@ AG-UI schema. No timestamps are sent: they would break the determinism above.
 
 Ways to run it:
 
-* ``python -m listenerpool.demo_upstream --port 8001`` (Ctrl-C or SIGTERM stops it gracefully);
+* ``python -m listenerpool.cli.demo_upstream --port 8001`` (Ctrl-C or SIGTERM stops it gracefully);
 * ``await serve_demo_upstream(port=8001)`` until cancelled;
 * :class:`DemoUpstream`, which also tells the bound port when asked for port 0::
 
@@ -489,9 +489,9 @@ async def serve_demo_upstream(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m listenerpool.demo_upstream [--host H] [--port P] [--rate R] ...``."""
+    """``python -m listenerpool.cli.demo_upstream [--host H] [--port P] [--rate R] ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m listenerpool.demo_upstream",
+        prog="python -m listenerpool.cli.demo_upstream",
         description="Serve AG-UI-style demo event streams at GET /events/{session_id}.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,11 +1,11 @@
 """A chaos soak: a fleet under random faults while clients follow sessions, then a history
-check of every session (see :mod:`listenerpool.testing.history`).
+check of every session (see :mod:`listenerpool.testing.harness.history`).
 
 :func:`run_soak` sets up Redis (append-only file), ``workers`` worker processes (each through
 its own TCP proxy to Redis), ``gateways`` gateway processes, an :class:`SSEUpstream` that
 honours ``Last-Event-ID`` and ``sessions`` sessions on it; the first ``followed`` sessions get
 one client on every gateway. It injects faults for ``duration`` seconds
-(:class:`~listenerpool.testing.faults.FaultInjector`), lets the fleet settle, ends every
+(:class:`~listenerpool.testing.harness.faults.FaultInjector`), lets the fleet settle, ends every
 upstream stream where it is, waits for the stream and the clients to catch up, checks that
 every session's open upstream connection carries its last PUT's spec, checks the histories,
 then cancels every session and looks for what was left behind.
@@ -30,10 +30,15 @@ import redis.asyncio as aioredis
 from listenerpool.connections import listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import load_settings
-from listenerpool.testing.faults import KINDS, SPEC_HEADER, FaultInjector, stale_specs
-from listenerpool.testing.fleet import Fleet, tcp_peers
-from listenerpool.testing.followers import Follower
-from listenerpool.testing.history import HistoryTotals, StoredEntry, check_session, count_overlaps
+from listenerpool.testing.harness.faults import KINDS, SPEC_HEADER, FaultInjector, stale_specs
+from listenerpool.testing.harness.fleet import Fleet, tcp_peers
+from listenerpool.testing.harness.followers import Follower
+from listenerpool.testing.harness.history import (
+    HistoryTotals,
+    StoredEntry,
+    check_session,
+    count_overlaps,
+)
 from listenerpool.testing.upstream import SSEUpstream
 
 __all__ = ["SoakConfig", "SoakResult", "run_soak"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from listenerpool.testing.processes import GatewayProcesses, WorkerProcesses
+from listenerpool.testing.harness.processes import GatewayProcesses, WorkerProcesses
 from listenerpool.testing.redis_server import RedisServer, free_port
 from listenerpool.testing.tcpproxy import TCPProxy
 

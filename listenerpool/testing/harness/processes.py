@@ -24,7 +24,7 @@ from listenerpool.testing.redis_server import free_port
 
 __all__ = ["ChildProcesses", "GatewayProcesses", "WorkerProcesses", "die_with_parent"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PR_SET_PDEATHSIG = 1
 
 

@@ -139,7 +139,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except (ListenerPoolError, ValueError) as exc:
-        from listenerpool.launch import STARTUP_FAILURE, StartupError
+        from listenerpool.cli.launch import STARTUP_FAILURE, StartupError
 
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, StartupError):
@@ -159,10 +159,10 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(command: str, args: argparse.Namespace) -> int:
     """A server command; every port it will listen on is checked before anything starts."""
-    from listenerpool import launch
+    from listenerpool.cli import launch
 
     if command == "upstream-demo":
-        from listenerpool.demo_upstream import serve_demo_upstream
+        from listenerpool.cli.demo_upstream import serve_demo_upstream
 
         launch.check_ports(launch.listeners_for(command, None, args), "nothing was started")
         configure_logging("INFO")
@@ -193,7 +193,7 @@ async def until_interrupted(command: Coroutine[Any, Any, int]) -> int:
     asyncio.run's own SIGINT handling cancels the command once, and a read under httpx's
     timeouts can absorb that one cancellation (the command then runs on, as `tail` did);
     this cancels it until it is done."""
-    from listenerpool import launch
+    from listenerpool.cli import launch
 
     async with launch.stop_on_signals() as stop:
         task = asyncio.ensure_future(command)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from listenerpool.testing.faults import KINDS
-from listenerpool.testing.soak import SoakResult, median, percentile
+from listenerpool.testing.harness.faults import KINDS
+from listenerpool.testing.harness.soak import SoakResult, median, percentile
 
 __all__ = ["format_table", "headline"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
+from listenerpool.cli.embedded import EmbeddedRedis
 from listenerpool.connections import async_redis, listen_queue, sync_redis
-from listenerpool.embedded import EmbeddedRedis
 from listenerpool.errors import ListenerPoolError
 from listenerpool.settings import Settings
 from listenerpool.tasks import cancel_until_done
@@ -408,8 +408,8 @@ async def serve_demo(
     settings: Settings, stop: asyncio.Event, *, sessions: int, upstream_port: int
 ) -> None:
     """``up`` plus the demo upstream and ``sessions`` sessions reading it."""
+    from listenerpool.cli.demo_upstream import DemoUpstream
     from listenerpool.client import PoolClient
-    from listenerpool.demo_upstream import DemoUpstream
 
     listening = asyncio.Event()
     pool = asyncio.create_task(serve_up(settings, stop, listening), name="pool")

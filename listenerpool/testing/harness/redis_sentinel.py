@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
+from listenerpool.testing.harness.redis_cluster import HOST, wait_for
 from listenerpool.testing.loopthread import Service
-from listenerpool.testing.redis_cluster import HOST, wait_for
 from listenerpool.testing.redis_server import RedisServer, free_port
 
 MASTER = "lp-primary"

@@ -1,5 +1,6 @@
-"""Random faults for soak runs, injected into a :class:`~listenerpool.testing.fleet.Fleet` and
-an :class:`~listenerpool.testing.upstream.SSEUpstream` on two lanes:
+"""Random faults for soak runs, injected into a
+:class:`~listenerpool.testing.harness.fleet.Fleet` and an
+:class:`~listenerpool.testing.upstream.SSEUpstream` on two lanes:
 
 - the fleet lane, one fault at a time (a fault on Redis and one on a worker never overlap, so
   each one's effect can be told apart): worker SIGKILL, SIGSTOP/SIGCONT (paused past its lease),
@@ -34,8 +35,8 @@ import redis.asyncio as aioredis
 from listenerpool import keys
 from listenerpool.control import SessionControl
 from listenerpool.shardsub import REDIS_ERRORS
-from listenerpool.testing.fleet import Fleet, WorkerSlot, tcp_peers
-from listenerpool.testing.history import PausedWindow
+from listenerpool.testing.harness.fleet import Fleet, WorkerSlot, tcp_peers
+from listenerpool.testing.harness.history import PausedWindow
 from listenerpool.testing.upstream import SSEUpstream, UpstreamStats
 
 __all__ = [
