@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from listenerpool.service import Service
 
@@ -62,7 +63,9 @@ class RedisServer(Service):
         else:
             args += ["--appendonly", "no"]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **self.process_options()
+        )
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self.process.poll() is not None:
@@ -70,6 +73,11 @@ class RedisServer(Service):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
             time.sleep(0.01)
+
+    def process_options(self) -> dict[str, Any]:
+        """More ``subprocess.Popen`` arguments for the child (none here: a test's server is
+        stopped by its fixture)."""
+        return {}
 
     def ping(self) -> bool:
         try:

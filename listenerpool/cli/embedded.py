@@ -14,12 +14,10 @@ import ctypes
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from listenerpool.redis_process import RedisServer, free_port
 from listenerpool.service import Service
@@ -38,32 +36,14 @@ class ChildRedis(RedisServer):
     readers against a Redis still up and then stops it.
     """
 
-    def start(self, timeout: float = 10.0) -> None:
-        args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir,
-            "--logfile", os.path.join(self.dir, "redis.log"),
-        ]  # fmt: skip
+    def process_options(self) -> dict[str, Any]:
         die_with_us = None
         if (
             sys.platform.startswith("linux")
             and threading.current_thread() is threading.main_thread()
         ):
             die_with_us = _die_with(os.getpid())
-        self.process = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_us,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.ping():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-            time.sleep(0.01)
+        return {"start_new_session": True, "preexec_fn": die_with_us}
 
 
 def _die_with(parent: int) -> Callable[[], None] | None:
