@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import control_api, events_api, ui_routes
+from gateway import control_api, events_api, stream_api, ui_routes
 from gateway.errors import error_response, error_responses, install_error_handlers
 from gateway.hub import FanoutHub
 from gateway.limits import ClientLimits
@@ -134,6 +134,7 @@ def create_app(settings: Settings, *, redis: Any = None, sync: Any = None) -> Fa
     install_error_handlers(app)
     app.include_router(control_api.router)
     app.include_router(events_api.router)
+    app.include_router(stream_api.router)
     app.include_router(ui_routes.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_rate > 0:  # outside the body limit: a refused request is not read

@@ -14,11 +14,12 @@ import ipaddress
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from gateway.errors import ApiError
-from listenerpool.auth import InvalidToken, bearer_token, token_matches, verify_subscribe_token
+from listenerpool.auth import InvalidToken, bearer_token, read_subscribe_token, token_matches
 from listenerpool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,28 +50,45 @@ async def require_api_token(request: Request) -> None:
     check_api_token(request.app.state.settings, request.headers.get("authorization"))
 
 
-def check_subscriber(
-    settings: Settings, sid: str, headers: Mapping[str, str], query: Mapping[str, str]
-) -> None:
-    """Raise an :class:`ApiError` (401, or 403 for another session's token) unless the caller
-    may follow ``sid``."""
+@dataclass(frozen=True)
+class StreamAccess:
+    """The sessions a caller may follow: those its subscribe token names, or (``sids`` None)
+    every session (an API token, or no auth configured)."""
+
+    sids: frozenset[str] | None
+
+    def allows(self, sid: str) -> bool:
+        return self.sids is None or sid in self.sids
+
+
+def stream_access(
+    settings: Settings, headers: Mapping[str, str], query: Mapping[str, str]
+) -> StreamAccess:
+    """What the caller may follow; raises a 401 :class:`ApiError` without valid credentials."""
     tokens, keys = settings.api_tokens, settings.signing_keys
     if not tokens and not keys:
-        return
+        return StreamAccess(None)
     presented = query.get("token") or bearer_token(headers.get("authorization"))
     if presented is None:
         wanted = "a subscribe token (?token=) or an API token" if keys else "an API token"
         raise _unauthorized("missing_token", f"following a session needs {wanted}")
     if tokens and token_matches(presented, tokens):
-        return
+        return StreamAccess(None)
     if not keys:
         raise _unauthorized("invalid_token", "the API token is not valid")
     try:
-        verify_subscribe_token(keys, presented, sid, time.time())
+        return StreamAccess(read_subscribe_token(keys, presented, time.time()).sids)
     except InvalidToken as exc:
-        if exc.code == "wrong_session":
-            raise ApiError(403, exc.code, str(exc)) from None
         raise _unauthorized(exc.code, str(exc)) from None
+
+
+def check_subscriber(
+    settings: Settings, sid: str, headers: Mapping[str, str], query: Mapping[str, str]
+) -> None:
+    """Raise an :class:`ApiError` (401, or 403 for another session's token) unless the caller
+    may follow ``sid``."""
+    if not stream_access(settings, headers, query).allows(sid):
+        raise ApiError(403, "wrong_session", "the subscribe token is for another session")
 
 
 def is_loopback(host: str) -> bool:

@@ -125,6 +125,55 @@ async def issue_subscribe_token(
     return JSONResponse({"sid": sid, "token": token, "expires_at": expires_at}, status_code=201)
 
 
+class StreamTokenRequest(BaseModel):
+    sessions: list[str] = Field(
+        min_length=1,
+        description="The sessions the token lets its bearer follow (at most "
+        "LP_MAX_SESSIONS_PER_STREAM), over /v1/stream or each one's own events route.",
+    )
+    ttl: float | None = Field(
+        default=None, gt=0, le=86_400, description="Lifetime in seconds (LP_SUBSCRIBE_TOKEN_TTL)."
+    )
+
+
+@router.post(
+    "/subscribe-token",
+    status_code=201,
+    responses=error_responses(400, 401, 404, 409, 429, 503),
+)
+async def issue_stream_token(body: StreamTokenRequest, request: Request) -> JSONResponse:
+    """A short-lived token that lets a browser follow several sessions (``?token=``), e.g. over
+    one ``/v1/stream`` connection."""
+    state = state_of(request)
+    keys_ = state.settings.signing_keys
+    if not keys_:
+        raise ApiError(409, "signing_disabled", "set LP_SIGNING_KEY to issue subscribe tokens")
+    limit = state.settings.max_sessions_per_stream
+    if len(body.sessions) > limit:
+        raise ApiError(
+            400,
+            "too_many_sessions",
+            f"at most {limit} sessions per token (LP_MAX_SESSIONS_PER_STREAM), "
+            f"not {len(body.sessions)}",
+        )
+    if len(set(body.sessions)) != len(body.sessions):
+        raise ApiError(400, "invalid_sessions", "a session is named twice")
+    specs = [keys.SessionKeys(sid).spec for sid in body.sessions]  # 400 on a bad id
+    async with state.redis.pipeline(transaction=False) as pipe:
+        for spec in specs:
+            pipe.exists(spec)
+        found = await pipe.execute()
+    missing = [sid for sid, there in zip(body.sessions, found, strict=True) if not there]
+    if missing:
+        raise ApiError(404, "unknown_session", f"session {missing[0]!r} does not exist")
+    ttl = body.ttl if body.ttl is not None else state.settings.subscribe_token_ttl
+    expires_at = int(time.time() + ttl)
+    token = sign_subscribe_token(keys_, body.sessions, expires_at)
+    return JSONResponse(
+        {"sessions": body.sessions, "token": token, "expires_at": expires_at}, status_code=201
+    )
+
+
 @router.get("/sessions", responses=error_responses(400, 401, 429, 503))
 async def list_sessions(
     request: Request,

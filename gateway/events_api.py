@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket
@@ -25,22 +24,23 @@ from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
 from gateway.hub import HubUnavailable
 from gateway.limits import ClientLimitReached, ClientLimits
 from gateway.state import GatewayState
-from gateway.wsprotocol import FORCE_CLOSE
+from gateway.transport import (
+    HEARTBEAT,
+    SSE_HEADERS,
+    TOO_SLOW,
+    end_sse,
+    finish,
+    wait_http_disconnect,
+    with_heartbeats,
+    ws_close,
+)
 from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
 from listenerpool.metrics import GatewayMetrics, Transport
 from listenerpool.shardsub import REDIS_ERRORS
-from listenerpool.tasks import cancel_until_done
 
 router = APIRouter(prefix="/v1")
-
-TOO_SLOW = 1013  # WebSocket "try again later"
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 def parse_after(value: str | None) -> int:
@@ -110,68 +110,26 @@ class SSEStream(Response):
             clients = self._metrics.clients[Transport.SSE]
             clients.inc()
             sender = asyncio.create_task(self._send_frames(send))
-            watcher = asyncio.create_task(_wait_http_disconnect(receive))
+            watcher = asyncio.create_task(wait_http_disconnect(receive))
             overflow = asyncio.create_task(self._feed.overflowed.wait())
             try:
                 await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                await _finish(sender, watcher, overflow)
+                await finish(sender, watcher, overflow)
                 clients.dec()
             if overflow.done() and not overflow.cancelled():
                 self._metrics.slow_disconnects[Transport.SSE].inc()
             if not watcher.done() or watcher.cancelled():
                 # Falling behind ends the stream; the client resumes with Last-Event-ID.
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(1):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await end_sse(send)
 
     async def _send_frames(self, send: Send) -> None:
         delivered = self._metrics.delivered[Transport.SSE]
-        async for chunk in _with_heartbeats(self._feed.frames(), self._heartbeat):
-            data = b": heartbeat\n\n" if chunk is None else sse_bytes(chunk)
+        async for chunk in with_heartbeats(self._feed.frames(), self._heartbeat):
+            data = HEARTBEAT if chunk is None else sse_bytes(chunk)
             await send({"type": "http.response.body", "body": data, "more_body": True})
             if chunk is not None and not isinstance(chunk, ResetFrame):
                 delivered.inc()
-
-
-async def _finish(*tasks: asyncio.Task[Any]) -> None:
-    """Stop the tasks of one connection and collect their outcomes (a client that vanished
-    makes sends fail; that is how a connection ends, not an error to report)."""
-    await asyncio.gather(*(cancel_until_done(t) for t in tasks))
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
-
-
-async def _with_heartbeats(
-    frames: AsyncIterator[Frame], every: float
-) -> AsyncIterator[Frame | None]:
-    """The frames, with ``None`` whenever ``every`` seconds pass without one."""
-    pending: asyncio.Task[Frame] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(frames))
-            done, _ = await asyncio.wait({pending}, timeout=every)
-            if not done:
-                yield None
-                continue
-            frame = pending.result()
-            pending = None
-            yield frame
-    except (StopAsyncIteration, ClientTooSlow):
-        return
-    finally:
-        if pending is not None:
-            # The frame being read may be in a Redis call, which can absorb one cancel.
-            await cancel_until_done(pending)
-            if not pending.cancelled():
-                pending.exception()  # read, so asyncio does not log it: the stream is over
-
-
-async def _wait_http_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 @router.get(
@@ -249,26 +207,14 @@ async def _ws_serve(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMet
     try:
         await asyncio.wait({sender, watcher, overflow}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _finish(sender, watcher, overflow)
+        await finish(sender, watcher, overflow)
         clients.dec()
     if overflow.done() and not overflow.cancelled():
         metrics.slow_disconnects[Transport.WS].inc()
-        await _ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
+        await ws_close(websocket, TOO_SLOW, "client too slow: resume by seq")
     elif sender.done() and not sender.cancelled() and sender.exception() is not None:
         # Redis failed mid-stream: say so, so the client resumes by seq.
-        await _ws_close(websocket, 4503, "Redis is unavailable: resume by seq")
-
-
-async def _ws_close(websocket: WebSocket, code: int, reason: str) -> None:
-    """Close without waiting on a client that may have stopped reading (see
-    :mod:`gateway.wsprotocol`); under another server, a plain close with a timeout."""
-    force = websocket.scope.get("extensions", {}).get(FORCE_CLOSE)
-    if force is not None:
-        force["close"](code, reason)
-        return
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(1):
-            await websocket.close(code=code, reason=reason)
+        await ws_close(websocket, 4503, "Redis is unavailable: resume by seq")
 
 
 async def _ws_send(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMetrics) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.hub import CATCH_UP, FanoutHub, Live, Overflowed, Subscriber
+from gateway.hub import CATCH_UP, FanoutHub, Live, Overflowed, QueueBudget, Subscriber
 from listenerpool.envelope import Envelope
 from listenerpool.keys import SessionKeys
 
@@ -46,17 +46,33 @@ class ClientTooSlow(Exception):
 
 class SessionFeed:
     """Frames for one client from seq ``after`` (exclusive). Use as an async context manager
-    (it joins the hub on enter and leaves on exit), then iterate :meth:`frames`."""
+    (it joins the hub on enter and leaves on exit), then iterate :meth:`frames`. ``budget``
+    bounds its live queue together with others' (the sessions of one connection)."""
 
-    def __init__(self, hub: FanoutHub, redis: Any, sid: str, after: int) -> None:
+    def __init__(
+        self,
+        hub: FanoutHub,
+        redis: Any,
+        sid: str,
+        after: int,
+        budget: QueueBudget | None = None,
+    ) -> None:
         self._hub = hub
+        self._budget = budget
         self._redis = redis
         self._keys = SessionKeys(sid)
         self.last = max(0, after)
         self._sub: Subscriber | None = None
 
     async def __aenter__(self) -> SessionFeed:
-        self._sub = await self._hub.join(self._keys.sid)
+        # Kept before the join's awaits, so an exit after a cancelled enter still leaves.
+        self._sub = self._hub.subscriber(self._keys.sid, self._budget)
+        try:
+            await self._hub.attach(self._sub)
+        except Exception:
+            sub, self._sub = self._sub, None
+            await self._hub.leave(sub)  # idempotent
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

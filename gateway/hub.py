@@ -52,29 +52,46 @@ class HubUnavailable(Exception):
     """The hub could not subscribe in time (Redis unreachable)."""
 
 
-class Subscriber:
-    """One client following one session: a bounded queue of :class:`Live` envelopes."""
+class QueueBudget:
+    """The bound on what subscribers hold together, by count and bytes: each client's own, or
+    one for all the sessions of a multiplexed connection. Past it, :attr:`overflowed` is set."""
 
-    def __init__(self, sid: str, *, max_items: int, max_bytes: int) -> None:
-        self.sid = sid
-        self._max_items = max_items
-        self._max_bytes = max_bytes
-        self._items: deque[Live | _CatchUp] = deque()
-        self._bytes = 0
-        self._ready = asyncio.Event()
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.items = 0
+        self.bytes = 0
         self.overflowed = asyncio.Event()
+
+    def fits(self, size: int) -> bool:
+        return self.items < self.max_items and self.bytes + size <= self.max_bytes
+
+
+class Subscriber:
+    """One client following one session: a queue of :class:`Live` envelopes, bounded by its
+    :class:`QueueBudget`."""
+
+    def __init__(
+        self, sid: str, *, max_items: int, max_bytes: int, budget: QueueBudget | None = None
+    ) -> None:
+        self.sid = sid
+        self._budget = budget if budget is not None else QueueBudget(max_items, max_bytes)
+        self._items: deque[Live | _CatchUp] = deque()
+        self._ready = asyncio.Event()
+        self.overflowed = self._budget.overflowed
 
     def push(self, item: Live | _CatchUp) -> None:
         if self.overflowed.is_set():
             return
+        budget = self._budget
         if isinstance(item, Live):
-            if len(self._items) >= self._max_items or self._bytes + len(item.raw) > self._max_bytes:
+            if not budget.fits(len(item.raw)):
                 self.overflowed.set()
-                self._items.clear()
-                self._bytes = 0
+                self.drop()
                 self._ready.set()
                 return
-            self._bytes += len(item.raw)
+            budget.items += 1
+            budget.bytes += len(item.raw)
         elif self._items and self._items[-1] is CATCH_UP:
             return
         self._items.append(item)
@@ -87,10 +104,22 @@ class Subscriber:
                 raise Overflowed
             self._ready.clear()
             await self._ready.wait()
+        if self.overflowed.is_set():
+            self.drop()
+            raise Overflowed
         item = self._items.popleft()
         if isinstance(item, Live):
-            self._bytes -= len(item.raw)
+            self._budget.items -= 1
+            self._budget.bytes -= len(item.raw)
         return item
+
+    def drop(self) -> None:
+        """Give back what the queue holds (it overflowed, or its client left)."""
+        for item in self._items:
+            if isinstance(item, Live):
+                self._budget.items -= 1
+                self._budget.bytes -= len(item.raw)
+        self._items.clear()
 
 
 @dataclass(slots=True)
@@ -153,16 +182,32 @@ class FanoutHub:
         """Followed channels per Redis node (one subscription connection each)."""
         return self._shards.nodes()
 
-    async def join(self, sid: str) -> Subscriber:
+    def budget(self) -> QueueBudget:
+        """A budget of one client's size, to share among the sessions of one connection."""
+        return QueueBudget(self._max_items, self._max_bytes)
+
+    async def join(self, sid: str, budget: QueueBudget | None = None) -> Subscriber:
         """Follow ``sid``. Returns once the subscription is confirmed by Redis, so anything
-        published after this returns reaches the subscriber. Raises :class:`HubUnavailable`."""
-        name = keys.SessionKeys(sid).live
-        sub = Subscriber(sid, max_items=self._max_items, max_bytes=self._max_bytes)
+        published after this returns reaches the subscriber. Raises :class:`HubUnavailable`.
+        ``budget`` bounds its queue together with others' (by default, its own)."""
+        sub = self.subscriber(sid, budget)
+        await self.attach(sub)
+        return sub
+
+    def subscriber(self, sid: str, budget: QueueBudget | None = None) -> Subscriber:
+        """A subscriber not yet following ``sid``: :meth:`attach` it, and :meth:`leave` it
+        however the attach ended (even cancelled half-way)."""
+        return Subscriber(sid, max_items=self._max_items, max_bytes=self._max_bytes, budget=budget)
+
+    async def attach(self, sub: Subscriber) -> None:
+        """:meth:`join` for a subscriber made by :meth:`subscriber`."""
+        name = keys.SessionKeys(sub.sid).live
         async with self._lock:
             channel = self._channels.get(name)
             if channel is None:
-                channel = _Channel(sid, name)
+                channel = _Channel(sub.sid, name)
                 self._channels[name] = channel
+                channel.subscribers.add(sub)  # before the await: a leave then finds it
                 await self._shards.subscribe(name)
             channel.subscribers.add(sub)
         try:
@@ -171,15 +216,16 @@ class FanoutHub:
         except TimeoutError:
             await self.leave(sub)
             raise HubUnavailable("could not subscribe to the session's live channel") from None
-        return sub
 
     async def leave(self, sub: Subscriber) -> None:
         name = keys.SessionKeys(sub.sid).live
         async with self._lock:
             channel = self._channels.get(name)
             if channel is None:
+                sub.drop()
                 return
             channel.subscribers.discard(sub)
+            sub.drop()  # what it held no longer counts against a shared budget
             if channel.subscribers:
                 return
             del self._channels[name]

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import error_response
 
-LIMITED_PREFIXES = ("/v1/sessions", "/v1/workers")
+LIMITED_PREFIXES = ("/v1/sessions", "/v1/workers", "/v1/subscribe-token")
 MAX_CALLERS = 10_000  # buckets kept; the least recently seen goes first beyond this
 
 

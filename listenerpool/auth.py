@@ -1,11 +1,12 @@
 """Credentials, as pure functions: API bearer tokens and signed subscribe tokens.
 
 An API token is a shared secret presented as ``Authorization: Bearer <token>``; several may be
-valid at once so they can be rotated. A subscribe token lets a browser follow one session until
-an expiry without holding an API token: ``<payload>.<mac>``, both unpadded base64url, where the
-payload is the JSON ``{"sid", "exp"}`` (exp in Unix seconds) and the mac is HMAC-SHA256 of the
-encoded payload under a signing key. The first signing key signs; any listed key verifies, so a
-key is rotated by prepending the new one, then dropping the old once its tokens have expired.
+valid at once so they can be rotated. A subscribe token lets a browser follow one session, or
+several, until an expiry without holding an API token: ``<payload>.<mac>``, both unpadded
+base64url, where the payload is the JSON ``{"sid", "exp"}`` or ``{"sids", "exp"}`` (exp in Unix
+seconds) and the mac is HMAC-SHA256 of the encoded payload under a signing key. The first
+signing key signs; any listed key verifies, so a key is rotated by prepending the new one, then
+dropping the old once its tokens have expired.
 
 Every comparison of secret material is constant-time, and every token is checked against every
 key or token (no early exit that would tell which one nearly matched).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from listenerpool.errors import ListenerPoolError
 
-MAX_TOKEN_CHARS = 1024
+MAX_TOKEN_CHARS = 64 * 1024  # room for a token naming hundreds of long session ids
 
 
 class InvalidToken(ListenerPoolError):
@@ -39,6 +40,14 @@ class SubscribeGrant:
     """What a valid subscribe token allows: following ``sid`` until ``expires_at``."""
 
     sid: str
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class SubscribeClaims:
+    """A valid subscribe token's sessions and expiry."""
+
+    sids: frozenset[str]
     expires_at: int
 
 
@@ -80,17 +89,22 @@ def _mac(key: str, payload: str) -> bytes:
     return hmac.new(key.encode(), payload.encode("ascii"), hashlib.sha256).digest()
 
 
-def sign_subscribe_token(keys: Sequence[str], sid: str, expires_at: int) -> str:
-    """A token for following ``sid`` until ``expires_at`` (Unix seconds), signed with the
-    first key."""
+def sign_subscribe_token(keys: Sequence[str], sid: str | Sequence[str], expires_at: int) -> str:
+    """A token for following ``sid`` (one session id, or a list of them) until ``expires_at``
+    (Unix seconds), signed with the first key."""
     if not keys:
         raise ValueError("no signing key")
-    payload = _b64encode(json.dumps({"sid": sid, "exp": expires_at}).encode())
+    claims: dict[str, object] = (
+        {"sid": sid, "exp": expires_at}
+        if isinstance(sid, str)
+        else {"sids": list(sid), "exp": expires_at}
+    )
+    payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
     return f"{payload}.{_b64encode(_mac(keys[0], payload))}"
 
 
-def verify_subscribe_token(keys: Sequence[str], token: str, sid: str, now: float) -> SubscribeGrant:
-    """The grant of ``token`` for ``sid`` at ``now``; raises :class:`InvalidToken`."""
+def read_subscribe_token(keys: Sequence[str], token: str, now: float) -> SubscribeClaims:
+    """The sessions ``token`` lets its bearer follow at ``now``; raises :class:`InvalidToken`."""
     if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
         raise InvalidToken("invalid_token", "the subscribe token is malformed")
     payload, _, mac_text = token.partition(".")
@@ -105,13 +119,24 @@ def verify_subscribe_token(keys: Sequence[str], token: str, sid: str, now: float
         raise InvalidToken("invalid_token", "the subscribe token's signature does not match")
     try:
         claims = json.loads(_b64decode(payload))
-        granted_sid, expires_at = claims["sid"], claims["exp"]
+        expires_at = claims["exp"]
+        sids = [claims["sid"]] if "sid" in claims else claims["sids"]
     except (binascii.Error, ValueError, TypeError, KeyError):
         raise InvalidToken("invalid_token", "the subscribe token is malformed") from None
-    if not isinstance(granted_sid, str) or not isinstance(expires_at, int):
+    if (
+        not isinstance(sids, list)
+        or not all(isinstance(one, str) for one in sids)
+        or not isinstance(expires_at, int)
+    ):
         raise InvalidToken("invalid_token", "the subscribe token is malformed")
-    if granted_sid != sid:
-        raise InvalidToken("wrong_session", "the subscribe token is for another session")
     if expires_at <= now:
         raise InvalidToken("token_expired", "the subscribe token has expired")
-    return SubscribeGrant(granted_sid, expires_at)
+    return SubscribeClaims(frozenset(sids), expires_at)
+
+
+def verify_subscribe_token(keys: Sequence[str], token: str, sid: str, now: float) -> SubscribeGrant:
+    """The grant of ``token`` for ``sid`` at ``now``; raises :class:`InvalidToken`."""
+    claims = read_subscribe_token(keys, token, now)
+    if sid not in claims.sids:
+        raise InvalidToken("wrong_session", "the subscribe token is for another session")
+    return SubscribeGrant(sid, claims.expires_at)

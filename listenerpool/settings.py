@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     max_clients_per_session: int = Field(
         default=1000, ge=1, description="Event clients of one session per gateway process."
     )
+    max_sessions_per_stream: int = Field(
+        default=256,
+        ge=1,
+        le=4096,
+        description="Sessions one multiplexed connection (/v1/stream) may follow at once.",
+    )
     api_rate: float = Field(
         # High enough for a backend bringing thousands of sessions up at once; the limit is
         # there to stop a runaway caller, not to shape normal traffic.
