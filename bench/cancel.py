@@ -36,25 +36,33 @@ import math
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
-from density import (
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
     BenchError,
     Children,
-    count_states,
+    Rig,
+    Sessions,
+    bench_parser,
+    cpu_seconds,
+    figure,
+    flush,
     machine_line,
+    percentile,
+    plain_client,
+    print_log_patterns,
     run_guarded,
-    verdict,
-    worker_env,
+    scan_worker_log,
+    start_worker,
 )
+from rig_upstreams import HEARTBEAT
 
 if TYPE_CHECKING:
     import psutil
@@ -65,12 +73,10 @@ if TYPE_CHECKING:
 WORKER_ID = "bench-cancel"
 LEASE_TTL = 10.0
 RATE = 1.0  # events/s per listening stream
-HEARTBEAT = 15.0
 BACKOFF = 30.0  # LP_BACKOFF_BASE and LP_BACKOFF_CAP of the backoff variant
 COUNT_LISTENING = 1000
 COUNT_BACKOFF = 200
 TARGET_MS = 50.0
-CLAIM_BATCH = 64
 TIMEOUT = 15.0  # a cancel not seen done by then counts as missed (infinite latency)
 VARIANTS = ("listening", "backoff")
 
@@ -230,7 +236,6 @@ def run_variant(
     log_dir: Path,
 ) -> VariantResult:
     import psutil
-    import redis
 
     from listenerpool import keys
 
@@ -240,35 +245,28 @@ def run_variant(
     if variant == "backoff":
         for sid in sids:  # before the claims: the first connection already gets the 500
             upstream.configure(sid, mode="status:500")
-    env = worker_env(redis_url, max(count, opts.capacity), opts.lease_ttl)
-    env["LP_WORKER_ID"] = WORKER_ID
-    if variant == "backoff":
-        env.update(LP_BACKOFF_BASE=str(opts.backoff), LP_BACKOFF_CAP=str(opts.backoff))
-    sync = redis.Redis.from_url(redis_url)
+    backoff = {"LP_BACKOFF_BASE": str(opts.backoff), "LP_BACKOFF_CAP": str(opts.backoff)}
+    flush(redis_url)
+    proc = start_worker(
+        children, redis_url, worker_id=WORKER_ID, capacity=max(count, opts.capacity),
+        lease_ttl=opts.lease_ttl, log_path=Path(result.log_path),
+        extra_env=backoff if variant == "backoff" else None,
+    )  # fmt: skip
+    sync = plain_client(redis_url)
     try:
-        sync.flushall()
-        with open(result.log_path, "wb") as log:
-            proc = children.spawn([sys.executable, "-m", "workers"], env=env, log=log)
-        try:
-            deadline = time.monotonic() + 30
-            while not sync.exists(keys.worker_key(WORKER_ID)):
-                if proc.poll() is not None:
-                    raise BenchError(f"worker exited with {proc.returncode}: see {log.name}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"worker did not register within 30s: see {log.name}")
-                time.sleep(0.05)
-            process = psutil.Process(proc.pid)
-            asyncio.run(_drive(result, sids, process, proc, upstream, redis_url, opts))
-            if proc.poll() is not None:
-                raise BenchError(f"worker died with {proc.returncode}: see {log.name}")
-            load = sync.hget(keys.worker_key(WORKER_ID), "load")
-            result.worker_load_after = load.decode() if isinstance(load, bytes) else "?"
-        finally:
-            result.drain_seconds = Children.stop(proc, timeout=30)
-            result.worker_exit = proc.returncode
+        process = psutil.Process(proc.pid)
+        asyncio.run(_drive(result, sids, process, proc, upstream, redis_url, opts))
+        if proc.poll() is not None:
+            raise BenchError(f"worker died with {proc.returncode}: see {result.log_path}")
+        load = sync.hget(keys.worker_key(WORKER_ID), "load")
+        result.worker_load_after = load.decode() if isinstance(load, bytes) else "?"
     finally:
+        result.drain_seconds = Children.stop(proc, timeout=30)
+        result.worker_exit = proc.returncode
         sync.close()
-    scan_log(result)
+    result.log_levels, result.log_patterns = scan_worker_log(
+        result.log_path, _VARIABLE, lambda m: "<sid>" if m["sid"] else "#"
+    )
     return result
 
 
@@ -281,39 +279,19 @@ async def _drive(
     redis_url: str,
     opts: argparse.Namespace,
 ) -> None:
-    from listenerpool import keys
-    from listenerpool.connections import async_redis, listen_queue, sync_redis
-    from listenerpool.control import SessionControl
-    from listenerpool.settings import load_settings
-
     variant, count = result.variant, result.count
     want = "listening" if variant == "listening" else "backoff"
-    state_keys = [keys.SessionKeys(sid).state for sid in sids]
-    settings = load_settings(redis_url=redis_url, lease_ttl=opts.lease_ttl)
-    aredis = async_redis(settings)
-    sync = sync_redis(settings)
+    sessions = Sessions(redis_url, lease_ttl=opts.lease_ttl)
     try:
-        control = SessionControl(aredis, listen_queue(sync, settings), settings)
         started = time.monotonic()
-        for start in range(0, count, CLAIM_BATCH):
-            chunk = sids[start : start + CLAIM_BATCH]
-            claims = await asyncio.gather(*(control.claim(s, upstream.url(s)) for s in chunk))
-            result.claims.update(c.outcome.value for c in claims)
-        deadline = started + opts.bringup_timeout
-        states: Counter[str] = Counter()
-        while states[want] < count:
-            if proc.poll() is not None:
-                raise BenchError(f"worker exited with {proc.returncode} during bring-up")
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{variant}: only {states[want]}/{count} {want} after "
-                    f"{opts.bringup_timeout:g}s: {dict(states)}"
-                )
-            await asyncio.sleep(0.25)
-            states = await count_states(aredis, state_keys)
+        result.claims = await sessions.claim(sids, upstream.url)
+        await sessions.wait_for(
+            sids, timeout=opts.bringup_timeout, state=want, alive=lambda: proc.poll() is None,
+            since=started,
+        )  # fmt: skip
         result.bringup_seconds = time.monotonic() - started
         await asyncio.sleep(opts.settle)  # let the bring-up's work (first events, logs) pass
-        result.states_before = await count_states(aredis, state_keys)
+        result.states_before = await sessions.states(sids)
         print(
             f"  {variant}: {count} sessions {want} after {result.bringup_seconds:.1f}s "
             f"({dict(result.states_before)}); cancelling {opts.concurrency} at a time",
@@ -322,67 +300,35 @@ async def _drive(
         watcher: Watcher = (
             DisconnectWatcher(opts.poll, upstream)
             if variant == "listening"
-            else StoppedWatcher(opts.poll, aredis)
+            else StoppedWatcher(opts.poll, sessions.redis)
         )
-        cpu_before = _cpu_seconds(process)
+        cpu_before = cpu_seconds(process)
         started = time.monotonic()
-        await cancel_all(control, sids, watcher, opts.concurrency, result)
+        await cancel_all(sessions.control, sids, watcher, opts.concurrency, result)
         result.cancel_seconds = time.monotonic() - started
-        busy = _cpu_seconds(process) - cpu_before
+        busy = cpu_seconds(process) - cpu_before
         result.worker_cpu_percent = 100 * busy / max(result.cancel_seconds, 1e-9)
         # One renewal round later the worker's heartbeat reports its load.
-        await asyncio.sleep(settings.renew_interval + 0.5)
-        result.states_after = await count_states(aredis, state_keys)
+        await asyncio.sleep(sessions.settings.renew_interval + 0.5)
+        result.states_after = await sessions.states(sids)
         result.upstream_open_after = sum(upstream.stats(s).concurrent for s in sids)
     finally:
-        await aredis.aclose()
-        sync.close()
+        await sessions.aclose()
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-_LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 _VARIABLE = re.compile(r"(?P<sid>\b(listening|backoff)-\d+)|\d+(\.\d+)?")
-
-
-def scan_log(result: VariantResult) -> None:
-    """Count the worker's log lines by level and its warnings/errors by message shape."""
-    with open(result.log_path, encoding="utf-8", errors="replace") as log:
-        for line in log:
-            if line.startswith("Traceback"):
-                result.log_levels["TRACEBACK"] += 1
-                continue
-            match = _LOG_LINE.match(line.rstrip("\n"))
-            if match is None:
-                continue
-            level, logger, message = match.groups()
-            result.log_levels[level] += 1
-            if level not in ("DEBUG", "INFO"):
-                shape = _VARIABLE.sub(lambda m: "<sid>" if m["sid"] else "#", message)
-                result.log_patterns[f"{level} {logger}: {shape[:160]}"] += 1
 
 
 # ============================================================================================
 # Report
 # ============================================================================================
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of ``values``; inf sorts last."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
 def ms(seconds: float) -> str:
     return "timeout" if math.isinf(seconds) else f"{seconds * 1000:.1f}"
 
 
 def spread(values: Sequence[float]) -> str:
     return "  ".join(
-        f"{name} {ms(percentile(values, q)):>7}"
+        f"{name} {ms(percentile(values, q, math.nan)):>7}"
         for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
     )
 
@@ -415,15 +361,16 @@ def print_report(results: Sequence[VariantResult], opts: argparse.Namespace, mac
             f"  worker stopped in {r.drain_seconds:.1f}s, exit {r.worker_exit}; log "
             f"{dict(r.log_levels)} ({r.log_path})"
         )
-        for pattern, n in r.log_patterns.most_common(8):
-            print(f"    {n:>6} x {pattern}")
+        print_log_patterns(r.log_patterns)
     print()
     for r in results:
-        p99 = percentile(r.latencies, 99)
+        p99 = percentile(r.latencies, 99, math.nan)
         ok = p99 * 1000 <= opts.target_ms and r.missed == 0 and r.unknown == 0
-        print(
-            f"cancel_p99_{r.variant}: {ms(p99)} ms (target <= {opts.target_ms:g} ms over "
-            f"{len(r.latencies)} cancels) {verdict(ok)}"
+        figure(
+            f"cancel_p99_{r.variant}",
+            f"{ms(p99)} ms",
+            f"target <= {opts.target_ms:g} ms over {len(r.latencies)} cancels",
+            ok,
         )
 
 
@@ -442,7 +389,7 @@ def write_csv(path: str, results: Sequence[VariantResult]) -> None:
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--variant", choices=(*VARIANTS, "both"), default="both")
     parser.add_argument(
         "--count",
@@ -471,19 +418,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
-@contextlib.contextmanager
-def log_directory(given: str) -> Iterator[Path]:
-    if given:
-        path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="lp-cancel-") as tmp:
-            yield Path(tmp)
-
-
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
     from listenerpool.testing.upstream import SSEUpstream
 
     variants = VARIANTS if opts.variant == "both" else (opts.variant,)
@@ -495,31 +430,24 @@ def run(opts: argparse.Namespace) -> int:
         f"events/s, lease ttl {opts.lease_ttl:g}s, {machine}",
         flush=True,
     )
-    children = Children()
-    server = RedisServer()
-    upstream = SSEUpstream(rate=opts.rate, heartbeat=HEARTBEAT)
     results: list[VariantResult] = []
-    try:
-        server.start()
-        upstream.start()
+    with Rig(opts.log_dir, "lp-cancel-") as rig:
+        server = rig.redis()
+        upstream = rig.start(SSEUpstream(rate=opts.rate, heartbeat=HEARTBEAT))
         print(f"redis {server.url}, upstream 127.0.0.1:{upstream.port} (in-process)", flush=True)
-        with log_directory(opts.log_dir) as log_dir:
-            for variant in variants:
-                print(f"{variant}: worker + {counts[variant]} sessions", flush=True)
-                results.append(
-                    run_variant(
-                        children, upstream, server.url, variant, counts[variant], opts, log_dir
-                    )
+        for variant in variants:
+            print(f"{variant}: worker + {counts[variant]} sessions", flush=True)
+            results.append(
+                run_variant(
+                    rig.children, upstream, server.url, variant, counts[variant], opts,
+                    rig.log_dir,
                 )
-            print_report(results, opts, machine)
-            if opts.csv:
-                write_csv(opts.csv, results)
-            if not opts.log_dir:
-                print("(worker logs were in a temporary directory; keep them with --log-dir)")
-    finally:
-        children.close()
-        upstream.stop()
-        server.stop()
+            )  # fmt: skip
+        print_report(results, opts, machine)
+        if opts.csv:
+            write_csv(opts.csv, results)
+        if not opts.log_dir:
+            print("(worker logs were in a temporary directory; keep them with --log-dir)")
     return 0
 
 

@@ -25,8 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-# bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
-from density import BenchError, machine_line, run_guarded
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import BenchError, machine_line, run_guarded
 
 from listenerpool.testing.harness.faults import KINDS
 from listenerpool.testing.harness.soak import SoakConfig, run_soak

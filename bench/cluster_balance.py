@@ -5,9 +5,9 @@ A local cluster (``listenerpool.testing.harness.redis_cluster``: 3 primaries wit
 free loopback ports), ``--workers`` (2) ``python -m workers`` on it, and ``--sessions`` (3,000)
 sessions claimed through :class:`SessionControl` (the gateway's claim path), with uuid4-hex ids
 (``--ids uuid``) or ``user-1``, ``user-2``, ... (``--ids sequential``). The upstream
-(``rig.py _firehose``, its own process) sends ``--rate`` (1) events/s per session, one per
-write, ~160 bytes each; ``--rate 0`` gives idle streams (``density.py``'s upstream, heartbeats
-only).
+(``rig_upstreams.py _firehose``, its own process) sends ``--rate`` (1) events/s per session,
+one per write, ~160 bytes each; ``--rate 0`` gives idle streams (``rig_upstreams.py
+_upstream``, heartbeats only).
 
 Once every session listens, and after ``--warmup`` (3 s), the bench reads each primary's
 ``INFO`` at the start and end of a ``--seconds`` (10 s) window. Per primary it reports:
@@ -44,29 +44,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from density import (
-    HEARTBEAT,
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
+    STATE_CHUNK,
     BenchError,
     Children,
-    UpstreamProcess,
-    log_directory,
-    machine_line,
-    run_guarded,
-    verdict,
-)
-from rig import (
-    PAYLOAD_BYTES,
-    FirehoseProcess,
+    Rig,
+    bench_parser,
     claim_and_wait,
     cpu_seconds,
+    figure,
+    machine_line,
     plain_client,
+    run_guarded,
     start_worker,
 )
+from rig_upstreams import PAYLOAD_BYTES, FirehoseProcess, UpstreamProcess
 
 SESSIONS = 3000
 LEASE_TTL = 10.0
 TOLERANCE = 0.10
-STATE_CHUNK = 2000
 
 
 # ============================================================================================
@@ -184,7 +181,7 @@ def measure(cluster: Any, opts: argparse.Namespace, children: Children, log_dir:
             children, rate=opts.rate, chunk=1, payload=opts.payload_bytes
         )
     else:
-        upstream = UpstreamProcess(children, HEARTBEAT)
+        upstream = UpstreamProcess(children)
     workers = [
         start_worker(
             children,
@@ -298,21 +295,29 @@ def print_report(result: Result, opts: argparse.Namespace, machine: str) -> bool
         values = [float(value_of(p)) for p in result.primaries]
         high, low = spread(values)
         shown = " / ".join(f"{v:,.0f}" if v >= 100 else f"{v:,.3g}" for v in values)
-        line = f"balance_{name}: {high:+.1%} / {low:+.1%} of the mean ({what}: {shown}; "
+        value = f"{high:+.1%} / {low:+.1%} of the mean"
         if judged:
             met = high <= opts.tolerance and low >= -opts.tolerance
             ok = ok and met
-            print(f"{line}target within +-{opts.tolerance:.0%}) {verdict(met)}")
+            target = f"{what}: {shown}; target within +-{opts.tolerance:.0%}"
+            figure(f"balance_{name}", value, target, met)
         else:
             buckets = sum(p.buckets for p in result.primaries)
-            print(f"{line}info: {buckets} buckets over {len(result.primaries)} primaries)")
-    print(f"bringup_seconds: {result.bringup:.1f} (info)")
-    print(f"events_per_s: {result.events / result.seconds:,.0f} (info)")
+            note = (
+                f"{what}: {shown}; info: {buckets} buckets over {len(result.primaries)} primaries"
+            )
+            figure(f"balance_{name}", value, note)
+    figure("bringup_seconds", f"{result.bringup:.1f}")
+    figure("events_per_s", f"{result.events / result.seconds:,.0f}")
     if result.events:
         worker_us = result.worker_cpu / 100 * result.seconds / result.events * 1e6
         redis_us = sum(p.cpu for p in result.primaries) / result.events * 1e6
-        print(f"worker_cpu_per_event: {worker_us:.0f} us (info; renewals included)")
-        print(f"redis_cpu_per_event: {redis_us:.1f} us (info; all primaries, renewals included)")
+        figure("worker_cpu_per_event", f"{worker_us:.0f} us", "info; renewals included")
+        figure(
+            "redis_cpu_per_event",
+            f"{redis_us:.1f} us",
+            "info; all primaries, renewals included",
+        )
     return ok
 
 
@@ -320,7 +325,7 @@ def print_report(result: Result, opts: argparse.Namespace, machine: str) -> bool
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="sessions (3000)")
     parser.add_argument(
         "--ids",
@@ -365,19 +370,15 @@ def run(opts: argparse.Namespace) -> int:
         f"{load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )
-    children = Children()
-    cluster = RedisClusterNodes(primaries=3, replicas=1, node_timeout_ms=opts.node_timeout)
-    try:
-        cluster.start()
+    with Rig(opts.log_dir, "lp-density-") as rig:
+        cluster = rig.start(
+            RedisClusterNodes(primaries=3, replicas=1, node_timeout_ms=opts.node_timeout)
+        )
         with cluster.client(cluster.primary_ports()[0]) as c:
             machine += f", Redis {c.info('server').get('redis_version', '?')}"
         print(f"  cluster {cluster.url}", flush=True)
-        with log_directory(opts.log_dir) as log_dir:
-            result = measure(cluster, opts, children, log_dir)
+        result = measure(cluster, opts, rig.children, rig.log_dir)
         ok = print_report(result, opts, machine)
-    finally:
-        children.close()
-        cluster.stop()
     return 0 if ok else 1
 
 

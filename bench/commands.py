@@ -1,7 +1,8 @@
 """Redis commands per published event, counted by Redis itself (``MONITOR``).
 
-A private ``redis-server``, the upstream (``rig.py _firehose``) and one ``python -m workers``
-holding ``--sessions`` (100) sessions, in two phases with a fresh worker each:
+A private ``redis-server``, the upstream (``rig_upstreams.py _firehose``) and one
+``python -m workers`` holding ``--sessions`` (100) sessions, in two phases with a fresh worker
+each:
 
 - **burst**: every stream writes ``--chunk`` events per write as fast as the worker reads;
 - **trickle**: ``--trickle-rate`` events/s per session (1), one event per write.
@@ -21,20 +22,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from density import BenchError, Children, machine_line, run_guarded, verdict
-from rig import FirehoseProcess, claim_and_wait, redis_version, start_worker
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
+    BenchError,
+    Children,
+    Rig,
+    bench_parser,
+    claim_and_wait,
+    figure,
+    flush,
+    machine_line,
+    redis_version,
+    run_guarded,
+    start_worker,
+)
+from rig_upstreams import FirehoseProcess
 
 SESSIONS = 100
 SECONDS = 5.0
@@ -84,14 +97,11 @@ def count_monitor(path: Path, phase: Phase, sha: str) -> None:
 
 
 def run_phase(
-    name: str, children: Children, server: object, opts: argparse.Namespace, log_dir: Path
+    name: str, children: Children, server: Any, opts: argparse.Namespace, log_dir: Path
 ) -> Phase:
-    import redis
-
-    url, port = server.url, server.port  # type: ignore[attr-defined]
+    url, port = server.url, server.port
     phase = Phase(name)
-    client = redis.Redis.from_url(url)
-    client.flushall()
+    flush(url)
     rate = 0.0 if name == "burst" else opts.trickle_rate
     upstream = FirehoseProcess(children, rate=rate, chunk=opts.chunk if not rate else 1)
     worker = start_worker(
@@ -123,7 +133,6 @@ def run_phase(
             Children.stop(monitor)
         Children.stop(worker, timeout=10)
         Children.stop(upstream.proc)
-        client.close()
     return phase
 
 
@@ -142,18 +151,22 @@ def print_report(phases: Sequence[Phase], opts: argparse.Namespace, machine: str
     print()
     for p in phases:
         ok = p.calls_per_event <= 1.0 and (p.name != "burst" or p.calls_per_event < 0.5)
-        print(
-            f"publish_calls_per_event_{p.name}: {p.calls_per_event:.3f} ({p.publish_calls:,} calls "
-            f"/ {p.events:,} events; target <= 1 round trip, batched when bursty) {verdict(ok)}"
+        figure(
+            f"publish_calls_per_event_{p.name}",
+            f"{p.calls_per_event:.3f}",
+            f"{p.publish_calls:,} calls / {p.events:,} events; target <= 1 round trip, batched "
+            "when bursty",
+            ok,
         )
-        print(
-            f"client_commands_per_event_{p.name}: {p.client_per_event:.3f} (info; every client "
-            "command, renewals, heartbeats and job polls included)"
+        figure(
+            f"client_commands_per_event_{p.name}",
+            f"{p.client_per_event:.3f}",
+            "info; every client command, renewals, heartbeats and job polls included",
         )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(100)")
     parser.add_argument("--seconds", type=float, default=SECONDS, help="MONITOR window (5)")
     parser.add_argument("--chunk", type=int, default=16, help="burst: events per write (16)")
@@ -163,31 +176,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
-
-    children = Children()
-    server = RedisServer()
     phases: list[Phase] = []
-    try:
-        server.start()
+    with Rig(opts.log_dir, "lp-cmd-") as rig:
+        server = rig.redis()
         machine = f"{machine_line()}, Redis {redis_version(server.url)}"
         print(f"commands bench: {machine}", flush=True)
-        with contextlib.ExitStack() as stack:
-            if opts.log_dir:
-                log_dir = Path(opts.log_dir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-cmd-")))
-            for name in ("burst", "trickle"):
-                phase = run_phase(name, children, server, opts, log_dir)
-                print(
-                    f"  {name}: {phase.events:,} events, {phase.publish_calls:,} calls", flush=True
-                )
-                phases.append(phase)
+        for name in ("burst", "trickle"):
+            phase = run_phase(name, rig.children, server, opts, rig.log_dir)
+            print(f"  {name}: {phase.events:,} events, {phase.publish_calls:,} calls", flush=True)
+            phases.append(phase)
         print_report(phases, opts, machine)
-    finally:
-        children.close()
-        server.stop()
     return 0
 
 

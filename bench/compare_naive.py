@@ -35,15 +35,31 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from density import BenchError, Children, machine_line, read_line, run_guarded, send_line
-from rig import claim_and_wait, percentile, start_worker
+# bench/ is sys.path[0] when this file runs as a script (and on an rq worker's PYTHONPATH).
+from rig import (
+    BenchError,
+    Children,
+    Rig,
+    Sessions,
+    bench_parser,
+    claim_and_wait,
+    figure,
+    flush,
+    machine_line,
+    percentile,
+    read_line,
+    run_guarded,
+    send_line,
+    start_gateway,
+    start_worker,
+)
+from rig_upstreams import SSE_HEAD
 
 HERE = Path(__file__).resolve().parent
 SESSIONS = 30
@@ -54,10 +70,8 @@ RATE = 10.0  # events/s per session
 RQ_LISTENERS = 20
 HOLD = 5.0
 LEASE_TTL = 10.0
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Connection: close\r\n\r\n"
-)
+# As ramp.py's gateway: the bench measures the designs, not the API's throttling.
+GATEWAY_ENV = {"LP_LEASE_TTL": str(LEASE_TTL), "LP_API_RATE": "0"}
 
 
 # ============================================================================================
@@ -147,13 +161,10 @@ async def _upstream(events: int, rate: float) -> int:
 
 class RunnerProcess:
     def __init__(self, children: Children, events: int, rate: float) -> None:
-        self.proc = children.spawn(
-            [sys.executable, __file__, "_upstream", "--events", str(events), "--rate", str(rate)]
+        self.proc, self.port = children.spawn_server(
+            [sys.executable, __file__, "_upstream", "--events", str(events), "--rate", str(rate)],
+            "upstream",
         )
-        words = read_line(self.proc, 30, "upstream start").split()
-        if len(words) != 2 or words[0] != "port":
-            raise BenchError(f"upstream start: unexpected {words!r}")
-        self.port = int(words[1])
 
     def url(self, sid: str) -> str:
         return f"http://127.0.0.1:{self.port}/events/{sid}"
@@ -323,8 +334,6 @@ def run_split_naive(children: Children, opts: argparse.Namespace) -> SplitResult
 def run_split_pool(
     children: Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> SplitResult:
-    from ramp import start_gateway
-
     runner = RunnerProcess(children, opts.events, opts.rate)
     procs = [runner.proc]
     try:
@@ -335,7 +344,9 @@ def run_split_pool(
         procs.append(worker)
         ports = []
         for r in range(opts.replicas):
-            gateway, port = start_gateway(children, redis_url, log_dir / f"gateway-{r}.log")
+            gateway, port = start_gateway(
+                children, redis_url, log_dir / f"gateway-{r}.log", GATEWAY_ENV
+            )
             procs.append(gateway)
             ports.append(port)
         sids = [f"split-{i}" for i in range(opts.sessions)]
@@ -350,21 +361,11 @@ def run_split_pool(
 
 
 async def _wait_listening(redis_url: str, sids: Sequence[str]) -> None:
-    import redis.asyncio as aioredis
-    from density import count_states
-
-    from listenerpool import keys
-
-    client = aioredis.Redis.from_url(redis_url)
+    sessions = Sessions(redis_url)
     try:
-        deadline = time.monotonic() + 60
-        state_keys = [keys.SessionKeys(sid).state for sid in sids]
-        while (await count_states(client, state_keys))["listening"] < len(sids):
-            if time.monotonic() > deadline:
-                raise BenchError("pool: sessions not listening within 60s")
-            await asyncio.sleep(0.05)
+        await sessions.wait_for(sids, timeout=60)
     finally:
-        await client.aclose()
+        await sessions.aclose()
 
 
 def _wait_port(port: int) -> None:
@@ -480,14 +481,11 @@ def run_rq(
 def run_pool_listeners(
     children: Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> ListenerCost:
-    import redis
-
     cost = ListenerCost("pool", opts.rq_listeners)
     runner = RunnerProcess(children, 0, 1.0)
-    sync = redis.Redis.from_url(redis_url)
     worker = None
     try:
-        sync.flushall()
+        flush(redis_url)
         worker = start_worker(
             children, redis_url, worker_id="bench-naive-b", capacity=opts.rq_listeners + 64,
             lease_ttl=LEASE_TTL, log_path=log_dir / "worker-b.log",
@@ -502,7 +500,6 @@ def run_pool_listeners(
         if worker is not None:
             Children.stop(worker, timeout=10)
         Children.stop(runner.proc)
-        sync.close()
     return cost
 
 
@@ -552,36 +549,40 @@ def print_report(
     print()
     by = {r.name: r for r in split}
     naive, pool = by["naive"], by["pool"]
-    print(
-        f"naive_a_upstream_conns_per_session: {naive.mean_conns:.2f} (pool {pool.mean_conns:.2f}; "
-        f"{naive.mean_conns / max(pool.mean_conns, 1e-9):.1f}x the upstream connections) (info)"
+    figure(
+        "naive_a_upstream_conns_per_session",
+        f"{naive.mean_conns:.2f} (pool {pool.mean_conns:.2f}; "
+        f"{naive.mean_conns / max(pool.mean_conns, 1e-9):.1f}x the upstream connections)",
     )
-    print(
-        f"naive_a_complete_clients: {naive.complete_clients}/{naive.clients} saw every event "
-        f"(pool {pool.complete_clients}/{pool.clients}) (info)"
+    figure(
+        "naive_a_complete_clients",
+        f"{naive.complete_clients}/{naive.clients} saw every event "
+        f"(pool {pool.complete_clients}/{pool.clients})",
     )
-    print(
-        f"naive_a_events_seen_p50: {percentile(naive.seen_share, 50):.0%} per client "
-        f"(pool {percentile(pool.seen_share, 50):.0%}) (info)"
+    figure(
+        "naive_a_events_seen_p50",
+        f"{percentile(naive.seen_share, 50):.0%} per client "
+        f"(pool {percentile(pool.seen_share, 50):.0%})",
     )
     cost = {c.name: c for c in costs}
     rq_cost, pool_cost = cost["rq"], cost["pool"]
-    print(
-        f"naive_b_memory_per_listener: {rq_cost.per_listener / 1024:.0f} KB (pool "
-        f"{pool_cost.per_listener / 1024:.0f} KB at {opts.rq_listeners} listeners incl. the "
-        f"worker's base; rq / pool = {rq_cost.per_listener / max(pool_cost.per_listener, 1):.0f}x)"
-        " (info)"
+    figure(
+        "naive_b_memory_per_listener",
+        f"{rq_cost.per_listener / 1024:.0f} KB (pool {pool_cost.per_listener / 1024:.0f} KB at "
+        f"{opts.rq_listeners} listeners incl. the worker's base; rq / pool = "
+        f"{rq_cost.per_listener / max(pool_cost.per_listener, 1):.0f}x)",
     )
     rq_p50 = percentile(rq_cost.start_latencies, 50)
     pool_p50 = percentile(pool_cost.start_latencies, 50)
-    print(
-        f"naive_b_start_p50: {rq_p50 * 1000:.0f} ms (pool {pool_p50 * 1000:.0f} ms; rq / pool = "
-        f"{rq_p50 / max(pool_p50, 1e-9):.1f}x) (info)"
+    figure(
+        "naive_b_start_p50",
+        f"{rq_p50 * 1000:.0f} ms (pool {pool_p50 * 1000:.0f} ms; rq / pool = "
+        f"{rq_p50 / max(pool_p50, 1e-9):.1f}x)",
     )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     up = sub.add_parser("_upstream")
     up.add_argument("--events", type=int, required=True)
@@ -600,32 +601,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
-
-    children = Children()
-    server = RedisServer()
-    try:
-        server.start()
+    with Rig(opts.log_dir, "lp-nv-") as rig:
+        server = rig.redis()
         machine = machine_line()
         print(f"compare_naive bench: {machine}", flush=True)
-        with contextlib.ExitStack() as stack:
-            if opts.log_dir:
-                log_dir = Path(opts.log_dir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-nv-")))
-            print("(a) naive replicas", flush=True)
-            naive = run_split_naive(children, opts)
-            print("(a) pool", flush=True)
-            pool = run_split_pool(children, server.url, opts, log_dir)
-            print("(b) rq forking workers", flush=True)
-            rq_cost = run_rq(children, server.url, opts, log_dir)
-            print("(b) pool", flush=True)
-            pool_cost = run_pool_listeners(children, server.url, opts, log_dir)
+        children, log_dir = rig.children, rig.log_dir
+        print("(a) naive replicas", flush=True)
+        naive = run_split_naive(children, opts)
+        print("(a) pool", flush=True)
+        pool = run_split_pool(children, server.url, opts, log_dir)
+        print("(b) rq forking workers", flush=True)
+        rq_cost = run_rq(children, server.url, opts, log_dir)
+        print("(b) pool", flush=True)
+        pool_cost = run_pool_listeners(children, server.url, opts, log_dir)
         print_report([naive, pool], [rq_cost, pool_cost], opts, machine)
-    finally:
-        children.close()
-        server.stop()
     return 0
 
 

@@ -26,21 +26,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from density import BenchError, Children, machine_line, read_line, run_guarded, verdict
-from rig import claim_and_wait, percentile, plain_client, start_worker
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
+    BenchError,
+    Children,
+    Rig,
+    bench_parser,
+    claim_and_wait,
+    figure,
+    machine_line,
+    percentile,
+    plain_client,
+    run_guarded,
+    start_worker,
+)
+from rig_upstreams import HEARTBEAT, UpstreamProcess
 
 SESSIONS = 200
 RATE = 1.0  # events/s per session: enough to see the first event after a take-over, cheap
-HEARTBEAT = 15.0
 
 
 def redis_version() -> str:
@@ -49,40 +58,6 @@ def redis_version() -> str:
     out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
     word = next((w for w in out.split() if w.startswith("v=")), "v=?")
     return f"Redis {word[2:]}"
-
-
-# ============================================================================================
-# The upstream child (run as `failover.py _upstream`)
-# ============================================================================================
-def upstream_child(rate: float, heartbeat: float) -> int:
-    """Serve numbered event streams until stdin closes or says ``quit``."""
-    from listenerpool.testing.upstream import SSEUpstream
-
-    upstream = SSEUpstream(rate=rate, heartbeat=heartbeat)
-    upstream.start()
-    print(f"port {upstream.port}", flush=True)
-    try:
-        for line in sys.stdin:
-            if line.strip() == "quit":
-                break
-    finally:
-        upstream.stop()
-    return 0
-
-
-class EventUpstream:
-    def __init__(self, children: Children, rate: float) -> None:
-        self.proc = children.spawn(
-            [sys.executable, __file__, "_upstream", "--rate", str(rate),
-             "--heartbeat", str(HEARTBEAT)]
-        )  # fmt: skip
-        words = read_line(self.proc, 30, "upstream start").split()
-        if len(words) != 2 or words[0] != "port":
-            raise BenchError(f"upstream start: unexpected {words!r}")
-        self.port = int(words[1])
-
-    def url(self, sid: str) -> str:
-        return f"http://127.0.0.1:{self.port}/events/{sid}"
 
 
 # ============================================================================================
@@ -160,15 +135,13 @@ async def watch(
         await client.aclose()
 
 
-def run_ttl(ttl: float, children: Children, opts: argparse.Namespace, log_dir: Path) -> Result:
-    from listenerpool.testing.redis_server import RedisServer
-
+def run_ttl(ttl: float, rig: Rig, opts: argparse.Namespace) -> Result:
     result = Result(ttl, opts.sessions)
-    server = RedisServer()
+    children, log_dir = rig.children, rig.log_dir
     procs = []
+    server = rig.redis()  # one per TTL, stopped with it
     try:
-        server.start()
-        upstream = EventUpstream(children, opts.rate)
+        upstream = UpstreamProcess(children, HEARTBEAT, opts.rate)
         procs.append(upstream.proc)
         worker_a = start_worker(
             children, server.url, worker_id="bench-fo-a", capacity=opts.sessions + 64,
@@ -234,28 +207,25 @@ def print_report(results: Sequence[Result], opts: argparse.Namespace, machine: s
     print()
     for r in results:
         target = r.ttl + 1.0
-        print(
-            f"failover_p99_ttl{r.ttl:g}: {r.p99:.2f} s (target <= {target:g} s = lease ttl + 1 s; "
-            f"{r.missing} not resumed) {verdict(r.p99 <= target)}"
+        figure(
+            f"failover_p99_ttl{r.ttl:g}",
+            f"{r.p99:.2f} s",
+            f"target <= {target:g} s = lease ttl + 1 s; {r.missing} not resumed",
+            r.p99 <= target,
         )
         first = percentile(r.first_event, 99) if not (r.missing or r.silent) else float("inf")
-        print(
-            f"failover_first_event_p99_ttl{r.ttl:g}: {first:.2f} s "
-            f"(kill -> first event from the new owner; {r.silent} silent) (info)"
+        figure(
+            f"failover_first_event_p99_ttl{r.ttl:g}",
+            f"{first:.2f} s (kill -> first event from the new owner; {r.silent} silent)",
         )
-        print(
-            f"failover_handover_p99_ttl{r.ttl:g}: {percentile(r.handover, 99):.2f} s "
-            f"(lease lapse -> listening) (info)"
+        figure(
+            f"failover_handover_p99_ttl{r.ttl:g}",
+            f"{percentile(r.handover, 99):.2f} s (lease lapse -> listening)",
         )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="child")  # internal: the upstream child
-    up = sub.add_parser("_upstream")
-    up.add_argument("--rate", type=float, default=RATE)
-    up.add_argument("--heartbeat", type=float, default=HEARTBEAT)
-
+    parser = bench_parser(__doc__)
     parser.add_argument("--ttls", default="3,10", help="lease TTLs in s (3,10)")
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(200)")
     parser.add_argument("--rate", type=float, default=RATE, help="events/s per session (1)")
@@ -264,8 +234,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="give up after (60 s)")
     parser.add_argument("--log-dir", default="", help="keep worker logs here")
     opts = parser.parse_args(argv)
-    if opts.child:
-        return opts
     if opts.rate <= 0:
         parser.error("--rate must be > 0: the first event after the take-over is measured")
     try:
@@ -276,30 +244,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    children = Children()
     results: list[Result] = []
-    try:
+    with Rig(opts.log_dir, "lp-fo-") as rig:
         machine = f"{machine_line()}, {redis_version()}"
-        with contextlib.ExitStack() as stack:
-            if opts.log_dir:
-                log_dir = Path(opts.log_dir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-fo-")))
-            for ttl in opts.ttl_list:
-                print(f"ttl {ttl:g}s: {opts.sessions} sessions", flush=True)
-                results.append(run_ttl(ttl, children, opts, log_dir))
+        for ttl in opts.ttl_list:
+            print(f"ttl {ttl:g}s: {opts.sessions} sessions", flush=True)
+            results.append(run_ttl(ttl, rig, opts))
         print_report(results, opts, machine)
-    finally:
-        children.close()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
-    if opts.child == "_upstream":
-        return upstream_child(opts.rate, opts.heartbeat)
-    return run_guarded(run, opts)
+    return run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

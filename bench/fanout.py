@@ -59,28 +59,37 @@ import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# bench/ is sys.path[0] when this file runs as a script: the density bench's helpers.
-from density import (
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
+    ROOT,
     BenchError,
     Children,
-    count_states,
+    Rig,
+    bench_parser,
+    check_fd_limit,
+    claim_and_wait,
+    cpu_seconds,
+    figure,
+    flush,
+    load_average,
     machine_line,
     read_line,
     run_guarded,
     send_line,
-    verdict,
-    worker_env,
+    start_gateway,
+    start_worker,
+    wait_gateway,
+    wait_worker,
 )
+from rig_upstreams import PAYLOAD_BYTES, SSE_HEAD
 
 if TYPE_CHECKING:
     import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
 
 WORKER_ID = "bench-fanout"
 LEASE_TTL = 10.0
@@ -88,20 +97,14 @@ CLIENTS_A = 1000
 SESSIONS_B = 1000
 RATE_A = 10.0  # events/s of shape a's one session (x 1,000 clients = 10,000 deliveries/s)
 RATE_B = 1.0  # events/s per session of shape b (x 1,000 sessions = 1,000 events/s)
-PAYLOAD_BYTES = 160  # the upstream's event data (SSEUpstream's default size)
 SECONDS = 10.0
 WARMUP = 3.0
 CONNECT_BATCH = 100  # WebSocket handshakes / subscriptions in flight while connecting
-CLAIM_BATCH = 64
 TARGET_RATIO = 0.70
 TARGET_P99_MS = 5.0
 PROFILED = ("gateway", "worker")  # what --profile samples with py-spy
 SHAPES = ("a", "b")
 HISTORY_MAXLEN = 10_000  # the pool's default LP_HISTORY_MAXLEN, for the baseline's XADD
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Connection: close\r\n\r\n"
-)
 SEQ_PREFIX = '{"seq":'
 T_MARK = '\\"t\\": '  # `"t": ` inside the envelope's JSON-escaped data string
 
@@ -672,11 +675,6 @@ class Source:
         return int(read_line(self.proc, 30, f"{self.what} count"))
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 def _processes(pids: dict[str, int]) -> dict[str, psutil.Process]:
     import psutil
 
@@ -725,7 +723,7 @@ def measure(
                     log=log,
                 )
             )  # fmt: skip
-    cpu_before = {name: _cpu_seconds(p) for name, p in processes.items()}
+    cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}
     emitted_before = source.count()
     listeners = [clients] if tap is None else [clients, tap]
     for proc in listeners:
@@ -736,7 +734,7 @@ def measure(
         send_line(proc, "stop")
     elapsed = time.monotonic() - started
     emitted_after = source.count()
-    cpu_after = {name: _cpu_seconds(p) for name, p in processes.items()}
+    cpu_after = {name: cpu_seconds(p) for name, p in processes.items()}
     words = read_line(clients, 120, "client results").split(" ", 1)
     if words[0] != "result":
         raise BenchError(f"client results: unexpected {words!r}")
@@ -809,14 +807,11 @@ def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) ->
     ]  # fmt: skip
     if opts.no_compression:
         args.append("--no-compression")
-    source = children.spawn(args)
+    source, port = children.spawn_server(args, "broadcast server")
     clients = None
     try:
-        words = read_line(source, 30, "broadcast server start").split()
-        if len(words) != 2 or words[0] != "port":
-            raise BenchError(f"broadcast server start: unexpected {words!r}")
         clients, run.connected, run.connect_failed = spawn_clients(
-            children, "ws", int(words[1]), shape, opts
+            children, "ws", port, shape, opts
         )
         send_line(source, "go")
         run.setup_seconds = time.monotonic() - started
@@ -835,14 +830,8 @@ def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) ->
 def run_pubsub(
     children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
-    import redis
-
     run = Run(shape, "baseline")
-    sync = redis.Redis.from_url(server.url)
-    try:
-        sync.flushall()
-    finally:
-        sync.close()
+    flush(server.url)
     started = time.monotonic()
     clients, run.connected, run.connect_failed = spawn_clients(
         children, "redis", server.port, shape, opts
@@ -884,45 +873,38 @@ def replace_profile(opts: argparse.Namespace) -> argparse.Namespace:
 def run_gateway(
     children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
-    import redis
-
-    from listenerpool import keys
-    from listenerpool.testing.redis_server import free_port
-
     run = Run(shape, "gateway")
-    sync = redis.Redis.from_url(server.url)
     procs: list[subprocess.Popen[bytes]] = []
     logs = {name: log_dir / f"{name}-{shape.name}.log" for name in ("worker", "gateway")}
     try:
-        sync.flushall()
+        flush(server.url)
         started = time.monotonic()
-        upstream = children.spawn(
+        upstream, upstream_port = children.spawn_server(
             [
                 sys.executable, __file__, "_upstream", "--prefix", shape.prefix,
                 "--sessions", str(shape.sessions), "--rate", str(shape.rate),
                 "--payload-bytes", str(opts.payload_bytes),
-            ]
+            ],
+            "upstream",
         )  # fmt: skip
         procs.append(upstream)
-        words = read_line(upstream, 30, "upstream start").split()
-        if len(words) != 2 or words[0] != "port":
-            raise BenchError(f"upstream start: unexpected {words!r}")
-        upstream_port = int(words[1])
-        env = worker_env(server.url, max(shape.sessions, 1), opts.lease_ttl)
-        env["LP_WORKER_ID"] = WORKER_ID
-        with open(logs["worker"], "wb") as log:
-            worker = children.spawn([sys.executable, "-m", "workers"], env=env, log=log)
+        worker = start_worker(
+            children, server.url, worker_id=WORKER_ID, capacity=max(shape.sessions, 1),
+            lease_ttl=opts.lease_ttl, log_path=logs["worker"], wait=False,
+        )  # fmt: skip
         procs.append(worker)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
-        env.update(
-            LP_REDIS_URL=server.url, LP_HOST="127.0.0.1", LP_PORT=str(port), LP_LOG_LEVEL="WARNING"
-        )
-        with open(logs["gateway"], "wb") as log:
-            gateway = children.spawn([sys.executable, "-m", "gateway"], env=env, log=log)
+        # Both start at once; then the waits.
+        gateway, port = start_gateway(children, server.url, logs["gateway"], wait=False)
         procs.append(gateway)
-        _wait_started(sync, keys.worker_key(WORKER_ID), worker, gateway, port, logs)
-        asyncio.run(_claim_and_wait(server.url, shape, upstream_port, worker, opts))
+        wait_worker(worker, server.url, WORKER_ID, logs["worker"])
+        wait_gateway(gateway, port, logs["gateway"])
+        asyncio.run(
+            claim_and_wait(
+                server.url, shape.sids(), lambda sid: f"http://127.0.0.1:{upstream_port}/events/{sid}",
+                lease_ttl=opts.lease_ttl, timeout=opts.bringup_timeout,
+                alive=lambda: worker.poll() is None,
+            )
+        )  # fmt: skip
         clients, run.connected, run.connect_failed = spawn_clients(
             children, "ws", port, shape, opts
         )
@@ -946,80 +928,9 @@ def run_gateway(
     finally:
         for proc in reversed(procs):  # clients first: the gateway then drains at once
             Children.stop(proc, timeout=10)
-        sync.close()
     for name, path in logs.items():
         run.log_problems.update(scan_log(name, path))
     return run
-
-
-def _wait_started(
-    sync: Any,
-    worker_key: str,
-    worker: subprocess.Popen[bytes],
-    gateway: subprocess.Popen[bytes],
-    port: int,
-    logs: dict[str, Path],
-) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while not sync.exists(worker_key):
-        if worker.poll() is not None:
-            raise BenchError(f"worker exited with {worker.returncode}: see {logs['worker']}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"worker did not register within 30s: see {logs['worker']}")
-        time.sleep(0.05)
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return
-        if gateway.poll() is not None:
-            raise BenchError(f"gateway exited with {gateway.returncode}: see {logs['gateway']}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"gateway not ready within 30s: see {logs['gateway']}")
-        time.sleep(0.05)
-
-
-async def _claim_and_wait(
-    redis_url: str,
-    shape: Shape,
-    upstream_port: int,
-    worker: subprocess.Popen[bytes],
-    opts: argparse.Namespace,
-) -> None:
-    from listenerpool import keys
-    from listenerpool.connections import async_redis, listen_queue, sync_redis
-    from listenerpool.control import SessionControl
-    from listenerpool.settings import load_settings
-
-    settings = load_settings(redis_url=redis_url, lease_ttl=opts.lease_ttl)
-    aredis = async_redis(settings)
-    sync = sync_redis(settings)
-    sids = shape.sids()
-    state_keys = [keys.SessionKeys(sid).state for sid in sids]
-    try:
-        control = SessionControl(aredis, listen_queue(sync, settings), settings)
-        for start in range(0, len(sids), CLAIM_BATCH):
-            chunk = sids[start : start + CLAIM_BATCH]
-            await asyncio.gather(
-                *(
-                    control.claim(sid, f"http://127.0.0.1:{upstream_port}/events/{sid}")
-                    for sid in chunk
-                )
-            )
-        deadline = time.monotonic() + opts.bringup_timeout
-        while (states := await count_states(aredis, state_keys))["listening"] < len(sids):
-            if worker.poll() is not None:
-                raise BenchError(f"worker exited with {worker.returncode} during bring-up")
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"only {states['listening']}/{len(sids)} sessions listening after "
-                    f"{opts.bringup_timeout:g}s: {dict(states)}"
-                )
-            await asyncio.sleep(0.1)
-    finally:
-        await aredis.aclose()
-        sync.close()
 
 
 def scan_log(name: str, path: Path) -> Counter[str]:
@@ -1101,49 +1012,59 @@ def print_report(
         s = ours.shape.name
         ratio = ours.rate / base.rate if base.rate > 0 else 0.0
         sh = ours.shape
-        print(
-            f"offered_{s}: {sh.offered:,.0f} deliveries/s = {sh.rate:g} events/s x "
-            f"{sh.sessions} session(s) x {sh.per_session} client(s) per session (info)"
+        figure(
+            f"offered_{s}",
+            f"{sh.offered:,.0f} deliveries/s = {sh.rate:g} events/s x {sh.sessions} session(s) "
+            f"x {sh.per_session} client(s) per session",
         )
-        print(f"deliveries_{s}: {ours.rate:,.0f}/s (info)")
-        print(f"baseline_deliveries_{s}: {base.rate:,.0f}/s (info)")
+        figure(f"deliveries_{s}", f"{ours.rate:,.0f}/s")
+        figure(f"baseline_deliveries_{s}", f"{base.rate:,.0f}/s")
         if s == "a":
-            print(
-                f"fanout_ratio_{s}: {ratio:.2f} (target >= {opts.target_ratio:.2f} of baseline "
-                f"deliveries/s) {verdict(ratio >= opts.target_ratio)}"
+            figure(
+                f"fanout_ratio_{s}",
+                f"{ratio:.2f}",
+                f"target >= {opts.target_ratio:.2f} of baseline deliveries/s",
+                ratio >= opts.target_ratio,
             )
         else:
-            print(f"fanout_ratio_{s}: {ratio:.2f} of baseline deliveries/s (info)")
+            figure(f"fanout_ratio_{s}", f"{ratio:.2f} of baseline deliveries/s")
         p99 = ours.latency_ms.get("p99", math.inf)
         if s == "b":
             events = ours.shape.events_per_s
-            print(
-                f"latency_p99_{s}: {p99:.2f} ms (target <= {opts.target_p99_ms:g} ms at "
-                f"{events:,.0f} events/s) {verdict(p99 <= opts.target_p99_ms)}"
+            figure(
+                f"latency_p99_{s}",
+                f"{p99:.2f} ms",
+                f"target <= {opts.target_p99_ms:g} ms at {events:,.0f} events/s",
+                p99 <= opts.target_p99_ms,
             )
         else:
-            print(f"latency_p99_{s}: {p99:.2f} ms (info)")
-        print(f"latency_p50_{s}: {fmt_ms(ours, 'p50')} ms (info)")
-        print(f"latency_max_{s}: {fmt_ms(ours, 'max')} ms (info)")
-        print(f"baseline_latency_p99_{s}: {fmt_ms(base, 'p99')} ms (info)")
+            figure(f"latency_p99_{s}", f"{p99:.2f} ms")
+        figure(f"latency_p50_{s}", f"{fmt_ms(ours, 'p50')} ms")
+        figure(f"latency_max_{s}", f"{fmt_ms(ours, 'max')} ms")
+        figure(f"baseline_latency_p99_{s}", f"{fmt_ms(base, 'p99')} ms")
         if ours.tap_ms:
-            print(f"worker_hop_p99_{s}: {ours.tap_ms['p99']:.2f} ms (info; upstream -> PUBLISH)")
+            figure(
+                f"worker_hop_p99_{s}", f"{ours.tap_ms['p99']:.2f} ms", "info; upstream -> PUBLISH"
+            )
         for run in (base, ours):
             prefix = "baseline_" if run is base else ""
-            print(
-                f"{prefix}seq_errors_{s}: {run.gaps} gaps, {run.dups} dups over {run.connected} "
-                f"clients; {sum(run.closed.values())} closed, {run.connect_failed} failed to "
-                f"connect, {run.silent_clients} silent (target 0) {verdict(run.clean)}"
+            figure(
+                f"{prefix}seq_errors_{s}",
+                f"{run.gaps} gaps, {run.dups} dups over {run.connected} clients; "
+                f"{sum(run.closed.values())} closed, {run.connect_failed} failed to connect, "
+                f"{run.silent_clients} silent",
+                "target 0",
+                run.clean,
             )
         if "gateway" in ours.cpu:
-            print(f"gateway_cpu_{s}: {ours.cpu['gateway']:.0f}% of one core (info)")
+            figure(f"gateway_cpu_{s}", f"{ours.cpu['gateway']:.0f}% of one core")
 
 
 # ============================================================================================
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")  # internal: the child processes
     up = sub.add_parser("_upstream")
     up.add_argument("--prefix", required=True)
@@ -1257,35 +1178,9 @@ def code_fingerprint() -> str:
     return f"sha256 {digest.hexdigest()[:12]} of {len(files)} files, newest {where} {stamp}"
 
 
-def load_average() -> str:
-    """The 1-minute load average: other work on the machine shows in the latencies."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "?"
-
-
-@contextlib.contextmanager
-def log_directory(given: str) -> Iterator[Path]:
-    if given:
-        path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="lp-fanout-") as tmp:
-            yield Path(tmp)
-
-
 def run(opts: argparse.Namespace) -> int:
-    import resource
-
-    from listenerpool.testing.redis_server import RedisServer
-
     shapes = shapes_of(opts)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    most = max(s.clients for s in shapes)
-    if hard < most + 256:
-        raise BenchError(f"fd hard limit {hard} is too low for {most} clients")
+    check_fd_limit(max(s.clients for s in shapes), "clients")
     machine = machine_line()
     print(
         f"fanout bench: shapes {','.join(s.name for s in shapes)}, window {opts.seconds:g}s "
@@ -1294,32 +1189,26 @@ def run(opts: argparse.Namespace) -> int:
         flush=True,
     )
     load = load_average()
-    children = Children()
-    server = RedisServer()
     results: list[tuple[Run, Run]] = []
-    try:
-        server.start()
+    with Rig(opts.log_dir, "lp-fanout-") as rig:
+        server = rig.redis()
         print(f"redis {server.url}", flush=True)
-        with log_directory(opts.log_dir) as log_dir:
-            for shape in shapes:
-                print(f"shape {shape.name}: {shape.describe()}", flush=True)
-                base = run_baseline(children, server, shape, opts, log_dir)
-                print(
-                    f"  baseline: {base.rate:,.0f} deliveries/s, p99 {fmt_ms(base, 'p99')} ms",
-                    flush=True,
-                )
-                ours = run_gateway(children, server, shape, opts, log_dir)
-                print(
-                    f"  gateway:  {ours.rate:,.0f} deliveries/s, p99 {fmt_ms(ours, 'p99')} ms",
-                    flush=True,
-                )
-                results.append((base, ours))
-            print_report(results, opts, machine, load)
-            if not opts.log_dir:
-                print("(worker/gateway logs were in a temporary directory; keep with --log-dir)")
-    finally:
-        children.close()
-        server.stop()
+        for shape in shapes:
+            print(f"shape {shape.name}: {shape.describe()}", flush=True)
+            base = run_baseline(rig.children, server, shape, opts, rig.log_dir)
+            print(
+                f"  baseline: {base.rate:,.0f} deliveries/s, p99 {fmt_ms(base, 'p99')} ms",
+                flush=True,
+            )
+            ours = run_gateway(rig.children, server, shape, opts, rig.log_dir)
+            print(
+                f"  gateway:  {ours.rate:,.0f} deliveries/s, p99 {fmt_ms(ours, 'p99')} ms",
+                flush=True,
+            )
+            results.append((base, ours))
+        print_report(results, opts, machine, load)
+        if not opts.log_dir:
+            print("(worker/gateway logs were in a temporary directory; keep with --log-dir)")
     return 0
 
 

@@ -21,23 +21,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from density import BenchError, Children, machine_line, read_line, run_guarded, send_line, verdict
+# bench/ is sys.path[0] when this file runs as a script.
 from rig import (
-    PAYLOAD_BYTES,
-    FirehoseProcess,
+    BenchError,
+    Children,
+    Rig,
+    bench_parser,
     claim_and_wait,
     cpu_seconds,
+    figure,
+    machine_line,
+    read_line,
     redis_version,
+    run_guarded,
+    send_line,
     start_worker,
 )
+from rig_upstreams import PAYLOAD_BYTES, FirehoseProcess
 
 SESSIONS = 100
 SECONDS = 10.0
@@ -224,16 +230,19 @@ def print_report(base: Side, ours: Side, opts: argparse.Namespace, machine: str)
         print(f"  worker CPU per event: {ours.cpu['worker'] / 100 / ours.rate * 1e6:.1f} us")
     print()
     ratio = ours.rate / base.rate if base.rate else 0.0
-    print(f"publish_events_per_s: {ours.rate:,.0f} (info)")
-    print(f"baseline_events_per_s: {base.rate:,.0f} (info)")
-    print(
-        f"publish_ratio: {ratio:.2f} (target >= {opts.target_ratio:.2f} of baseline events/s; "
-        f"{ours.rate:,.0f} vs {base.rate:,.0f}) {verdict(ratio >= opts.target_ratio)}"
+    figure("publish_events_per_s", f"{ours.rate:,.0f}")
+    figure("baseline_events_per_s", f"{base.rate:,.0f}")
+    figure(
+        "publish_ratio",
+        f"{ratio:.2f}",
+        f"target >= {opts.target_ratio:.2f} of baseline events/s; "
+        f"{ours.rate:,.0f} vs {base.rate:,.0f}",
+        ratio >= opts.target_ratio,
     )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     b = sub.add_parser("_baseline")
     b.add_argument("--redis-url", required=True)
@@ -256,30 +265,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
-
     machine = machine_line()
-    children = Children()
-    server = RedisServer()
-    try:
-        server.start()
+    with Rig(opts.log_dir, "lp-pub-") as rig:
+        server = rig.redis()
         machine += f", Redis {redis_version(server.url)}"
         print(f"publish bench: {machine}", flush=True)
+        assert server.process is not None
         opts.redis_pid = server.process.pid
-        with contextlib.ExitStack() as stack:
-            if opts.log_dir:
-                log_dir = Path(opts.log_dir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-pub-")))
-            base = run_baseline(children, server.url, opts)
-            print(f"  baseline: {base.rate:,.0f} events/s", flush=True)
-            ours = run_ours(children, server.url, opts, log_dir)
-            print(f"  worker:   {ours.rate:,.0f} events/s", flush=True)
+        base = run_baseline(rig.children, server.url, opts)
+        print(f"  baseline: {base.rate:,.0f} events/s", flush=True)
+        ours = run_ours(rig.children, server.url, opts, rig.log_dir)
+        print(f"  worker:   {ours.rate:,.0f} events/s", flush=True)
         print_report(base, ours, opts, machine)
-    finally:
-        children.close()
-        server.stop()
     return 0
 
 

@@ -1,8 +1,8 @@
 """Ramp: from the first ``PUT /v1/sessions/{sid}`` of N sessions to all N listening.
 
-A private ``redis-server``, the idle test upstream (``density.py _upstream``: heartbeats only),
-one ``python -m gateway`` and ``--workers`` ``python -m workers`` processes (2: one per core of
-the reference machine). The bench sends N PUTs to the gateway (``--concurrency`` in flight, over
+A private ``redis-server``, the idle test upstream (``rig_upstreams.py _upstream``: heartbeats
+only), one ``python -m gateway`` and ``--workers`` ``python -m workers`` processes (2: one per core
+of the reference machine). The bench sends N PUTs to the gateway (``--concurrency`` in flight, over
 keep-alive connections) and polls every ``lp:{sid}:state`` until all read ``listening``. No
 baseline: the target is absolute (<= 10 s for 10,000). Figures last::
 
@@ -16,27 +16,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
-from density import (
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
     BenchError,
-    Children,
-    UpstreamProcess,
+    Rig,
+    bench_parser,
     count_states,
+    cpu_seconds,
+    figure,
     machine_line,
+    redis_version,
     run_guarded,
-    verdict,
+    start_gateway,
+    start_worker,
+    state_keys_of,
 )
-from rig import cpu_seconds, redis_version, start_worker
+from rig_upstreams import UpstreamProcess
 
 SESSIONS = 10_000
 WORKERS = 2
@@ -44,29 +45,8 @@ TARGET_S = 10.0
 LEASE_TTL = 10.0
 
 
-def start_gateway(
-    children: Children, redis_url: str, log_path: Path
-) -> tuple[subprocess.Popen[bytes], int]:
-    import httpx
-
-    from listenerpool.testing.redis_server import free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
-    env.update(
-        LP_REDIS_URL=redis_url, LP_HOST="127.0.0.1", LP_PORT=str(port), LP_LOG_LEVEL="WARNING",
-        LP_LEASE_TTL=str(LEASE_TTL), LP_API_RATE="0",  # the bench measures bring-up, not throttling
-    )  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = children.spawn([sys.executable, "-m", "gateway"], env=env, log=log)
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc, port
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"gateway did not start: see {log_path}")
-        time.sleep(0.05)
+# The bench measures bring-up, not the API's throttling.
+GATEWAY_ENV = {"LP_LEASE_TTL": str(LEASE_TTL), "LP_API_RATE": "0"}
 
 
 async def put_lane(port: int, work: list[tuple[str, str]], statuses: Counter[int]) -> None:
@@ -99,10 +79,8 @@ async def ramp(
 ) -> dict[str, float]:
     import redis.asyncio as aioredis
 
-    from listenerpool import keys
-
     sids = [f"ramp-{i}" for i in range(opts.sessions)]
-    state_keys = [keys.SessionKeys(sid).state for sid in sids]
+    state_keys = state_keys_of(sids)
     statuses: Counter[int] = Counter()
     client = aioredis.Redis.from_url(redis_url)
     work = [(sid, upstream.url(sid)) for sid in reversed(sids)]
@@ -147,46 +125,37 @@ async def ramp(
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
-
-    children = Children()
-    server = RedisServer()
-    try:
-        server.start()
+    with Rig(opts.log_dir, "lp-ramp-") as rig:
+        server = rig.redis()
         machine = f"{machine_line()}, Redis {redis_version(server.url)}"
         print(
             f"ramp bench: {opts.sessions} sessions, {opts.workers} workers; {machine}", flush=True
         )
-        with contextlib.ExitStack() as stack:
-            if opts.log_dir:
-                log_dir = Path(opts.log_dir)
-                log_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-ramp-")))
-            upstream = UpstreamProcess(children, 15.0)
-            gateway, port = start_gateway(children, server.url, log_dir / "gateway.log")
-            capacity = -(-opts.sessions // opts.workers) + 64
-            workers = [
-                start_worker(
-                    children,
-                    server.url,
-                    worker_id=f"bench-ramp-{i}",
-                    capacity=capacity,
-                    lease_ttl=LEASE_TTL,
-                    log_path=log_dir / f"worker-{i}.log",
-                )
-                for i in range(opts.workers)
-            ]
-            assert server.process is not None
-            pids = {
-                "gateway": gateway.pid,
-                "redis": server.process.pid,
-                "upstream": upstream.proc.pid,
-            }
-            pids.update({f"worker{i}": w.pid for i, w in enumerate(workers)})
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            result = asyncio.run(ramp(port, upstream, server.url, opts))
-            cpu = {n: 100 * (cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
+        children, log_dir = rig.children, rig.log_dir
+        upstream = UpstreamProcess(children)
+        gateway, port = start_gateway(children, server.url, log_dir / "gateway.log", GATEWAY_ENV)
+        capacity = -(-opts.sessions // opts.workers) + 64
+        workers = [
+            start_worker(
+                children,
+                server.url,
+                worker_id=f"bench-ramp-{i}",
+                capacity=capacity,
+                lease_ttl=LEASE_TTL,
+                log_path=log_dir / f"worker-{i}.log",
+            )
+            for i in range(opts.workers)
+        ]
+        assert server.process is not None
+        pids = {
+            "gateway": gateway.pid,
+            "redis": server.process.pid,
+            "upstream": upstream.proc.pid,
+        }
+        pids.update({f"worker{i}": w.pid for i, w in enumerate(workers)})
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        result = asyncio.run(ramp(port, upstream, server.url, opts))
+        cpu = {n: 100 * (cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
         print()
         print(f"ramp: {opts.sessions:,} PUTs -> all listening -- {machine}")
         print(f"  PUTs answered 200/201: {result['ok']:,.0f}, all sent in {result['puts']:.1f}s")
@@ -197,25 +166,26 @@ def run(opts: argparse.Namespace) -> int:
         n = opts.sessions
         listening = int(result["listening"])
         rate = listening / result["seconds"]
-        print(f"ramp_rate_{n}: {rate:,.0f} sessions/s (info)")
+        figure(f"ramp_rate_{n}", f"{rate:,.0f} sessions/s")
         if listening < n:
-            print(
-                f"ramp_seconds_{n}: > {opts.timeout:g} s, {listening}/{n} listening at the "
-                f"--timeout (target <= {opts.target:g} s) FAIL"
+            figure(
+                f"ramp_seconds_{n}",
+                f"> {opts.timeout:g} s, {listening}/{n} listening at the --timeout",
+                f"target <= {opts.target:g} s",
+                False,
             )
         else:
-            print(
-                f"ramp_seconds_{n}: {result['seconds']:.1f} s (target <= {opts.target:g} s) "
-                f"{verdict(result['seconds'] <= opts.target)}"
+            figure(
+                f"ramp_seconds_{n}",
+                f"{result['seconds']:.1f} s",
+                f"target <= {opts.target:g} s",
+                result["seconds"] <= opts.target,
             )
-    finally:
-        children.close()
-        server.stop()
     return 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(10000)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (2)")
     parser.add_argument("--concurrency", type=int, default=64, help="PUTs in flight (64)")

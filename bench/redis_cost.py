@@ -57,8 +57,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from density import BenchError, Children, machine_line, read_line, run_guarded, send_line
-from rig import PAYLOAD_BYTES, redis_version
+# bench/ is sys.path[0] when this file runs as a script.
+from rig import (
+    BenchError,
+    Children,
+    Rig,
+    bench_parser,
+    figure,
+    machine_line,
+    read_line,
+    redis_version,
+    run_guarded,
+    send_line,
+)
+from rig_upstreams import PAYLOAD_BYTES
 
 SESSIONS = 10_000
 PUBLISH_SESSIONS = 100
@@ -546,23 +558,26 @@ def print_report(costs: Costs, opts: argparse.Namespace, machine: str, load: str
             (b, f"{b}_per_call"),
         ):
             ours = costs.publish[(subs, name)]
-            print(
-                f"publish_cpu_us_{label}_{subs}subs: {ours:.2f} us ({ours / plain:.2f}x "
-                f"plain XADD+SPUBLISH {plain:.2f} us, pipelined) (info)"
+            figure(
+                f"publish_cpu_us_{label}_{subs}subs",
+                f"{ours:.2f} us ({ours / plain:.2f}x plain XADD+SPUBLISH {plain:.2f} us, "
+                "pipelined)",
             )
-    print(
-        f"renew_cpu_us: {costs.renew_all_us:.2f} us ({costs.renew_all_us / costs.pexpire_us:.2f}x "
-        f"plain PEXPIRE {costs.pexpire_us:.2f} us; renew.lua {costs.renew_script_us:.2f} + "
-        f"index {costs.index_us:.2f}) (info)"
+    figure(
+        "renew_cpu_us",
+        f"{costs.renew_all_us:.2f} us ({costs.renew_all_us / costs.pexpire_us:.2f}x plain "
+        f"PEXPIRE {costs.pexpire_us:.2f} us; renew.lua {costs.renew_script_us:.2f} + index "
+        f"{costs.index_us:.2f})",
     )
-    print(f"claim_cpu_us: {costs.claim_us:.1f} us (info)")
-    print(f"memory_per_idle_session: {costs.session_bytes:,.0f} bytes (info)")
+    figure("claim_cpu_us", f"{costs.claim_us:.1f} us")
+    figure("memory_per_idle_session", f"{costs.session_bytes:,.0f} bytes")
     ratio = costs.event_bytes / max(costs.baseline_event_bytes, 1.0)
-    print(
-        f"memory_per_history_event: {costs.event_bytes:.0f} bytes ({ratio:.2f}x plain XADD "
-        f"{costs.baseline_event_bytes:.0f} bytes) (info)"
+    figure(
+        "memory_per_history_event",
+        f"{costs.event_bytes:.0f} bytes ({ratio:.2f}x plain XADD "
+        f"{costs.baseline_event_bytes:.0f} bytes)",
     )
-    print(f"memory_per_subscription: {costs.subscription_bytes:.0f} bytes (info)")
+    figure("memory_per_subscription", f"{costs.subscription_bytes:.0f} bytes")
 
 
 # ============================================================================================
@@ -608,7 +623,7 @@ async def measure(url: str, opts: argparse.Namespace, children: Children) -> Cos
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     s = sub.add_parser("_subscriber")
     s.add_argument("--port", type=int, required=True)
@@ -630,23 +645,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from listenerpool.testing.redis_server import RedisServer
-
     machine = machine_line()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"redis cost bench: {machine}; load average at the start {load}", flush=True)
-    children = Children()
-    server = RedisServer()
-    try:
-        server.start()
+    with Rig() as rig:
+        server = rig.redis()
         opts.port = server.port
         machine += f", Redis {redis_version(server.url)}"
-        costs = asyncio.run(measure(server.url, opts, children))
+        costs = asyncio.run(measure(server.url, opts, rig.children))
         end_load = " ".join(f"{v:.2f}" for v in os.getloadavg())
         print_report(costs, opts, machine, f"{load} at the start, {end_load} at the end")
-    finally:
-        children.close()
-        server.stop()
     return 0
 
 

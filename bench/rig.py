@@ -1,142 +1,303 @@
-"""Shared parts of the newer benches: a firehose/paced SSE upstream, starting a worker, claiming
-sessions and waiting until they listen, and the figure-line format.
+"""The base every bench stands on: child processes, the guard around a run, the pool's processes
+(a private ``redis-server``, workers, gateways), claiming sessions and waiting for their state,
+and the figure lines. The upstreams the benches read from are in ``rig_upstreams.py``.
 
-The firehose upstream (``rig.py _firehose``) serves ``GET /events/{sid}``: every connection gets
-``--chunk`` events per write (``id: n``, ``event: TEXT_MESSAGE_CONTENT``, ~``--payload-bytes``
-of data), as fast as the socket drains (``--rate 0``), or ``--rate`` events/s per connection
-(evenly spread over connections). It prints ``port N`` and answers ``count`` on stdin with the
-number of events written and the connections ever opened (``EMITTED OPENED OPEN``).
+Only the standard library is imported at module level: the benches' lean child processes (the
+bare sockets of ``density.py``, the upstreams) import this module too, and anything more would
+count in what they measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import math
 import os
+import re
+import resource
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType, TracebackType
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
-from density import BenchError, Children, count_states, read_line, send_line, worker_env
+if TYPE_CHECKING:
+    import psutil
+
+    from listenerpool.control import SessionControl
+    from listenerpool.redis_process import RedisServer
+    from listenerpool.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PAYLOAD_BYTES = 160
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Connection: close\r\n\r\n"
-)
+PR_SET_PDEATHSIG = 1
+IDLE_TIMEOUT = 60.0  # LP_IDLE_TIMEOUT of the benches' workers
+STATE_CHUNK = 2000  # HGETs per pipeline when polling session states
+CLAIM_BATCH = 64  # claims in flight
+START_TIMEOUT = 30.0  # s for a worker to register or a gateway to answer /readyz
 
 
 # ============================================================================================
-# The upstream child
+# Child processes
 # ============================================================================================
-class Firehose:
-    """Counts what it emitted; each connection is one task in :meth:`serve`."""
-
-    def __init__(self, rate: float, chunk: int, payload_bytes: int) -> None:
-        self.rate = rate
-        self.chunk = chunk
-        self.pad = "x" * max(payload_bytes - 40, 0)
-        self.emitted = 0
-        self.opened = 0
-        self.open = 0
-
-    def event(self, n: int) -> bytes:
-        return (
-            f'id: {n}\nevent: TEXT_MESSAGE_CONTENT\ndata: {{"t": {time.time_ns()}, "n": {n}, '
-            f'"pad": "{self.pad}"}}\n\n'
-        ).encode()
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            writer.close()
-            return
-        last = 0
-        for line in head.decode("latin-1").split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "last-event-id" and value.strip().isdigit():
-                last = int(value.strip())
-        self.opened += 1
-        self.open += 1
-        n = last
-        try:
-            writer.write(SSE_HEAD)
-            if self.rate > 0:
-                # Spread connections over one period so that sessions do not emit in lockstep.
-                period = 1.0 / self.rate
-                await asyncio.sleep((self.opened * 0.6180339887 % 1.0) * period)
-                loop = asyncio.get_running_loop()
-                next_at = loop.time()
-                while True:
-                    n += 1
-                    writer.write(self.event(n))
-                    self.emitted += 1
-                    next_at += period
-                    await asyncio.sleep(max(0.0, next_at - loop.time()))
-            while True:
-                writer.write(b"".join(self.event(n + i) for i in range(1, self.chunk + 1)))
-                n += self.chunk
-                self.emitted += self.chunk
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.open -= 1
-            writer.close()
+class BenchError(Exception):
+    """The run itself broke (as opposed to a target being missed)."""
 
 
-def firehose_child(rate: float, chunk: int, payload_bytes: int) -> int:
-    return asyncio.run(_firehose(rate, chunk, payload_bytes))
+def child_setup() -> None:
+    """In a child between fork and exec: take the whole fd allowance and die with the bench."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def _firehose(rate: float, chunk: int, payload_bytes: int) -> int:
-    hose = Firehose(rate, chunk, payload_bytes)
-    server = await asyncio.start_server(hose.serve, "127.0.0.1", 0, backlog=4096)
-    print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if line.strip() != "count":
-            break
-        print(f"{hose.emitted} {hose.opened} {hose.open}", flush=True)
-    server.close()
-    os._exit(0)
+class Children:
+    """Every child process the bench started; :meth:`close` stops whatever still runs."""
 
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
 
-class FirehoseProcess:
-    def __init__(
-        self, children: Children, *, rate: float = 0.0, chunk: int = 16, payload: int = 160
-    ) -> None:
-        self.proc = children.spawn(
-            [
-                sys.executable, __file__, "_firehose", "--rate", str(rate), "--chunk", str(chunk),
-                "--payload-bytes", str(payload),
-            ]
-        )  # fmt: skip
-        words = read_line(self.proc, 30, "upstream start").split()
+    def spawn(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        log: IO[bytes] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        # Spawned from the main thread only: PR_SET_PDEATHSIG fires when the *thread* that
+        # forked ends. Own session: a terminal's Ctrl-C reaches the bench, which stops children.
+        proc = subprocess.Popen(
+            list(args),
+            stdin=subprocess.PIPE,
+            stdout=log if log is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT if log is not None else None,
+            env=env,
+            cwd=ROOT,
+            bufsize=0,
+            preexec_fn=child_setup,
+            start_new_session=True,
+        )
+        self._procs.append(proc)
+        return proc
+
+    def spawn_server(self, args: Sequence[str], what: str) -> tuple[subprocess.Popen[bytes], int]:
+        """A child that prints ``port N`` once it listens: the process and its port."""
+        proc = self.spawn(args)
+        words = read_line(proc, 30, f"{what} start").split()
         if len(words) != 2 or words[0] != "port":
-            raise BenchError(f"upstream start: unexpected {words!r}")
-        self.port = int(words[1])
+            raise BenchError(f"{what} start: unexpected {words!r}")
+        return proc, int(words[1])
 
-    def url(self, sid: str) -> str:
-        return f"http://127.0.0.1:{self.port}/events/{sid}"
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> float:
+        """SIGTERM, then SIGKILL after ``timeout``; returns seconds until it exited."""
+        started = time.monotonic()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return time.monotonic() - started
 
-    def count(self) -> tuple[int, int, int]:
-        """(events emitted, connections ever opened, connections open)."""
-        send_line(self.proc, "count")
-        emitted, opened, open_ = read_line(self.proc, 30, "upstream count").split()
-        return int(emitted), int(opened), int(open_)
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            self.stop(proc, timeout=3.0)
+        self._procs.clear()
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """One line of the child's (unbuffered) stdout, or BenchError after ``timeout``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+            raise BenchError(f"{what}: no answer within {timeout:g}s")
+        byte = proc.stdout.read(1)
+        if not byte:
+            raise BenchError(f"{what}: child exited with {proc.wait()}")
+        line += byte
+    return line.decode().strip()
+
+
+def send_line(proc: subprocess.Popen[bytes], text: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(text.encode() + b"\n")
 
 
 # ============================================================================================
-# Worker and sessions
+# The guard around a run
 # ============================================================================================
+class Stoppable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+class Rig:
+    """What one run holds: its child processes, the servers it started (Redis, a cluster, an
+    in-process upstream) and its log directory. Leaving the ``with`` block stops the children
+    first (a worker drains while its Redis still answers), then the servers, newest first, then
+    removes a temporary log directory."""
+
+    def __init__(self, log_dir: str = "", prefix: str = "lp-bench-") -> None:
+        self.children = Children()
+        self._servers: list[Stoppable] = []
+        self._given = log_dir
+        self._prefix = prefix
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self, server: S) -> S:
+        """Start ``server`` and stop it when the run ends (also when starting it fails)."""
+        self._servers.append(server)
+        server.start()
+        return server
+
+    def redis(self) -> RedisServer:
+        """A private ``redis-server`` on a free port: never the shared one on 6379."""
+        from listenerpool.testing.redis_server import RedisServer
+
+        return self.start(RedisServer())
+
+    @property
+    def log_dir(self) -> Path:
+        """``--log-dir`` when given (created), else a temporary directory removed at the end."""
+        if self._given:
+            path = Path(self._given)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=self._prefix)
+        return Path(self._tmp.name)
+
+    def close(self) -> None:
+        try:
+            self.children.close()
+            for server in reversed(self._servers):
+                server.stop()
+            self._servers.clear()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_guarded(run: Callable[[argparse.Namespace], int], opts: argparse.Namespace) -> int:
+    """Run a bench so that Ctrl-C, SIGTERM and SIGHUP stop its children (through the ``finally``
+    blocks of ``run``) and a broken run exits 1 with one line."""
+    # SIGINT too: a shell starts background jobs with it ignored, and Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        return run(opts)
+    except KeyboardInterrupt:
+        print("\ninterrupted; children stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench's parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+
+
+def check_fd_limit(needed: int, what: str) -> None:
+    """A run that would hit the fd hard limit half-way breaks at once instead."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < needed + 256:
+        raise BenchError(f"fd hard limit {hard} is too low for {needed} {what}")
+
+
+# ============================================================================================
+# The machine and the code
+# ============================================================================================
+def machine_line() -> str:
+    model = "unknown cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {model}, Python {sys.version.split()[0]}"
+
+
+def redis_version(url: str) -> str:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+
+
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine shows in the latencies."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
+
+
+def cpu_seconds(process: int | psutil.Process) -> float:
+    """User + system CPU seconds of a process (a pid or a ``psutil.Process``)."""
+    import psutil
+
+    if isinstance(process, int):
+        process = psutil.Process(process)
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+# ============================================================================================
+# Workers and gateways
+# ============================================================================================
+def pool_env(redis_url: str, **lp: str) -> dict[str, str]:
+    """This environment without any ``LP_`` setting of the caller's, plus ``LP_REDIS_URL`` and
+    ``lp`` (``LP_`` names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
+    env.update(LP_REDIS_URL=redis_url, **lp)
+    return env
+
+
 def start_worker(
     children: Children,
     redis_url: str,
@@ -146,29 +307,87 @@ def start_worker(
     lease_ttl: float,
     log_path: Path,
     extra_env: dict[str, str] | None = None,
+    wait: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """``python -m workers``, returned once it registered in ``lp:workers``."""
-    from listenerpool import keys
-
-    env = worker_env(redis_url, capacity, lease_ttl)
-    env["LP_WORKER_ID"] = worker_id
+    """``python -m workers``, returned once it registered in ``lp:workers``; at once with
+    ``wait=False`` (then :func:`wait_worker`, e.g. after starting a gateway beside it)."""
+    env = pool_env(
+        redis_url,
+        LP_WORKER_CAPACITY=str(capacity),
+        LP_LEASE_TTL=str(lease_ttl),
+        LP_IDLE_TIMEOUT=str(IDLE_TIMEOUT),
+        LP_WORKER_ID=worker_id,
+        LP_LOG_LEVEL="INFO",
+    )
     env.update(extra_env or {})
     with open(log_path, "wb") as log:
         proc = children.spawn([sys.executable, "-m", "workers"], env=env, log=log)
+    if wait:
+        wait_worker(proc, redis_url, worker_id, log_path)
+    return proc
+
+
+def wait_worker(
+    proc: subprocess.Popen[bytes], redis_url: str, worker_id: str, log_path: Path
+) -> None:
+    """Until the worker registered in ``lp:workers``."""
+    from listenerpool import keys
+
     sync = plain_client(redis_url)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_TIMEOUT
         while not sync.exists(keys.worker_key(worker_id)):
             if proc.poll() is not None:
                 raise BenchError(f"worker exited with {proc.returncode}: see {log_path}")
             if time.monotonic() > deadline:
-                raise BenchError(f"worker did not register within 30s: see {log_path}")
+                raise BenchError(
+                    f"worker did not register within {START_TIMEOUT:g}s: see {log_path}"
+                )
             time.sleep(0.05)
     finally:
         sync.close()
-    return proc
 
 
+def start_gateway(
+    children: Children,
+    redis_url: str,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``python -m gateway`` on a free port and the port, returned once it is ready; at once
+    with ``wait=False`` (then :func:`wait_gateway`)."""
+    from listenerpool.testing.redis_server import free_port
+
+    port = free_port()
+    env = pool_env(redis_url, LP_HOST="127.0.0.1", LP_PORT=str(port), LP_LOG_LEVEL="WARNING")
+    env.update(extra_env or {})
+    with open(log_path, "wb") as log:
+        proc = children.spawn([sys.executable, "-m", "gateway"], env=env, log=log)
+    if wait:
+        wait_gateway(proc, port, log_path)
+    return proc, port
+
+
+def wait_gateway(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    """Until the gateway answers ``/readyz`` with 200."""
+    import httpx
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        if proc.poll() is not None:
+            raise BenchError(f"gateway exited with {proc.returncode}: see {log_path}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"gateway not ready within {START_TIMEOUT:g}s: see {log_path}")
+        time.sleep(0.05)
+
+
+# ============================================================================================
+# Redis clients, sessions and their states
+# ============================================================================================
 def plain_client(redis_url: str) -> Any:
     """A blocking redis-py client for a pool URL: ``redis.Redis`` for ``redis://``, a
     ``redis.RedisCluster`` for ``redis+cluster://`` (any key, any slot)."""
@@ -187,6 +406,93 @@ def plain_client(redis_url: str) -> Any:
     return redis.Redis.from_url(redis_url)
 
 
+def flush(redis_url: str) -> None:
+    """Empty the bench's private Redis between phases."""
+    client = plain_client(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+async def count_states(redis: Any, state_keys: Sequence[str]) -> Counter[str]:
+    """How many sessions are in each state (``none`` = no state hash yet)."""
+    counts: Counter[str] = Counter()
+    for start in range(0, len(state_keys), STATE_CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in state_keys[start : start + STATE_CHUNK]:
+                pipe.hget(key, "state")
+            for value in await pipe.execute():
+                counts[value.decode() if value else "none"] += 1
+    return counts
+
+
+def state_keys_of(sids: Sequence[str]) -> list[str]:
+    from listenerpool import keys
+
+    return [keys.SessionKeys(sid).state for sid in sids]
+
+
+class Sessions:
+    """The claim path a gateway takes (:class:`SessionControl` on the pool's Redis), for
+    sessions the bench claims, cancels and watches. Close with :meth:`aclose`."""
+
+    def __init__(self, redis_url: str, **settings: Any) -> None:
+        from listenerpool.connections import async_redis, listen_queue, sync_redis
+        from listenerpool.control import SessionControl
+        from listenerpool.settings import load_settings
+
+        self.settings: Settings = load_settings(redis_url=redis_url, **settings)
+        self.redis = async_redis(self.settings)
+        self._sync = sync_redis(self.settings)
+        self.control: SessionControl = SessionControl(
+            self.redis, listen_queue(self._sync, self.settings), self.settings
+        )
+
+    async def claim(
+        self, sids: Sequence[str], url_of: Callable[[str], str], batch: int = CLAIM_BATCH
+    ) -> Counter[str]:
+        """Claim every session, ``batch`` at a time; the claims' outcomes."""
+        outcomes: Counter[str] = Counter()
+        for start in range(0, len(sids), batch):
+            chunk = sids[start : start + batch]
+            results = await asyncio.gather(*(self.control.claim(sid, url_of(sid)) for sid in chunk))
+            outcomes.update(r.outcome.value for r in results)
+        return outcomes
+
+    async def states(self, sids: Sequence[str]) -> Counter[str]:
+        """How many of ``sids`` are in each state."""
+        return await count_states(self.redis, state_keys_of(sids))
+
+    async def wait_for(
+        self,
+        sids: Sequence[str],
+        *,
+        timeout: float,
+        state: str = "listening",
+        alive: Callable[[], bool] = lambda: True,
+        since: float | None = None,
+    ) -> Counter[str]:
+        """Until every session reads ``state``; the states then. BenchError ``timeout`` seconds
+        after ``since`` (``time.monotonic()``, default now) or when ``alive`` says a worker is
+        gone."""
+        state_keys = state_keys_of(sids)
+        deadline = (time.monotonic() if since is None else since) + timeout
+        while (states := await count_states(self.redis, state_keys))[state] < len(sids):
+            if not alive():
+                raise BenchError("a worker exited during bring-up")
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"only {states[state]}/{len(sids)} {state} after {timeout:g}s: {dict(states)}"
+                )
+            await asyncio.sleep(0.05)
+        return states
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        self._sync.close()
+
+
 async def claim_and_wait(
     redis_url: str,
     sids: Sequence[str],
@@ -195,83 +501,78 @@ async def claim_and_wait(
     lease_ttl: float,
     timeout: float,
     alive: Callable[[], bool] = lambda: True,
-    batch: int = 64,
 ) -> float:
     """Claim every session through :class:`SessionControl`; return the seconds until all of
     them read ``listening``. Raises BenchError after ``timeout``."""
-    from listenerpool import keys
-    from listenerpool.connections import async_redis, listen_queue, sync_redis
-    from listenerpool.control import SessionControl
-    from listenerpool.settings import load_settings
-
-    settings = load_settings(redis_url=redis_url, lease_ttl=lease_ttl)
-    aredis = async_redis(settings)
-    sync = sync_redis(settings)
-    state_keys = [keys.SessionKeys(sid).state for sid in sids]
+    sessions = Sessions(redis_url, lease_ttl=lease_ttl)
     try:
-        control = SessionControl(aredis, listen_queue(sync, settings), settings)
         started = time.monotonic()
-        for start in range(0, len(sids), batch):
-            chunk = sids[start : start + batch]
-            await asyncio.gather(*(control.claim(sid, url_of(sid)) for sid in chunk))
-        deadline = started + timeout
-        while (states := await count_states(aredis, state_keys))["listening"] < len(sids):
-            if not alive():
-                raise BenchError("a worker exited during bring-up")
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"only {states['listening']}/{len(sids)} listening after {timeout:g}s: "
-                    f"{dict(states)}"
-                )
-            await asyncio.sleep(0.05)
+        await sessions.claim(sids, url_of)
+        await sessions.wait_for(sids, timeout=timeout, alive=alive, since=started)
         return time.monotonic() - started
     finally:
-        await aredis.aclose()
-        sync.close()
+        await sessions.aclose()
+
+
+# ============================================================================================
+# Worker logs
+# ============================================================================================
+_LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
+
+
+def scan_worker_log(
+    path: str, variable: re.Pattern[str], shape: Callable[[re.Match[str]], str]
+) -> tuple[Counter[str], Counter[str]]:
+    """A worker log's lines by level (tracebacks as ``TRACEBACK``) and its warnings and errors
+    by message shape: each ``variable`` match replaced with ``shape(match)``, so that the same
+    message about different sessions counts once."""
+    levels: Counter[str] = Counter()
+    patterns: Counter[str] = Counter()
+    with open(path, encoding="utf-8", errors="replace") as log:
+        for line in log:
+            if line.startswith("Traceback"):
+                levels["TRACEBACK"] += 1
+                continue
+            match = _LOG_LINE.match(line.rstrip("\n"))
+            if match is None:
+                continue
+            level, logger, message = match.groups()
+            levels[level] += 1
+            if level not in ("DEBUG", "INFO"):
+                patterns[f"{level} {logger}: {variable.sub(shape, message)[:160]}"] += 1
+    return levels, patterns
+
+
+def print_log_patterns(patterns: Counter[str]) -> None:
+    for pattern, count in patterns.most_common(8):
+        print(f"    {count:>6} x {pattern}")
 
 
 # ============================================================================================
 # Figures
 # ============================================================================================
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100); inf for no values."""
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def figure(name: str, value: str, note: str = "info", ok: bool | None = None) -> None:
+    """One figure line: ``name: value (note)``, then PASS or FAIL when ``ok`` judges it
+    against the target the note names."""
+    line = f"{name}: {value} ({note})"
+    print(line if ok is None else f"{line} {verdict(ok)}")
+
+
+def percentile(values: Sequence[float], q: float, empty: float = math.inf) -> float:
+    """Nearest-rank percentile (``q`` in 0..100); ``empty`` for no values."""
     if not values:
-        return math.inf
+        return empty
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def cpu_seconds(pid: int) -> float:
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+def kib(n: float) -> str:
+    return f"{n / 1024:.1f}"
 
 
-def redis_version(url: str) -> str:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return str(client.info("server").get("redis_version", "?"))
-    finally:
-        client.close()
-
-
-def parse_child(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="child", required=True)
-    hose = sub.add_parser("_firehose")
-    hose.add_argument("--rate", type=float, default=0.0)
-    hose.add_argument("--chunk", type=int, default=16)
-    hose.add_argument("--payload-bytes", type=int, default=PAYLOAD_BYTES)
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_child(sys.argv[1:] if argv is None else argv)
-    return firehose_child(opts.rate, opts.chunk, opts.payload_bytes)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def mib(n: float) -> str:
+    return f"{n / 1048576:.1f} MiB"

@@ -1,0 +1,218 @@
+"""The upstreams the benches read from, each in a child process of its own so that the measured
+processes hold nothing but what is measured.
+
+- ``rig_upstreams.py _firehose`` serves ``GET /events/{sid}``: every connection gets ``--chunk``
+  events per write (``id: n``, ``event: TEXT_MESSAGE_CONTENT``, ~``--payload-bytes`` of data),
+  as fast as the socket drains (``--rate 0``), or ``--rate`` events/s per connection (evenly
+  spread over connections). It prints ``port N`` and answers ``count`` on stdin with the number
+  of events written and the connections ever opened (``EMITTED OPENED OPEN``).
+- ``rig_upstreams.py _upstream`` is the test upstream (:class:`SSEUpstream`): idle streams
+  (heartbeats every ``--heartbeat`` s, no events) or, with ``--rate``, numbered events resumed
+  after ``Last-Event-ID``. It prints ``port N`` and answers ``count PREFIX`` on stdin with three
+  numbers: open connections in total, open ones of sessions starting with PREFIX, and how many
+  connections those sessions ever opened. It exits on ``quit`` or EOF (the bench is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+# bench/ is sys.path[0] when a bench or this file runs as a script.
+from rig import BenchError, Children, read_line, send_line
+
+PAYLOAD_BYTES = 160
+HEARTBEAT = 15.0
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+
+# ============================================================================================
+# The firehose
+# ============================================================================================
+class Firehose:
+    """Counts what it emitted; each connection is one task in :meth:`serve`."""
+
+    def __init__(self, rate: float, chunk: int, payload_bytes: int) -> None:
+        self.rate = rate
+        self.chunk = chunk
+        self.pad = "x" * max(payload_bytes - 40, 0)
+        self.emitted = 0
+        self.opened = 0
+        self.open = 0
+
+    def event(self, n: int) -> bytes:
+        return (
+            f'id: {n}\nevent: TEXT_MESSAGE_CONTENT\ndata: {{"t": {time.time_ns()}, "n": {n}, '
+            f'"pad": "{self.pad}"}}\n\n'
+        ).encode()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            writer.close()
+            return
+        last = 0
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "last-event-id" and value.strip().isdigit():
+                last = int(value.strip())
+        self.opened += 1
+        self.open += 1
+        n = last
+        try:
+            writer.write(SSE_HEAD)
+            if self.rate > 0:
+                # Spread connections over one period so that sessions do not emit in lockstep.
+                period = 1.0 / self.rate
+                await asyncio.sleep((self.opened * 0.6180339887 % 1.0) * period)
+                loop = asyncio.get_running_loop()
+                next_at = loop.time()
+                while True:
+                    n += 1
+                    writer.write(self.event(n))
+                    self.emitted += 1
+                    next_at += period
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+            while True:
+                writer.write(b"".join(self.event(n + i) for i in range(1, self.chunk + 1)))
+                n += self.chunk
+                self.emitted += self.chunk
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+def firehose_child(rate: float, chunk: int, payload_bytes: int) -> int:
+    return asyncio.run(_firehose(rate, chunk, payload_bytes))
+
+
+async def _firehose(rate: float, chunk: int, payload_bytes: int) -> int:
+    hose = Firehose(rate, chunk, payload_bytes)
+    server = await asyncio.start_server(hose.serve, "127.0.0.1", 0, backlog=4096)
+    print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "count":
+            break
+        print(f"{hose.emitted} {hose.opened} {hose.open}", flush=True)
+    server.close()
+    os._exit(0)
+
+
+class FirehoseProcess:
+    def __init__(
+        self,
+        children: Children,
+        *,
+        rate: float = 0.0,
+        chunk: int = 16,
+        payload: int = PAYLOAD_BYTES,
+    ) -> None:
+        self.proc, self.port = children.spawn_server(
+            [
+                sys.executable, __file__, "_firehose", "--rate", str(rate), "--chunk", str(chunk),
+                "--payload-bytes", str(payload),
+            ],
+            "upstream",
+        )  # fmt: skip
+
+    def url(self, sid: str) -> str:
+        return f"http://127.0.0.1:{self.port}/events/{sid}"
+
+    def count(self) -> tuple[int, int, int]:
+        """(events emitted, connections ever opened, connections open)."""
+        send_line(self.proc, "count")
+        emitted, opened, open_ = read_line(self.proc, 30, "upstream count").split()
+        return int(emitted), int(opened), int(open_)
+
+
+# ============================================================================================
+# The test upstream
+# ============================================================================================
+def upstream_child(heartbeat: float, rate: float) -> int:
+    from listenerpool.testing.upstream import SSEUpstream
+
+    if rate > 0:
+        upstream = SSEUpstream(rate=rate, heartbeat=heartbeat)
+    else:
+        upstream = SSEUpstream(total=0, heartbeat=heartbeat)  # no events: heartbeats only
+    upstream.start()
+    print(f"port {upstream.port}", flush=True)
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            prefix = words[1] if len(words) > 1 else ""
+            concurrent = opened = 0
+            for sid in upstream.sessions():
+                if sid.startswith(prefix):
+                    stats = upstream.stats(sid)
+                    concurrent += stats.concurrent
+                    opened += stats.connections_total
+            print(f"{upstream.total_concurrent()} {concurrent} {opened}", flush=True)
+    finally:
+        upstream.stop()
+    return 0
+
+
+class UpstreamProcess:
+    """The test upstream in its own process: idle streams, or ``rate`` events/s each."""
+
+    def __init__(self, children: Children, heartbeat: float = HEARTBEAT, rate: float = 0.0) -> None:
+        self.proc, self.port = children.spawn_server(
+            [
+                sys.executable, __file__, "_upstream", "--heartbeat", str(heartbeat),
+                "--rate", str(rate),
+            ],
+            "upstream",
+        )  # fmt: skip
+
+    def url(self, sid: str) -> str:
+        return f"http://127.0.0.1:{self.port}/events/{sid}"
+
+    def count(self, prefix: str) -> tuple[int, int, int]:
+        """(open connections, open ones of ``prefix*`` sessions, ever opened by them)."""
+        send_line(self.proc, f"count {prefix}")
+        total, concurrent, opened = read_line(self.proc, 30, "upstream count").split()
+        return int(total), int(concurrent), int(opened)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until the upstream holds no connection (the previous phase's are gone)."""
+        deadline = time.monotonic() + timeout
+        while self.count("")[0] > 0:
+            if time.monotonic() > deadline:
+                raise BenchError(f"upstream still holds {self.count('')[0]} connections")
+            time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="child", required=True)
+    hose = sub.add_parser("_firehose")
+    hose.add_argument("--rate", type=float, default=0.0)
+    hose.add_argument("--chunk", type=int, default=16)
+    hose.add_argument("--payload-bytes", type=int, default=PAYLOAD_BYTES)
+    up = sub.add_parser("_upstream")
+    up.add_argument("--heartbeat", type=float, default=HEARTBEAT)
+    up.add_argument("--rate", type=float, default=0.0, help="events/s per stream (0: idle)")
+    opts = parser.parse_args(argv)
+    if opts.child == "_firehose":
+        return firehose_child(opts.rate, opts.chunk, opts.payload_bytes)
+    return upstream_child(opts.heartbeat, opts.rate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
