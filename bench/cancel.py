@@ -45,23 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    Sessions,
-    bench_parser,
-    cpu_seconds,
-    figure,
-    flush,
-    machine_line,
-    percentile,
-    plain_client,
-    print_log_patterns,
-    run_guarded,
-    scan_worker_log,
-    start_worker,
-)
+import rig
 from rig_upstreams import HEARTBEAT
 
 if TYPE_CHECKING:
@@ -103,11 +87,7 @@ class VariantResult:
     worker_cpu_percent: float = 0.0
     upstream_open_after: int = 0
     worker_load_after: str = "?"
-    worker_exit: int | None = None
-    drain_seconds: float = 0.0
-    log_levels: Counter[str] = field(default_factory=Counter)
-    log_patterns: Counter[str] = field(default_factory=Counter)
-    log_path: str = ""
+    worker: rig.WorkerEnd = field(default_factory=rig.WorkerEnd)
 
     @property
     def missed(self) -> int:
@@ -227,7 +207,7 @@ async def cancel_all(
 # One variant: worker child, claims, bring-up, cancels
 # ============================================================================================
 def run_variant(
-    children: Children,
+    children: rig.Children,
     upstream: SSEUpstream,
     redis_url: str,
     variant: str,
@@ -240,33 +220,32 @@ def run_variant(
     from listenerpool import keys
 
     result = VariantResult(variant, count, opts.concurrency)
-    result.log_path = str(log_dir / f"worker-{variant}.log")
+    result.worker.log_path = str(log_dir / f"worker-{variant}.log")
     sids = [f"{variant}-{i}" for i in range(count)]
     if variant == "backoff":
         for sid in sids:  # before the claims: the first connection already gets the 500
             upstream.configure(sid, mode="status:500")
     backoff = {"LP_BACKOFF_BASE": str(opts.backoff), "LP_BACKOFF_CAP": str(opts.backoff)}
-    flush(redis_url)
-    proc = start_worker(
+    rig.flush(redis_url)
+    proc = rig.start_worker(
         children, redis_url, worker_id=WORKER_ID, capacity=max(count, opts.capacity),
-        lease_ttl=opts.lease_ttl, log_path=Path(result.log_path),
+        lease_ttl=opts.lease_ttl, log_path=Path(result.worker.log_path),
         extra_env=backoff if variant == "backoff" else None,
     )  # fmt: skip
-    sync = plain_client(redis_url)
+    sync = rig.plain_client(redis_url)
     try:
         process = psutil.Process(proc.pid)
         asyncio.run(_drive(result, sids, process, proc, upstream, redis_url, opts))
         if proc.poll() is not None:
-            raise BenchError(f"worker died with {proc.returncode}: see {result.log_path}")
+            raise rig.BenchError(
+                f"worker died with {proc.returncode}: see {result.worker.log_path}"
+            )
         load = sync.hget(keys.worker_key(WORKER_ID), "load")
         result.worker_load_after = load.decode() if isinstance(load, bytes) else "?"
     finally:
-        result.drain_seconds = Children.stop(proc, timeout=30)
-        result.worker_exit = proc.returncode
+        result.worker.stop(proc, 30)
         sync.close()
-    result.log_levels, result.log_patterns = scan_worker_log(
-        result.log_path, _VARIABLE, lambda m: "<sid>" if m["sid"] else "#"
-    )
+    result.worker.scan(_VARIABLE, lambda m: "<sid>" if m["sid"] else "#")
     return result
 
 
@@ -281,7 +260,7 @@ async def _drive(
 ) -> None:
     variant, count = result.variant, result.count
     want = "listening" if variant == "listening" else "backoff"
-    sessions = Sessions(redis_url, lease_ttl=opts.lease_ttl)
+    sessions = rig.Sessions(redis_url, lease_ttl=opts.lease_ttl)
     try:
         started = time.monotonic()
         result.claims = await sessions.claim(sids, upstream.url)
@@ -302,11 +281,11 @@ async def _drive(
             if variant == "listening"
             else StoppedWatcher(opts.poll, sessions.redis)
         )
-        cpu_before = cpu_seconds(process)
+        cpu_before = rig.cpu_seconds(process)
         started = time.monotonic()
         await cancel_all(sessions.control, sids, watcher, opts.concurrency, result)
         result.cancel_seconds = time.monotonic() - started
-        busy = cpu_seconds(process) - cpu_before
+        busy = rig.cpu_seconds(process) - cpu_before
         result.worker_cpu_percent = 100 * busy / max(result.cancel_seconds, 1e-9)
         # One renewal round later the worker's heartbeat reports its load.
         await asyncio.sleep(sessions.settings.renew_interval + 0.5)
@@ -328,7 +307,7 @@ def ms(seconds: float) -> str:
 
 def spread(values: Sequence[float]) -> str:
     return "  ".join(
-        f"{name} {ms(percentile(values, q, math.nan)):>7}"
+        f"{name} {ms(rig.percentile(values, q, math.nan)):>7}"
         for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
     )
 
@@ -357,16 +336,13 @@ def print_report(results: Sequence[VariantResult], opts: argparse.Namespace, mac
             f"{dict(r.states_before)}, after {dict(r.states_after)}; upstream connections "
             f"still open {r.upstream_open_after}; worker load after {r.worker_load_after}"
         )
-        print(
-            f"  worker stopped in {r.drain_seconds:.1f}s, exit {r.worker_exit}; log "
-            f"{dict(r.log_levels)} ({r.log_path})"
-        )
-        print_log_patterns(r.log_patterns)
+        print(f"  worker stopped {r.worker.stopped()}")
+        r.worker.print_patterns()
     print()
     for r in results:
-        p99 = percentile(r.latencies, 99, math.nan)
+        p99 = rig.percentile(r.latencies, 99, math.nan)
         ok = p99 * 1000 <= opts.target_ms and r.missed == 0 and r.unknown == 0
-        figure(
+        rig.figure(
             f"cancel_p99_{r.variant}",
             f"{ms(p99)} ms",
             f"target <= {opts.target_ms:g} ms over {len(r.latencies)} cancels",
@@ -389,7 +365,7 @@ def write_csv(path: str, results: Sequence[VariantResult]) -> None:
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     parser.add_argument("--variant", choices=(*VARIANTS, "both"), default="both")
     parser.add_argument(
         "--count",
@@ -424,23 +400,23 @@ def run(opts: argparse.Namespace) -> int:
     variants = VARIANTS if opts.variant == "both" else (opts.variant,)
     defaults = {"listening": COUNT_LISTENING, "backoff": COUNT_BACKOFF}
     counts = {v: opts.count or defaults[v] for v in variants}
-    machine = machine_line()
+    machine = rig.machine_line()
     print(
         f"cancel bench: {counts}, concurrency {opts.concurrency}, upstream {opts.rate:g} "
         f"events/s, lease ttl {opts.lease_ttl:g}s, {machine}",
         flush=True,
     )
     results: list[VariantResult] = []
-    with Rig(opts.log_dir, "lp-cancel-") as rig:
-        server = rig.redis()
-        upstream = rig.start(SSEUpstream(rate=opts.rate, heartbeat=HEARTBEAT))
+    with rig.Rig(opts.log_dir, "lp-cancel-") as bench:
+        server = bench.redis()
+        upstream = bench.start(SSEUpstream(rate=opts.rate, heartbeat=HEARTBEAT))
         print(f"redis {server.url}, upstream 127.0.0.1:{upstream.port} (in-process)", flush=True)
         for variant in variants:
             print(f"{variant}: worker + {counts[variant]} sessions", flush=True)
             results.append(
                 run_variant(
-                    rig.children, upstream, server.url, variant, counts[variant], opts,
-                    rig.log_dir,
+                    bench.children, upstream, server.url, variant, counts[variant], opts,
+                    bench.log_dir,
                 )
             )  # fmt: skip
         print_report(results, opts, machine)
@@ -452,7 +428,7 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import BenchError, machine_line, run_guarded
+import rig
 
 from listenerpool.testing.harness.faults import KINDS
 from listenerpool.testing.harness.soak import SoakConfig, run_soak
@@ -83,11 +83,11 @@ def run(opts: argparse.Namespace) -> int:
         seed=opts.seed,
         log_dir=Path(opts.log_dir) if opts.log_dir else None,
     )
-    print(f"chaos soak on {machine_line()}", flush=True)
+    print(f"chaos soak on {rig.machine_line()}", flush=True)
     try:
         result = asyncio.run(run_soak(config))
     except RuntimeError as exc:
-        raise BenchError(str(exc)) from exc
+        raise rig.BenchError(str(exc)) from exc
     print(headline(result))
     print(format_table(result))
     failures = result.failures()
@@ -105,7 +105,7 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import sys
@@ -45,20 +44,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    STATE_CHUNK,
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    claim_and_wait,
-    cpu_seconds,
-    figure,
-    machine_line,
-    plain_client,
-    run_guarded,
-    start_worker,
-)
+import rig
 from rig_upstreams import PAYLOAD_BYTES, FirehoseProcess, UpstreamProcess
 
 SESSIONS = 3000
@@ -147,15 +133,17 @@ def seqs(client: Any, sids: Sequence[str]) -> list[int]:
     from listenerpool.keys import SessionKeys
 
     out: list[int] = []
-    for start in range(0, len(sids), STATE_CHUNK):
+    for start in range(0, len(sids), rig.STATE_CHUNK):
         pipe = client.pipeline(transaction=False)
-        for sid in sids[start : start + STATE_CHUNK]:
+        for sid in sids[start : start + rig.STATE_CHUNK]:
             pipe.hget(SessionKeys(sid).state, "seq")
         out += [int(v or 0) for v in pipe.execute()]
     return out
 
 
-def measure(cluster: Any, opts: argparse.Namespace, children: Children, log_dir: Path) -> Result:
+def measure(
+    cluster: Any, opts: argparse.Namespace, children: rig.Children, log_dir: Path
+) -> Result:
     from redis.crc import key_slot
 
     from listenerpool import keys
@@ -183,7 +171,7 @@ def measure(cluster: Any, opts: argparse.Namespace, children: Children, log_dir:
     else:
         upstream = UpstreamProcess(children)
     workers = [
-        start_worker(
+        rig.start_worker(
             children,
             cluster.url,
             worker_id=f"bench-balance-{i}",
@@ -196,25 +184,23 @@ def measure(cluster: Any, opts: argparse.Namespace, children: Children, log_dir:
     for p in primaries.values():
         p.memory_before = int(info_of(cluster, p.port)["used_memory"])
     print(f"  claiming {len(sids):,} sessions ({opts.ids} ids)", flush=True)
-    result.bringup = asyncio.run(
-        claim_and_wait(
-            cluster.url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=opts.bringup_timeout,
-            alive=lambda: all(w.poll() is None for w in workers),
-        )
+    result.bringup = rig.claim_and_wait(
+        cluster.url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=opts.bringup_timeout,
+        workers=workers,
     )  # fmt: skip
     print(f"  all {len(sids):,} listening after {result.bringup:.1f}s", flush=True)
     time.sleep(opts.warmup)
-    client = plain_client(cluster.url)
+    client = rig.plain_client(cluster.url)
     try:
         seq0 = seqs(client, sids)
         before = {port: info_of(cluster, port) for port in primaries}
-        worker_cpu0 = sum(cpu_seconds(w.pid) for w in workers)
+        worker_cpu0 = sum(rig.cpu_seconds(w.pid) for w in workers)
         started = time.monotonic()
         time.sleep(opts.seconds)
         after = {port: info_of(cluster, port) for port in primaries}
         result.seconds = time.monotonic() - started
         result.worker_cpu = (
-            100 * (sum(cpu_seconds(w.pid) for w in workers) - worker_cpu0) / result.seconds
+            100 * (sum(rig.cpu_seconds(w.pid) for w in workers) - worker_cpu0) / result.seconds
         )
         seq1 = seqs(client, sids)
     finally:
@@ -237,9 +223,11 @@ def measure(cluster: Any, opts: argparse.Namespace, children: Children, log_dir:
         p.memory_after = int(after[port]["used_memory"])
     still = sorted(n.port for n in cluster.nodes() if n.role == "primary" and not n.failed)
     if still != sorted(primaries):
-        raise BenchError(f"the primaries changed during the run: {sorted(primaries)} -> {still}")
+        raise rig.BenchError(
+            f"the primaries changed during the run: {sorted(primaries)} -> {still}"
+        )
     if any(w.poll() is not None for w in workers):
-        raise BenchError("a worker exited during the window")
+        raise rig.BenchError("a worker exited during the window")
     return result
 
 
@@ -300,20 +288,20 @@ def print_report(result: Result, opts: argparse.Namespace, machine: str) -> bool
             met = high <= opts.tolerance and low >= -opts.tolerance
             ok = ok and met
             target = f"{what}: {shown}; target within +-{opts.tolerance:.0%}"
-            figure(f"balance_{name}", value, target, met)
+            rig.figure(f"balance_{name}", value, target, met)
         else:
             buckets = sum(p.buckets for p in result.primaries)
             note = (
                 f"{what}: {shown}; info: {buckets} buckets over {len(result.primaries)} primaries"
             )
-            figure(f"balance_{name}", value, note)
-    figure("bringup_seconds", f"{result.bringup:.1f}")
-    figure("events_per_s", f"{result.events / result.seconds:,.0f}")
+            rig.figure(f"balance_{name}", value, note)
+    rig.figure("bringup_seconds", f"{result.bringup:.1f}")
+    rig.figure("events_per_s", f"{result.events / result.seconds:,.0f}")
     if result.events:
         worker_us = result.worker_cpu / 100 * result.seconds / result.events * 1e6
         redis_us = sum(p.cpu for p in result.primaries) / result.events * 1e6
-        figure("worker_cpu_per_event", f"{worker_us:.0f} us", "info; renewals included")
-        figure(
+        rig.figure("worker_cpu_per_event", f"{worker_us:.0f} us", "info; renewals included")
+        rig.figure(
             "redis_cpu_per_event",
             f"{redis_us:.1f} us",
             "info; all primaries, renewals included",
@@ -325,7 +313,7 @@ def print_report(result: Result, opts: argparse.Namespace, machine: str) -> bool
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="sessions (3000)")
     parser.add_argument(
         "--ids",
@@ -363,27 +351,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(opts: argparse.Namespace) -> int:
     from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
 
-    machine = machine_line()
+    machine = rig.machine_line()
     load = os.getloadavg()
     print(
         f"cluster balance bench: {machine}; load average at the start {load[0]:.2f} "
         f"{load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )
-    with Rig(opts.log_dir, "lp-density-") as rig:
-        cluster = rig.start(
+    with rig.Rig(opts.log_dir, "lp-density-") as bench:
+        cluster = bench.start(
             RedisClusterNodes(primaries=3, replicas=1, node_timeout_ms=opts.node_timeout)
         )
         with cluster.client(cluster.primary_ports()[0]) as c:
             machine += f", Redis {c.info('server').get('redis_version', '?')}"
         print(f"  cluster {cluster.url}", flush=True)
-        result = measure(cluster, opts, rig.children, rig.log_dir)
+        result = measure(cluster, opts, bench.children, bench.log_dir)
         ok = print_report(result, opts, machine)
     return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from clients. Events = the ``XADD`` lines; publish calls = client ``EVALSHA`` of
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import re
 import subprocess
@@ -34,19 +33,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    claim_and_wait,
-    figure,
-    flush,
-    machine_line,
-    redis_version,
-    run_guarded,
-    start_worker,
-)
+import rig
 from rig_upstreams import FirehoseProcess
 
 SESSIONS = 100
@@ -97,42 +84,39 @@ def count_monitor(path: Path, phase: Phase, sha: str) -> None:
 
 
 def run_phase(
-    name: str, children: Children, server: Any, opts: argparse.Namespace, log_dir: Path
+    name: str, children: rig.Children, server: Any, opts: argparse.Namespace, log_dir: Path
 ) -> Phase:
     url, port = server.url, server.port
     phase = Phase(name)
-    flush(url)
+    rig.flush(url)
     rate = 0.0 if name == "burst" else opts.trickle_rate
     upstream = FirehoseProcess(children, rate=rate, chunk=opts.chunk if not rate else 1)
-    worker = start_worker(
+    worker = rig.start_worker(
         children, url, worker_id=f"bench-cmd-{name}", capacity=opts.sessions,
         lease_ttl=LEASE_TTL, log_path=log_dir / f"worker-{name}.log",
     )  # fmt: skip
     sids = [f"cmd-{name}-{i}" for i in range(opts.sessions)]
     monitor: subprocess.Popen[bytes] | None = None
     try:
-        asyncio.run(
-            claim_and_wait(
-                url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=60,
-                alive=lambda: worker.poll() is None,
-            )
-        )  # fmt: skip
+        rig.claim_and_wait(
+            url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=60, workers=[worker]
+        )
         time.sleep(1.0)
         out = log_dir / f"monitor-{name}.txt"
         with open(out, "wb") as sink:
             monitor = children.spawn(["redis-cli", "-p", str(port), "monitor"], log=sink)
             started = time.monotonic()
             time.sleep(opts.seconds)
-            Children.stop(monitor)
+            rig.Children.stop(monitor)
             phase.seconds = time.monotonic() - started
         if worker.poll() is not None:
-            raise BenchError(f"worker exited with {worker.returncode}")
+            raise rig.BenchError(f"worker exited with {worker.returncode}")
         count_monitor(out, phase, publish_sha())
     finally:
         if monitor is not None:
-            Children.stop(monitor)
-        Children.stop(worker, timeout=10)
-        Children.stop(upstream.proc)
+            rig.Children.stop(monitor)
+        rig.Children.stop(worker, timeout=10)
+        rig.Children.stop(upstream.proc)
     return phase
 
 
@@ -151,14 +135,14 @@ def print_report(phases: Sequence[Phase], opts: argparse.Namespace, machine: str
     print()
     for p in phases:
         ok = p.calls_per_event <= 1.0 and (p.name != "burst" or p.calls_per_event < 0.5)
-        figure(
+        rig.figure(
             f"publish_calls_per_event_{p.name}",
             f"{p.calls_per_event:.3f}",
             f"{p.publish_calls:,} calls / {p.events:,} events; target <= 1 round trip, batched "
             "when bursty",
             ok,
         )
-        figure(
+        rig.figure(
             f"client_commands_per_event_{p.name}",
             f"{p.client_per_event:.3f}",
             "info; every client command, renewals, heartbeats and job polls included",
@@ -166,7 +150,7 @@ def print_report(phases: Sequence[Phase], opts: argparse.Namespace, machine: str
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(100)")
     parser.add_argument("--seconds", type=float, default=SECONDS, help="MONITOR window (5)")
     parser.add_argument("--chunk", type=int, default=16, help="burst: events per write (16)")
@@ -177,12 +161,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(opts: argparse.Namespace) -> int:
     phases: list[Phase] = []
-    with Rig(opts.log_dir, "lp-cmd-") as rig:
-        server = rig.redis()
-        machine = f"{machine_line()}, Redis {redis_version(server.url)}"
+    with rig.Rig(opts.log_dir, "lp-cmd-") as bench:
+        server = bench.redis()
+        machine = f"{rig.machine_line()}, Redis {rig.redis_version(server.url)}"
         print(f"commands bench: {machine}", flush=True)
         for name in ("burst", "trickle"):
-            phase = run_phase(name, rig.children, server, opts, rig.log_dir)
+            phase = run_phase(name, bench.children, server, opts, bench.log_dir)
             print(f"  {name}: {phase.events:,} events, {phase.publish_calls:,} calls", flush=True)
             phases.append(phase)
         print_report(phases, opts, machine)
@@ -190,7 +174,7 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -42,24 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # bench/ is sys.path[0] when this file runs as a script (and on an rq worker's PYTHONPATH).
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    Sessions,
-    bench_parser,
-    claim_and_wait,
-    figure,
-    flush,
-    machine_line,
-    percentile,
-    read_line,
-    run_guarded,
-    send_line,
-    start_gateway,
-    start_worker,
-)
-from rig_upstreams import SSE_HEAD
+import rig
+from rig_upstreams import SSE_HEAD, read_head
 
 HERE = Path(__file__).resolve().parent
 SESSIONS = 30
@@ -88,10 +72,8 @@ class Runner:
         self.heartbeats: list[asyncio.StreamWriter] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            writer.close()
+        head = await read_head(reader, writer)
+        if head is None:
             return
         sid = head.split(b" ", 2)[1].decode().rsplit("/", 1)[-1]
         self.opened[sid] += 1
@@ -160,7 +142,7 @@ async def _upstream(events: int, rate: float) -> int:
 
 
 class RunnerProcess:
-    def __init__(self, children: Children, events: int, rate: float) -> None:
+    def __init__(self, children: rig.Children, events: int, rate: float) -> None:
         self.proc, self.port = children.spawn_server(
             [sys.executable, __file__, "_upstream", "--events", str(events), "--rate", str(rate)],
             "upstream",
@@ -170,13 +152,15 @@ class RunnerProcess:
         return f"http://127.0.0.1:{self.port}/events/{sid}"
 
     def emit(self, timeout: float) -> None:
-        send_line(self.proc, "emit")
-        if read_line(self.proc, timeout, "upstream emit") != "emitted":
-            raise BenchError("upstream: unexpected answer to emit")
+        rig.send_line(self.proc, "emit")
+        if rig.read_line(self.proc, timeout, "upstream emit") != "emitted":
+            raise rig.BenchError("upstream: unexpected answer to emit")
 
     def stats(self) -> dict[str, dict[str, float]]:
-        send_line(self.proc, "stats")
-        stats: dict[str, dict[str, float]] = json.loads(read_line(self.proc, 30, "upstream stats"))
+        rig.send_line(self.proc, "stats")
+        stats: dict[str, dict[str, float]] = json.loads(
+            rig.read_line(self.proc, 30, "upstream stats")
+        )
         return stats
 
 
@@ -293,7 +277,7 @@ async def _put(port: int, sid: str, url: str) -> None:
     async with httpx.AsyncClient() as http:
         reply = await http.put(f"http://127.0.0.1:{port}/v1/sessions/{sid}", json={"url": url})
         if reply.status_code not in (200, 201):
-            raise BenchError(f"PUT {sid}: HTTP {reply.status_code}")
+            raise rig.BenchError(f"PUT {sid}: HTTP {reply.status_code}")
 
 
 async def _count(ws: object, key: str, seen: Counter[str]) -> None:
@@ -314,7 +298,7 @@ def split_result(name: str, seen: dict[str, int], runner: RunnerProcess) -> Spli
     return result
 
 
-def run_split_naive(children: Children, opts: argparse.Namespace) -> SplitResult:
+def run_split_naive(children: rig.Children, opts: argparse.Namespace) -> SplitResult:
     from listenerpool.testing.redis_server import free_port
 
     runner = RunnerProcess(children, opts.events, opts.rate)
@@ -327,24 +311,24 @@ def run_split_naive(children: Children, opts: argparse.Namespace) -> SplitResult
         return split_result("naive", seen, runner)
     finally:
         for proc in procs:
-            Children.stop(proc)
-        Children.stop(runner.proc)
+            rig.Children.stop(proc)
+        rig.Children.stop(runner.proc)
 
 
 def run_split_pool(
-    children: Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> SplitResult:
     runner = RunnerProcess(children, opts.events, opts.rate)
     procs = [runner.proc]
     try:
-        worker = start_worker(
+        worker = rig.start_worker(
             children, redis_url, worker_id="bench-naive-a", capacity=opts.sessions + 64,
             lease_ttl=LEASE_TTL, log_path=log_dir / "worker-a.log",
         )  # fmt: skip
         procs.append(worker)
         ports = []
         for r in range(opts.replicas):
-            gateway, port = start_gateway(
+            gateway, port = rig.start_gateway(
                 children, redis_url, log_dir / f"gateway-{r}.log", GATEWAY_ENV
             )
             procs.append(gateway)
@@ -357,11 +341,11 @@ def run_split_pool(
         return split_result("pool", seen, runner)
     finally:
         for proc in reversed(procs):
-            Children.stop(proc, timeout=10)
+            rig.Children.stop(proc, timeout=10)
 
 
 async def _wait_listening(redis_url: str, sids: Sequence[str]) -> None:
-    sessions = Sessions(redis_url)
+    sessions = rig.Sessions(redis_url)
     try:
         await sessions.wait_for(sids, timeout=60)
     finally:
@@ -376,7 +360,7 @@ def _wait_port(port: int) -> None:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return
         if time.monotonic() > deadline:
-            raise BenchError(f"naive replica on {port} did not start")
+            raise rig.BenchError(f"naive replica on {port} did not start")
         time.sleep(0.05)
 
 
@@ -429,7 +413,7 @@ def _pss(pids: Sequence[int]) -> tuple[int, int]:
 
 
 def run_rq(
-    children: Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> ListenerCost:
     import redis
     from rq import Queue
@@ -456,7 +440,7 @@ def run_rq(
         deadline = time.monotonic() + 60
         while len(sync.smembers("rq:workers")) < opts.rq_listeners:
             if time.monotonic() > deadline:
-                raise BenchError(f"rq workers did not register: see {log_dir}")
+                raise rig.BenchError(f"rq workers did not register: see {log_dir}")
             time.sleep(0.1)
         queue = Queue("naive-listen", connection=sync)
         enqueued: dict[str, float] = {}
@@ -472,34 +456,34 @@ def run_rq(
         cost.pss, cost.processes = _pss([w.pid for w in workers])
     finally:
         for proc in workers:
-            Children.stop(proc, timeout=opts.hold + 10)
-        Children.stop(runner.proc)
+            rig.Children.stop(proc, timeout=opts.hold + 10)
+        rig.Children.stop(runner.proc)
         sync.close()
     return cost
 
 
 def run_pool_listeners(
-    children: Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> ListenerCost:
     cost = ListenerCost("pool", opts.rq_listeners)
     runner = RunnerProcess(children, 0, 1.0)
     worker = None
     try:
-        flush(redis_url)
-        worker = start_worker(
+        rig.flush(redis_url)
+        worker = rig.start_worker(
             children, redis_url, worker_id="bench-naive-b", capacity=opts.rq_listeners + 64,
             lease_ttl=LEASE_TTL, log_path=log_dir / "worker-b.log",
         )  # fmt: skip
         sids = [f"pl-{i}" for i in range(opts.rq_listeners)]
         enqueued = {sid: time.time() for sid in sids}
-        asyncio.run(claim_and_wait(redis_url, sids, runner.url, lease_ttl=LEASE_TTL, timeout=60))
+        rig.claim_and_wait(redis_url, sids, runner.url, lease_ttl=LEASE_TTL, timeout=60)
         cost.start_latencies = _wait_connected(runner, enqueued, 60)
         time.sleep(1.0)
         cost.pss, cost.processes = _pss([worker.pid])
     finally:
         if worker is not None:
-            Children.stop(worker, timeout=10)
-        Children.stop(runner.proc)
+            rig.Children.stop(worker, timeout=10)
+        rig.Children.stop(runner.proc)
     return cost
 
 
@@ -513,7 +497,7 @@ def _wait_connected(
             return [first[sid] - t for sid, t in started.items()]
         if time.monotonic() > deadline:
             missing = sum(1 for sid in started if sid not in first)
-            raise BenchError(f"{missing} listeners never connected within {timeout:g}s")
+            raise rig.BenchError(f"{missing} listeners never connected within {timeout:g}s")
         time.sleep(0.05)
 
 
@@ -535,7 +519,7 @@ def print_report(
         print(
             f"  {r.name:<6} upstream connections per session: mean {r.mean_conns:.2f}, max "
             f"{max(r.conns_per_session, default=0)}; clients that saw every event: "
-            f"{r.complete_clients}/{r.clients}; share seen p50 {percentile(shares, 50):.0%}, "
+            f"{r.complete_clients}/{r.clients}; share seen p50 {rig.percentile(shares, 50):.0%}, "
             f"min {min(shares, default=0):.0%}"
         )
     print(f"(b) {opts.rq_listeners} listeners, idle streams")
@@ -543,38 +527,38 @@ def print_report(
         print(
             f"  {c.name:<6} PSS {c.pss / 1048576:.1f} MiB in {c.processes} processes = "
             f"{c.per_listener / 1024:.0f} KB per listener; start p50 "
-            f"{percentile(c.start_latencies, 50) * 1000:.0f} ms, max "
-            f"{percentile(c.start_latencies, 100) * 1000:.0f} ms"
+            f"{rig.percentile(c.start_latencies, 50) * 1000:.0f} ms, max "
+            f"{rig.percentile(c.start_latencies, 100) * 1000:.0f} ms"
         )
     print()
     by = {r.name: r for r in split}
     naive, pool = by["naive"], by["pool"]
-    figure(
+    rig.figure(
         "naive_a_upstream_conns_per_session",
         f"{naive.mean_conns:.2f} (pool {pool.mean_conns:.2f}; "
         f"{naive.mean_conns / max(pool.mean_conns, 1e-9):.1f}x the upstream connections)",
     )
-    figure(
+    rig.figure(
         "naive_a_complete_clients",
         f"{naive.complete_clients}/{naive.clients} saw every event "
         f"(pool {pool.complete_clients}/{pool.clients})",
     )
-    figure(
+    rig.figure(
         "naive_a_events_seen_p50",
-        f"{percentile(naive.seen_share, 50):.0%} per client "
-        f"(pool {percentile(pool.seen_share, 50):.0%})",
+        f"{rig.percentile(naive.seen_share, 50):.0%} per client "
+        f"(pool {rig.percentile(pool.seen_share, 50):.0%})",
     )
     cost = {c.name: c for c in costs}
     rq_cost, pool_cost = cost["rq"], cost["pool"]
-    figure(
+    rig.figure(
         "naive_b_memory_per_listener",
         f"{rq_cost.per_listener / 1024:.0f} KB (pool {pool_cost.per_listener / 1024:.0f} KB at "
         f"{opts.rq_listeners} listeners incl. the worker's base; rq / pool = "
         f"{rq_cost.per_listener / max(pool_cost.per_listener, 1):.0f}x)",
     )
-    rq_p50 = percentile(rq_cost.start_latencies, 50)
-    pool_p50 = percentile(pool_cost.start_latencies, 50)
-    figure(
+    rq_p50 = rig.percentile(rq_cost.start_latencies, 50)
+    pool_p50 = rig.percentile(pool_cost.start_latencies, 50)
+    rig.figure(
         "naive_b_start_p50",
         f"{rq_p50 * 1000:.0f} ms (pool {pool_p50 * 1000:.0f} ms; rq / pool = "
         f"{rq_p50 / max(pool_p50, 1e-9):.1f}x)",
@@ -582,7 +566,7 @@ def print_report(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     up = sub.add_parser("_upstream")
     up.add_argument("--events", type=int, required=True)
@@ -601,11 +585,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    with Rig(opts.log_dir, "lp-nv-") as rig:
-        server = rig.redis()
-        machine = machine_line()
+    with rig.Rig(opts.log_dir, "lp-nv-") as bench:
+        server = bench.redis()
+        machine = rig.machine_line()
         print(f"compare_naive bench: {machine}", flush=True)
-        children, log_dir = rig.children, rig.log_dir
+        children, log_dir = bench.children, bench.log_dir
         print("(a) naive replicas", flush=True)
         naive = run_split_naive(children, opts)
         print("(a) pool", flush=True)
@@ -624,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return upstream_child(opts.events, opts.rate)
     if opts.child == "_naive":
         return naive_child(opts.port)
-    return run_guarded(run, opts)
+    return rig.run_guarded(run, opts)
 
 
 if __name__ == "__main__":

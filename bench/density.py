@@ -41,29 +41,7 @@ from typing import TYPE_CHECKING
 
 # bench/ is sys.path[0] when this file runs as a script. Standard library only at import time:
 # the bare-socket child must stay lean.
-from rig import (
-    IDLE_TIMEOUT,
-    BenchError,
-    Children,
-    Rig,
-    Sessions,
-    bench_parser,
-    check_fd_limit,
-    count_states,
-    cpu_seconds,
-    figure,
-    flush,
-    kib,
-    machine_line,
-    mib,
-    print_log_patterns,
-    read_line,
-    run_guarded,
-    scan_worker_log,
-    send_line,
-    start_worker,
-    state_keys_of,
-)
+import rig
 from rig_upstreams import HEARTBEAT, UpstreamProcess
 
 if TYPE_CHECKING:
@@ -159,7 +137,9 @@ class BareResult:
         return (self.rss_after - self.rss_before) / max(self.opened, 1)
 
 
-def run_bare(children: Children, upstream: UpstreamProcess, size: int, batch: int) -> BareResult:
+def run_bare(
+    children: rig.Children, upstream: UpstreamProcess, size: int, batch: int
+) -> BareResult:
     import psutil
 
     prefix = f"bare-{size}-"
@@ -170,22 +150,22 @@ def run_bare(children: Children, upstream: UpstreamProcess, size: int, batch: in
         ]
     )  # fmt: skip
     try:
-        if read_line(proc, 30, "bare child start") != "ready":
-            raise BenchError("bare child: unexpected greeting")
+        if rig.read_line(proc, 30, "bare child start") != "ready":
+            raise rig.BenchError("bare child: unexpected greeting")
         process = psutil.Process(proc.pid)
         time.sleep(0.3)
         before = rss(process)
-        send_line(proc, "go")
-        words = read_line(proc, 60 + size / 100, "bare child connections").split()
+        rig.send_line(proc, "go")
+        words = rig.read_line(proc, 60 + size / 100, "bare child connections").split()
         if len(words) != 3 or words[0] != "up":
-            raise BenchError(f"bare child: unexpected {words!r}")
+            raise rig.BenchError(f"bare child: unexpected {words!r}")
         time.sleep(1.0)  # let the heads and first reads settle
         after = rss(process)
         _, seen, _ = upstream.count(prefix)
-        send_line(proc, "exit")
+        rig.send_line(proc, "exit")
         proc.wait(30)
     finally:
-        Children.stop(proc)
+        rig.Children.stop(proc)
     upstream.wait_idle()
     return BareResult(size, int(words[1]), int(words[2]), seen, before, after)
 
@@ -211,13 +191,9 @@ class PoolResult:
     upstream_open_end: int = 0
     upstream_opened: int = 0
     worker_alive: bool = False
-    worker_exit: int | None = None
     cpu_percent_hold: float = 0.0
     fds: int = 0
-    drain_seconds: float = 0.0
-    log_levels: Counter[str] = field(default_factory=Counter)
-    log_patterns: Counter[str] = field(default_factory=Counter)
-    log_path: str = ""
+    worker: rig.WorkerEnd = field(default_factory=rig.WorkerEnd)
 
     @property
     def per_listener(self) -> float:
@@ -229,7 +205,7 @@ class PoolResult:
 
 
 def run_pool(
-    children: Children,
+    children: rig.Children,
     upstream: UpstreamProcess,
     redis_url: str,
     size: int,
@@ -238,11 +214,11 @@ def run_pool(
 ) -> PoolResult:
     import psutil
 
-    flush(redis_url)
-    result = PoolResult(size, log_path=str(log_dir / f"worker-{size}.log"))
-    proc = start_worker(
+    rig.flush(redis_url)
+    result = PoolResult(size, worker=rig.WorkerEnd(str(log_dir / f"worker-{size}.log")))
+    proc = rig.start_worker(
         children, redis_url, worker_id=WORKER_ID, capacity=opts.capacity or size,
-        lease_ttl=opts.lease_ttl, log_path=Path(result.log_path),
+        lease_ttl=opts.lease_ttl, log_path=Path(result.worker.log_path),
     )  # fmt: skip
     try:
         process = psutil.Process(proc.pid)
@@ -252,10 +228,9 @@ def run_pool(
         result.worker_alive = proc.poll() is None
         result.fds = process.num_fds() if result.worker_alive else 0
     finally:
-        result.drain_seconds = Children.stop(proc, timeout=opts.drain_timeout)
-        result.worker_exit = proc.returncode
+        result.worker.stop(proc, opts.drain_timeout)
     upstream.wait_idle(60)
-    result.log_levels, result.log_patterns = scan_worker_log(result.log_path, _VARIABLE, _shape)
+    result.worker.scan(_VARIABLE, _shape)
     return result
 
 
@@ -270,11 +245,11 @@ async def _drive_pool(
     size = result.size
     prefix = f"pool-{size}-"
     sids = [f"{prefix}{i}" for i in range(size)]
-    state_keys = state_keys_of(sids)
-    sessions = Sessions(
+    state_keys = rig.state_keys_of(sids)
+    sessions = rig.Sessions(
         redis_url,
         lease_ttl=opts.lease_ttl,
-        idle_timeout=IDLE_TIMEOUT,
+        idle_timeout=rig.IDLE_TIMEOUT,
         worker_capacity=opts.capacity or size,
     )
     aredis = sessions.redis
@@ -290,16 +265,16 @@ async def _drive_pool(
         deadline = started + opts.bringup_timeout
         states: Counter[str] = Counter()
         last_report = time.monotonic()
-        last_cpu = cpu_seconds(process)
+        last_cpu = rig.cpu_seconds(process)
         queue_key = f"rq:queue:{sessions.settings.queue_name}"
         while time.monotonic() < deadline and proc.poll() is None:
-            states = await count_states(aredis, state_keys)
+            states = await rig.count_states(aredis, state_keys)
             result.rss_peak = max(result.rss_peak, rss(process))
             if states["listening"] == size:
                 result.bringup_seconds = time.monotonic() - started
                 break
             if (now := time.monotonic()) - last_report >= 10:
-                cpu = cpu_seconds(process)
+                cpu = rig.cpu_seconds(process)
                 busy = 100 * (cpu - last_cpu) / (now - last_report)
                 last_report, last_cpu = now, cpu
                 queued = await aredis.llen(queue_key)
@@ -317,22 +292,22 @@ async def _drive_pool(
         result.rss_peak = max(result.rss_peak, result.rss_up)
         print(f"  pool {size}: holding {opts.hold:g}s", flush=True)
         result.min_listening = states["listening"]
-        cpu_before = cpu_seconds(process)
+        cpu_before = rig.cpu_seconds(process)
         hold_start = time.monotonic()
         hold_end = hold_start + opts.hold
         while (now := time.monotonic()) < hold_end and proc.poll() is None:
             await asyncio.sleep(min(opts.sample, hold_end - now))
             if proc.poll() is not None:
                 break
-            states = await count_states(aredis, state_keys)
+            states = await rig.count_states(aredis, state_keys)
             result.min_listening = min(result.min_listening, states["listening"])
             result.rss_peak = max(result.rss_peak, rss(process))
         result.held_seconds = time.monotonic() - hold_start
         if proc.poll() is None:
-            busy = cpu_seconds(process) - cpu_before
+            busy = rig.cpu_seconds(process) - cpu_before
             result.cpu_percent_hold = 100 * busy / max(result.held_seconds, 1e-9)
             result.rss_hold = rss(process)
-        result.states_end = states = await count_states(aredis, state_keys)
+        result.states_end = states = await rig.count_states(aredis, state_keys)
         result.listening_end = states["listening"]
         _, result.upstream_open_end, result.upstream_opened = await asyncio.to_thread(
             upstream.count, prefix
@@ -369,7 +344,7 @@ def print_report(
             f"{n / 1048576:.0f}" for n in (pool.rss_idle, pool.rss_up, pool.rss_hold)
         )
         print(
-            f"{pool.size:>6}  {kib(bare.per_conn):>12}  {kib(pool.per_listener):>16}  "
+            f"{pool.size:>6}  {rig.kib(bare.per_conn):>12}  {rig.kib(pool.per_listener):>16}  "
             f"{ratio:>5.1f}x  {up_s:>10}  {f'{pool.listening_end}/{pool.size}':>20}  "
             f"{rss_cols + ' MiB':>26}"
         )
@@ -379,42 +354,39 @@ def print_report(
         print(f"N={n} details:")
         print(
             f"  bare: {bare.opened} open, {bare.failed} failed, upstream saw {bare.upstream_seen}; "
-            f"RSS {mib(bare.rss_before)} -> {mib(bare.rss_after)}"
+            f"RSS {rig.mib(bare.rss_before)} -> {rig.mib(bare.rss_after)}"
         )
         print(
             f"  pool: claims {dict(pool.claims)} in {pool.claim_seconds:.1f}s; states after "
             f"bring-up {dict(pool.states_after_bringup)}; at the end {dict(pool.states_end)}"
         )
         print(
-            f"  pool: worker RSS idle {mib(pool.rss_idle)}, all up {mib(pool.rss_up)}, after "
-            f"hold {mib(pool.rss_hold)}, peak {mib(pool.rss_peak)}; {pool.fds} fds; "
+            f"  pool: worker RSS idle {rig.mib(pool.rss_idle)}, all up {rig.mib(pool.rss_up)}, "
+            f"after hold {rig.mib(pool.rss_hold)}, peak {rig.mib(pool.rss_peak)}; {pool.fds} fds; "
             f"upstream connections open {pool.upstream_open_end}, ever opened "
             f"{pool.upstream_opened}; min listening during hold {pool.min_listening}"
         )
-        print(
-            f"  pool: worker stopped (SIGTERM, drain) in {pool.drain_seconds:.1f}s, exit "
-            f"{pool.worker_exit}; log {dict(pool.log_levels)} ({pool.log_path})"
-        )
-        print_log_patterns(pool.log_patterns)
+        print(f"  pool: worker stopped (SIGTERM, drain) {pool.worker.stopped()}")
+        pool.worker.print_patterns()
     print()
     for bare, pool in rows:
         n = pool.size
         ratio = pool.per_listener / bare.per_conn if bare.per_conn > 0 else float("inf")
         all_held = pool.worker_alive and pool.listening_end == n
         bringup = pool.bringup_seconds
-        figure(f"rss_per_conn_bare_{n}", f"{kib(bare.per_conn)} KB")
-        figure(f"rss_per_listener_{n}", f"{kib(pool.per_listener)} KB")
+        rig.figure(f"rss_per_conn_bare_{n}", f"{rig.kib(bare.per_conn)} KB")
+        rig.figure(f"rss_per_listener_{n}", f"{rig.kib(pool.per_listener)} KB")
         partial = "" if pool.listening_end == n else f", on {pool.listening_end} listening"
-        figure(
+        rig.figure(
             f"rss_per_listener_ratio_{n}",
             f"{ratio:.1f}x",
             f"target <= {opts.target_ratio:g}x vs bare asyncio sockets{partial}",
             ratio <= opts.target_ratio,
         )
         if bringup is not None:
-            figure(f"bringup_{n}", f"{bringup:.1f}s")
+            rig.figure(f"bringup_{n}", f"{bringup:.1f}s")
         else:
-            figure(
+            rig.figure(
                 f"bringup_{n}",
                 f"{pool.states_after_bringup['listening']}/{n} listening after "
                 f"{opts.bringup_timeout:g}s",
@@ -422,29 +394,28 @@ def print_report(
                 False,
             )
         alive = "worker alive" if pool.worker_alive else "worker DEAD"
-        figure(
+        rig.figure(
             f"hold_{n}",
             f"{pool.listening_end}/{n} listening after {pool.held_seconds:.0f}s, {alive}",
             "target all",
             all_held,
         )
-        figure(f"worker_cpu_hold_{n}", f"{pool.cpu_percent_hold:.1f}% of one core")
+        rig.figure(f"worker_cpu_hold_{n}", f"{pool.cpu_percent_hold:.1f}% of one core")
         closed = pool.upstream_opened - pool.upstream_open_end
-        figure(f"upstream_conns_closed_{n}", f"{closed} of {pool.upstream_opened} opened")
-        figure(
+        rig.figure(f"upstream_conns_closed_{n}", f"{closed} of {pool.upstream_opened} opened")
+        rig.figure(
             f"drain_{n}",
-            f"worker exited {pool.worker_exit} {pool.drain_seconds:.1f}s after SIGTERM",
+            f"worker exited {pool.worker.exit} {pool.worker.drain_seconds:.1f}s after SIGTERM",
             f"info; -9 = killed after --drain-timeout {opts.drain_timeout:g}s",
         )
-        problems = sum(c for level, c in pool.log_levels.items() if level not in ("INFO", "DEBUG"))
-        figure(f"worker_log_problems_{n}", f"{problems} warning/error lines")
+        rig.figure(f"worker_log_problems_{n}", f"{pool.worker.problems} warning/error lines")
 
 
 # ============================================================================================
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")  # internal: the bare-socket child
     bare = sub.add_parser("_bare")
     bare.add_argument("--port", type=int, required=True)
@@ -486,25 +457,25 @@ def sizes_of(text: str) -> list[int]:
 
 def run(opts: argparse.Namespace) -> int:
     sizes = sizes_of(opts.sizes)
-    check_fd_limit(max(sizes), "connections")
-    machine = machine_line()
+    rig.check_fd_limit(max(sizes), "connections")
+    machine = rig.machine_line()
     print(
         f"density bench: sizes {sizes}, hold {opts.hold:g}s, lease ttl {opts.lease_ttl:g}s, "
         f"{machine}",
         flush=True,
     )
     rows: list[tuple[BareResult, PoolResult]] = []
-    with Rig(opts.log_dir, "lp-density-") as rig:
-        server = rig.redis()
-        upstream = UpstreamProcess(rig.children, opts.heartbeat)
+    with rig.Rig(opts.log_dir, "lp-density-") as bench:
+        server = bench.redis()
+        upstream = UpstreamProcess(bench.children, opts.heartbeat)
         print(f"redis {server.url}, upstream 127.0.0.1:{upstream.port}", flush=True)
         for size in sizes:
             print(f"N={size}: bare asyncio sockets", flush=True)
-            bare = run_bare(rig.children, upstream, size, opts.batch)
-            print(f"  bare {size}: {kib(bare.per_conn)} KB/conn", flush=True)
+            bare = run_bare(bench.children, upstream, size, opts.batch)
+            print(f"  bare {size}: {rig.kib(bare.per_conn)} KB/conn", flush=True)
             print(f"N={size}: pool worker", flush=True)
-            pool = run_pool(rig.children, upstream, server.url, size, opts, rig.log_dir)
-            print(f"  pool {size}: {kib(pool.per_listener)} KB/listener", flush=True)
+            pool = run_pool(bench.children, upstream, server.url, size, opts, bench.log_dir)
+            print(f"  pool {size}: {rig.kib(pool.per_listener)} KB/listener", flush=True)
             rows.append((bare, pool))
         print_report(rows, opts, machine)
         if not opts.log_dir:
@@ -516,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.child == "_bare":
         return bare_child(opts.port, opts.count, opts.prefix, opts.batch)
-    return run_guarded(run, opts)
+    return rig.run_guarded(run, opts)
 
 
 if __name__ == "__main__":

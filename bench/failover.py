@@ -33,19 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    claim_and_wait,
-    figure,
-    machine_line,
-    percentile,
-    plain_client,
-    run_guarded,
-    start_worker,
-)
+import rig
 from rig_upstreams import HEARTBEAT, UpstreamProcess
 
 SESSIONS = 200
@@ -76,14 +64,14 @@ class Result:
 
     @property
     def p99(self) -> float:
-        return percentile(self.listening, 99) if not self.missing else float("inf")
+        return rig.percentile(self.listening, 99) if not self.missing else float("inf")
 
 
 def lease_time_left(redis_url: str, sids: Sequence[str]) -> list[float]:
     """Each session's lease PTTL in s (pipelined), read just before the kill."""
     from listenerpool import keys
 
-    client = plain_client(redis_url)
+    client = rig.plain_client(redis_url)
     try:
         with client.pipeline(transaction=False) as pipe:
             for sid in sids:
@@ -135,27 +123,24 @@ async def watch(
         await client.aclose()
 
 
-def run_ttl(ttl: float, rig: Rig, opts: argparse.Namespace) -> Result:
+def run_ttl(ttl: float, bench: rig.Rig, opts: argparse.Namespace) -> Result:
     result = Result(ttl, opts.sessions)
-    children, log_dir = rig.children, rig.log_dir
+    children, log_dir = bench.children, bench.log_dir
     procs = []
-    server = rig.redis()  # one per TTL, stopped with it
+    server = bench.redis()  # one per TTL, stopped with it
     try:
         upstream = UpstreamProcess(children, HEARTBEAT, opts.rate)
         procs.append(upstream.proc)
-        worker_a = start_worker(
+        worker_a = rig.start_worker(
             children, server.url, worker_id="bench-fo-a", capacity=opts.sessions + 64,
             lease_ttl=ttl, log_path=log_dir / f"worker-a-ttl{ttl:g}.log",
         )  # fmt: skip
         procs.append(worker_a)
         sids = [f"fo-{i}" for i in range(opts.sessions)]
-        asyncio.run(
-            claim_and_wait(
-                server.url, sids, upstream.url, lease_ttl=ttl, timeout=120,
-                alive=lambda: worker_a.poll() is None,
-            )
-        )  # fmt: skip
-        worker_b = start_worker(
+        rig.claim_and_wait(
+            server.url, sids, upstream.url, lease_ttl=ttl, timeout=120, workers=[worker_a]
+        )
+        worker_b = rig.start_worker(
             children, server.url, worker_id="bench-fo-b", capacity=opts.sessions + 64,
             lease_ttl=ttl, log_path=log_dir / f"worker-b-ttl{ttl:g}.log",
         )  # fmt: skip
@@ -166,7 +151,7 @@ def run_ttl(ttl: float, rig: Rig, opts: argparse.Namespace) -> Result:
         worker_a.send_signal(signal.SIGKILL)
         listening, first_event = asyncio.run(watch(server.url, sids, "bench-fo-b", started, opts))
         if worker_b.poll() is not None:
-            raise BenchError(f"worker B exited with {worker_b.returncode}")
+            raise rig.BenchError(f"worker B exited with {worker_b.returncode}")
         result.lease_left = list(left.values())
         result.listening = list(listening.values())
         result.first_event = list(first_event.values())
@@ -175,7 +160,7 @@ def run_ttl(ttl: float, rig: Rig, opts: argparse.Namespace) -> Result:
         result.silent = len(listening) - len(first_event)
     finally:
         for proc in reversed(procs):
-            Children.stop(proc, timeout=10)
+            rig.Children.stop(proc, timeout=10)
         server.stop()
     return result
 
@@ -187,8 +172,8 @@ def spread(values: Sequence[float]) -> str:
     if not values:
         return "none"
     return (
-        f"p50 {percentile(values, 50):.2f}s, p99 {percentile(values, 99):.2f}s, "
-        f"max {percentile(values, 100):.2f}s"
+        f"p50 {rig.percentile(values, 50):.2f}s, p99 {rig.percentile(values, 99):.2f}s, "
+        f"max {rig.percentile(values, 100):.2f}s"
     )
 
 
@@ -207,25 +192,25 @@ def print_report(results: Sequence[Result], opts: argparse.Namespace, machine: s
     print()
     for r in results:
         target = r.ttl + 1.0
-        figure(
+        rig.figure(
             f"failover_p99_ttl{r.ttl:g}",
             f"{r.p99:.2f} s",
             f"target <= {target:g} s = lease ttl + 1 s; {r.missing} not resumed",
             r.p99 <= target,
         )
-        first = percentile(r.first_event, 99) if not (r.missing or r.silent) else float("inf")
-        figure(
+        first = rig.percentile(r.first_event, 99) if not (r.missing or r.silent) else float("inf")
+        rig.figure(
             f"failover_first_event_p99_ttl{r.ttl:g}",
             f"{first:.2f} s (kill -> first event from the new owner; {r.silent} silent)",
         )
-        figure(
+        rig.figure(
             f"failover_handover_p99_ttl{r.ttl:g}",
-            f"{percentile(r.handover, 99):.2f} s (lease lapse -> listening)",
+            f"{rig.percentile(r.handover, 99):.2f} s (lease lapse -> listening)",
         )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     parser.add_argument("--ttls", default="3,10", help="lease TTLs in s (3,10)")
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(200)")
     parser.add_argument("--rate", type=float, default=RATE, help="events/s per session (1)")
@@ -245,17 +230,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(opts: argparse.Namespace) -> int:
     results: list[Result] = []
-    with Rig(opts.log_dir, "lp-fo-") as rig:
-        machine = f"{machine_line()}, {redis_version()}"
+    with rig.Rig(opts.log_dir, "lp-fo-") as bench:
+        machine = f"{rig.machine_line()}, {redis_version()}"
         for ttl in opts.ttl_list:
             print(f"ttl {ttl:g}s: {opts.sessions} sessions", flush=True)
-            results.append(run_ttl(ttl, rig, opts))
+            results.append(run_ttl(ttl, bench, opts))
         print_report(results, opts, machine)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

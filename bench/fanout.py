@@ -65,27 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    ROOT,
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    check_fd_limit,
-    claim_and_wait,
-    cpu_seconds,
-    figure,
-    flush,
-    load_average,
-    machine_line,
-    read_line,
-    run_guarded,
-    send_line,
-    start_gateway,
-    start_worker,
-    wait_gateway,
-    wait_worker,
-)
+import rig
 from rig_upstreams import PAYLOAD_BYTES, SSE_HEAD
 
 if TYPE_CHECKING:
@@ -671,8 +651,8 @@ class Source:
         self.what = what
 
     def count(self) -> int:
-        send_line(self.proc, "count")
-        return int(read_line(self.proc, 30, f"{self.what} count"))
+        rig.send_line(self.proc, "count")
+        return int(rig.read_line(self.proc, 30, f"{self.what} count"))
 
 
 def _processes(pids: dict[str, int]) -> dict[str, psutil.Process]:
@@ -695,7 +675,7 @@ def measure(
     pids: dict[str, int],
     watch: dict[str, subprocess.Popen[bytes]],
     opts: argparse.Namespace,
-    children: Children,
+    children: rig.Children,
     log_dir: Path,
     tap: subprocess.Popen[bytes] | None = None,
 ) -> None:
@@ -709,7 +689,7 @@ def measure(
             continue
         spy = _py_spy()
         if spy is None:
-            raise BenchError("--profile: py-spy not found (/tmp/pyspy/bin/py-spy or PATH)")
+            raise rig.BenchError("--profile: py-spy not found (/tmp/pyspy/bin/py-spy or PATH)")
         Path(opts.profile).mkdir(parents=True, exist_ok=True)
         out = run.profiles[name] = str(Path(opts.profile) / f"{name}-{run.shape.name}.txt")
         with open(log_dir / f"py-spy-{name}-{run.shape.name}.log", "wb") as log:
@@ -723,30 +703,30 @@ def measure(
                     log=log,
                 )
             )  # fmt: skip
-    cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}
+    cpu_before = {name: rig.cpu_seconds(p) for name, p in processes.items()}
     emitted_before = source.count()
     listeners = [clients] if tap is None else [clients, tap]
     for proc in listeners:
-        send_line(proc, "start")
+        rig.send_line(proc, "start")
     started = time.monotonic()
     time.sleep(opts.seconds)
     for proc in listeners:
-        send_line(proc, "stop")
+        rig.send_line(proc, "stop")
     elapsed = time.monotonic() - started
     emitted_after = source.count()
-    cpu_after = {name: cpu_seconds(p) for name, p in processes.items()}
-    words = read_line(clients, 120, "client results").split(" ", 1)
+    cpu_after = {name: rig.cpu_seconds(p) for name, p in processes.items()}
+    words = rig.read_line(clients, 120, "client results").split(" ", 1)
     if words[0] != "result":
-        raise BenchError(f"client results: unexpected {words!r}")
+        raise rig.BenchError(f"client results: unexpected {words!r}")
     result = json.loads(words[1])
     run.window = result["window"]
     run.deliveries = result["deliveries"]
     run.emitted = emitted_after - emitted_before
     run.latency_ms = result["latency_ms"]
     if tap is not None:
-        words = read_line(tap, 120, "tap results").split(" ", 1)
+        words = rig.read_line(tap, 120, "tap results").split(" ", 1)
         if words[0] != "result":
-            raise BenchError(f"tap results: unexpected {words!r}")
+            raise rig.BenchError(f"tap results: unexpected {words!r}")
         run.tap_ms = json.loads(words[1])["tap_ms"]
     run.min_per_client = result["min_per_client"]
     run.silent_clients = result["silent_clients"]
@@ -758,14 +738,14 @@ def measure(
         try:
             profiler.wait(opts.seconds + 30)
         except subprocess.TimeoutExpired:
-            Children.stop(profiler)
+            rig.Children.stop(profiler)
     for name, proc in watch.items():
         if proc.poll() is not None:
-            raise BenchError(f"{name} exited with {proc.returncode} during the window")
+            raise rig.BenchError(f"{name} exited with {proc.returncode} during the window")
 
 
 def spawn_clients(
-    children: Children, mode: str, port: int, shape: Shape, opts: argparse.Namespace
+    children: rig.Children, mode: str, port: int, shape: Shape, opts: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """The client process (``ws``: WebSockets to the gateway on ``port``; ``redis``: one
     subscriber per client; ``tap``: only the worker-hop pattern subscriber), once it is up."""
@@ -781,16 +761,16 @@ def spawn_clients(
         side = {"ws": "gateway", "redis": "baseline", "tap": "worker-hop"}[mode]
         args += ["--dump", str(Path(opts.dump).resolve() / f"{side}-{shape.name}.csv")]
     proc = children.spawn(args)
-    words = read_line(proc, 60 + shape.clients / 20, f"{mode} clients up").split()
+    words = rig.read_line(proc, 60 + shape.clients / 20, f"{mode} clients up").split()
     if len(words) != 3 or words[0] != "up":
-        raise BenchError(f"{mode} clients: unexpected {words!r}")
+        raise rig.BenchError(f"{mode} clients: unexpected {words!r}")
     if int(words[1]) == 0 and mode != "tap":
-        raise BenchError(f"{mode} clients: none connected ({words[2]} failed)")
+        raise rig.BenchError(f"{mode} clients: none connected ({words[2]} failed)")
     return proc, int(words[1]), int(words[2])
 
 
 def run_baseline(
-    children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
     """Shape a: a bare websockets broadcast() server; shape b: Redis PUBLISH -> subscribers."""
     if shape.name == "a":
@@ -798,7 +778,7 @@ def run_baseline(
     return run_pubsub(children, server, shape, opts, log_dir)
 
 
-def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) -> Run:
+def run_broadcast(children: rig.Children, shape: Shape, opts: argparse.Namespace) -> Run:
     run = Run(shape, "baseline")
     started = time.monotonic()
     args = [
@@ -813,7 +793,7 @@ def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) ->
         clients, run.connected, run.connect_failed = spawn_clients(
             children, "ws", port, shape, opts
         )
-        send_line(source, "go")
+        rig.send_line(source, "go")
         run.setup_seconds = time.monotonic() - started
         pids = {"server": source.pid, "clients": clients.pid}
         measure(
@@ -822,22 +802,22 @@ def run_broadcast(children: Children, shape: Shape, opts: argparse.Namespace) ->
         )  # fmt: skip
     finally:
         if clients is not None:
-            Children.stop(clients)
-        Children.stop(source)
+            rig.Children.stop(clients)
+        rig.Children.stop(source)
     return run
 
 
 def run_pubsub(
-    children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
     run = Run(shape, "baseline")
-    flush(server.url)
+    rig.flush(server.url)
     started = time.monotonic()
     clients, run.connected, run.connect_failed = spawn_clients(
         children, "redis", server.port, shape, opts
     )
     if run.connect_failed:
-        raise BenchError(f"baseline: {run.connect_failed} subscribers failed to connect")
+        raise rig.BenchError(f"baseline: {run.connect_failed} subscribers failed to connect")
     publisher = children.spawn(
         [
             sys.executable, __file__, "_publisher", "--redis-url", server.url,
@@ -846,9 +826,9 @@ def run_pubsub(
         ]
     )  # fmt: skip
     try:
-        if read_line(publisher, 30, "publisher start") != "ready":
-            raise BenchError("publisher: unexpected greeting")
-        send_line(publisher, "go")
+        if rig.read_line(publisher, 30, "publisher start") != "ready":
+            raise rig.BenchError("publisher: unexpected greeting")
+        rig.send_line(publisher, "go")
         run.setup_seconds = time.monotonic() - started
         pids = {
             "redis": server.process.pid,
@@ -860,8 +840,8 @@ def run_pubsub(
             replace_profile(opts), children, log_dir,
         )  # fmt: skip
     finally:
-        Children.stop(clients)
-        Children.stop(publisher)
+        rig.Children.stop(clients)
+        rig.Children.stop(publisher)
     return run
 
 
@@ -871,13 +851,13 @@ def replace_profile(opts: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_gateway(
-    children: Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
+    children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
 ) -> Run:
     run = Run(shape, "gateway")
     procs: list[subprocess.Popen[bytes]] = []
     logs = {name: log_dir / f"{name}-{shape.name}.log" for name in ("worker", "gateway")}
     try:
-        flush(server.url)
+        rig.flush(server.url)
         started = time.monotonic()
         upstream, upstream_port = children.spawn_server(
             [
@@ -888,22 +868,19 @@ def run_gateway(
             "upstream",
         )  # fmt: skip
         procs.append(upstream)
-        worker = start_worker(
+        worker = rig.start_worker(
             children, server.url, worker_id=WORKER_ID, capacity=max(shape.sessions, 1),
             lease_ttl=opts.lease_ttl, log_path=logs["worker"], wait=False,
         )  # fmt: skip
         procs.append(worker)
         # Both start at once; then the waits.
-        gateway, port = start_gateway(children, server.url, logs["gateway"], wait=False)
+        gateway, port = rig.start_gateway(children, server.url, logs["gateway"], wait=False)
         procs.append(gateway)
-        wait_worker(worker, server.url, WORKER_ID, logs["worker"])
-        wait_gateway(gateway, port, logs["gateway"])
-        asyncio.run(
-            claim_and_wait(
-                server.url, shape.sids(), lambda sid: f"http://127.0.0.1:{upstream_port}/events/{sid}",
-                lease_ttl=opts.lease_ttl, timeout=opts.bringup_timeout,
-                alive=lambda: worker.poll() is None,
-            )
+        rig.wait_worker(worker, server.url, WORKER_ID, logs["worker"])
+        rig.wait_gateway(gateway, port, logs["gateway"])
+        rig.claim_and_wait(
+            server.url, shape.sids(), lambda sid: f"http://127.0.0.1:{upstream_port}/events/{sid}",
+            lease_ttl=opts.lease_ttl, timeout=opts.bringup_timeout, workers=[worker],
         )  # fmt: skip
         clients, run.connected, run.connect_failed = spawn_clients(
             children, "ws", port, shape, opts
@@ -927,7 +904,7 @@ def run_gateway(
         )  # fmt: skip
     finally:
         for proc in reversed(procs):  # clients first: the gateway then drains at once
-            Children.stop(proc, timeout=10)
+            rig.Children.stop(proc, timeout=10)
     for name, path in logs.items():
         run.log_problems.update(scan_log(name, path))
     return run
@@ -962,7 +939,7 @@ def print_report(
 ) -> None:
     print()
     print(f"fanout: events delivered end to end to WebSocket clients -- {machine}")
-    print(f"(1-minute load average at the start and end of the run: {load}, {load_average()})")
+    print(f"(1-minute load average at the start and end of the run: {load}, {rig.load_average()})")
     print(f"(code under test: {code_fingerprint()})")
     print(
         "(gateway = upstream -> worker -> Redis -> gateway -> WebSocket; baseline a = bare "
@@ -1012,43 +989,43 @@ def print_report(
         s = ours.shape.name
         ratio = ours.rate / base.rate if base.rate > 0 else 0.0
         sh = ours.shape
-        figure(
+        rig.figure(
             f"offered_{s}",
             f"{sh.offered:,.0f} deliveries/s = {sh.rate:g} events/s x {sh.sessions} session(s) "
             f"x {sh.per_session} client(s) per session",
         )
-        figure(f"deliveries_{s}", f"{ours.rate:,.0f}/s")
-        figure(f"baseline_deliveries_{s}", f"{base.rate:,.0f}/s")
+        rig.figure(f"deliveries_{s}", f"{ours.rate:,.0f}/s")
+        rig.figure(f"baseline_deliveries_{s}", f"{base.rate:,.0f}/s")
         if s == "a":
-            figure(
+            rig.figure(
                 f"fanout_ratio_{s}",
                 f"{ratio:.2f}",
                 f"target >= {opts.target_ratio:.2f} of baseline deliveries/s",
                 ratio >= opts.target_ratio,
             )
         else:
-            figure(f"fanout_ratio_{s}", f"{ratio:.2f} of baseline deliveries/s")
+            rig.figure(f"fanout_ratio_{s}", f"{ratio:.2f} of baseline deliveries/s")
         p99 = ours.latency_ms.get("p99", math.inf)
         if s == "b":
             events = ours.shape.events_per_s
-            figure(
+            rig.figure(
                 f"latency_p99_{s}",
                 f"{p99:.2f} ms",
                 f"target <= {opts.target_p99_ms:g} ms at {events:,.0f} events/s",
                 p99 <= opts.target_p99_ms,
             )
         else:
-            figure(f"latency_p99_{s}", f"{p99:.2f} ms")
-        figure(f"latency_p50_{s}", f"{fmt_ms(ours, 'p50')} ms")
-        figure(f"latency_max_{s}", f"{fmt_ms(ours, 'max')} ms")
-        figure(f"baseline_latency_p99_{s}", f"{fmt_ms(base, 'p99')} ms")
+            rig.figure(f"latency_p99_{s}", f"{p99:.2f} ms")
+        rig.figure(f"latency_p50_{s}", f"{fmt_ms(ours, 'p50')} ms")
+        rig.figure(f"latency_max_{s}", f"{fmt_ms(ours, 'max')} ms")
+        rig.figure(f"baseline_latency_p99_{s}", f"{fmt_ms(base, 'p99')} ms")
         if ours.tap_ms:
-            figure(
+            rig.figure(
                 f"worker_hop_p99_{s}", f"{ours.tap_ms['p99']:.2f} ms", "info; upstream -> PUBLISH"
             )
         for run in (base, ours):
             prefix = "baseline_" if run is base else ""
-            figure(
+            rig.figure(
                 f"{prefix}seq_errors_{s}",
                 f"{run.gaps} gaps, {run.dups} dups over {run.connected} clients; "
                 f"{sum(run.closed.values())} closed, {run.connect_failed} failed to connect, "
@@ -1057,14 +1034,14 @@ def print_report(
                 run.clean,
             )
         if "gateway" in ours.cpu:
-            figure(f"gateway_cpu_{s}", f"{ours.cpu['gateway']:.0f}% of one core")
+            rig.figure(f"gateway_cpu_{s}", f"{ours.cpu['gateway']:.0f}% of one core")
 
 
 # ============================================================================================
 # Main
 # ============================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")  # internal: the child processes
     up = sub.add_parser("_upstream")
     up.add_argument("--prefix", required=True)
@@ -1168,39 +1145,39 @@ def code_fingerprint() -> str:
         path
         for package in ("gateway", "workers", "listenerpool")
         for pattern in ("*.py", "*.lua")
-        for path in (ROOT / package).rglob(pattern)
+        for path in (rig.ROOT / package).rglob(pattern)
     )
     for path in files:
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+        digest.update(str(path.relative_to(rig.ROOT)).encode() + b"\0" + path.read_bytes())
     newest = max(files, key=lambda path: path.stat().st_mtime)
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest.stat().st_mtime))
-    where = newest.relative_to(ROOT)
+    where = newest.relative_to(rig.ROOT)
     return f"sha256 {digest.hexdigest()[:12]} of {len(files)} files, newest {where} {stamp}"
 
 
 def run(opts: argparse.Namespace) -> int:
     shapes = shapes_of(opts)
-    check_fd_limit(max(s.clients for s in shapes), "clients")
-    machine = machine_line()
+    rig.check_fd_limit(max(s.clients for s in shapes), "clients")
+    machine = rig.machine_line()
     print(
         f"fanout bench: shapes {','.join(s.name for s in shapes)}, window {opts.seconds:g}s "
         f"after {opts.warmup:g}s warm-up, payload {opts.payload_bytes} B, WebSocket compression "
         f"{'off' if opts.no_compression else 'permessage-deflate'}, {machine}",
         flush=True,
     )
-    load = load_average()
+    load = rig.load_average()
     results: list[tuple[Run, Run]] = []
-    with Rig(opts.log_dir, "lp-fanout-") as rig:
-        server = rig.redis()
+    with rig.Rig(opts.log_dir, "lp-fanout-") as bench:
+        server = bench.redis()
         print(f"redis {server.url}", flush=True)
         for shape in shapes:
             print(f"shape {shape.name}: {shape.describe()}", flush=True)
-            base = run_baseline(rig.children, server, shape, opts, rig.log_dir)
+            base = run_baseline(bench.children, server, shape, opts, bench.log_dir)
             print(
                 f"  baseline: {base.rate:,.0f} deliveries/s, p99 {fmt_ms(base, 'p99')} ms",
                 flush=True,
             )
-            ours = run_gateway(rig.children, server, shape, opts, rig.log_dir)
+            ours = run_gateway(bench.children, server, shape, opts, bench.log_dir)
             print(
                 f"  gateway:  {ours.rate:,.0f} deliveries/s, p99 {fmt_ms(ours, 'p99')} ms",
                 flush=True,
@@ -1225,7 +1202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if opts.child == "_clients":
         return clients_child(opts)
-    return run_guarded(run, opts)
+    return rig.run_guarded(run, opts)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ on both paths (the worker publishes a burst read in one chunk with one call). Fi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections.abc import Sequence
@@ -28,21 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    claim_and_wait,
-    cpu_seconds,
-    figure,
-    machine_line,
-    read_line,
-    redis_version,
-    run_guarded,
-    send_line,
-    start_worker,
-)
+import rig
 from rig_upstreams import PAYLOAD_BYTES, FirehoseProcess
 
 SESSIONS = 100
@@ -123,7 +108,7 @@ def commandstats(client: object) -> dict[str, int]:
     return {name: int(stats["calls"]) for name, stats in info.items()}
 
 
-def run_baseline(children: Children, url: str, opts: argparse.Namespace) -> Side:
+def run_baseline(children: rig.Children, url: str, opts: argparse.Namespace) -> Side:
     import redis
 
     side = Side()
@@ -133,30 +118,30 @@ def run_baseline(children: Children, url: str, opts: argparse.Namespace) -> Side
     )  # fmt: skip
     client = redis.Redis.from_url(url)
     try:
-        if read_line(proc, 60, "baseline start") != "ready":
-            raise BenchError("baseline: unexpected greeting")
+        if rig.read_line(proc, 60, "baseline start") != "ready":
+            raise rig.BenchError("baseline: unexpected greeting")
         before = commandstats(client)
-        redis_cpu = cpu_seconds(opts.redis_pid)
-        send_line(proc, f"go {opts.seconds}")
-        words = read_line(proc, opts.seconds + 60, "baseline result").split()
+        redis_cpu = rig.cpu_seconds(opts.redis_pid)
+        rig.send_line(proc, f"go {opts.seconds}")
+        words = rig.read_line(proc, opts.seconds + 60, "baseline result").split()
         after = commandstats(client)
         if words[0] != "done":
-            raise BenchError(f"baseline: unexpected {words!r}")
+            raise rig.BenchError(f"baseline: unexpected {words!r}")
         side.events, side.seconds = int(words[1]), float(words[2])
         side.cpu = {
             "publisher": 100 * float(words[3]) / side.seconds,
-            "redis": 100 * (cpu_seconds(opts.redis_pid) - redis_cpu) / side.seconds,
+            "redis": 100 * (rig.cpu_seconds(opts.redis_pid) - redis_cpu) / side.seconds,
         }
         side.calls = after.get("cmdstat_evalsha", 0) - before.get("cmdstat_evalsha", 0)
         side.xadds = after.get("cmdstat_xadd", 0) - before.get("cmdstat_xadd", 0)
     finally:
-        Children.stop(proc)
+        rig.Children.stop(proc)
         client.flushall()
         client.close()
     return side
 
 
-def run_ours(children: Children, url: str, opts: argparse.Namespace, log_dir: Path) -> Side:
+def run_ours(children: rig.Children, url: str, opts: argparse.Namespace, log_dir: Path) -> Side:
     import redis
 
     from listenerpool import keys
@@ -165,7 +150,7 @@ def run_ours(children: Children, url: str, opts: argparse.Namespace, log_dir: Pa
     upstream = FirehoseProcess(
         children, rate=opts.rate, chunk=opts.chunk, payload=opts.payload_bytes
     )
-    worker = start_worker(
+    worker = rig.start_worker(
         children, url, worker_id="bench-publish", capacity=opts.sessions,
         lease_ttl=LEASE_TTL, log_path=log_dir / "worker.log",
     )  # fmt: skip
@@ -180,33 +165,32 @@ def run_ours(children: Children, url: str, opts: argparse.Namespace, log_dir: Pa
         return sum(int(v or 0) for v in pipe.execute())
 
     try:
-        asyncio.run(
-            claim_and_wait(
-                url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=60,
-                alive=lambda: worker.poll() is None,
-            )
-        )  # fmt: skip
+        rig.claim_and_wait(
+            url, sids, upstream.url, lease_ttl=LEASE_TTL, timeout=60, workers=[worker]
+        )
         time.sleep(opts.warmup)
         before, stats0 = published(), commandstats(client)
-        cpu0 = {"worker": cpu_seconds(worker.pid), "redis": cpu_seconds(opts.redis_pid),
-                "upstream": cpu_seconds(upstream.proc.pid)}  # fmt: skip
+        cpu0 = {"worker": rig.cpu_seconds(worker.pid), "redis": rig.cpu_seconds(opts.redis_pid),
+                "upstream": rig.cpu_seconds(upstream.proc.pid)}  # fmt: skip
         started = time.monotonic()
         time.sleep(opts.seconds)
         side.events = published() - before
         side.seconds = time.monotonic() - started
         stats1 = commandstats(client)
         side.cpu = {
-            "worker": 100 * (cpu_seconds(worker.pid) - cpu0["worker"]) / side.seconds,
-            "redis": 100 * (cpu_seconds(opts.redis_pid) - cpu0["redis"]) / side.seconds,
-            "upstream": 100 * (cpu_seconds(upstream.proc.pid) - cpu0["upstream"]) / side.seconds,
+            "worker": 100 * (rig.cpu_seconds(worker.pid) - cpu0["worker"]) / side.seconds,
+            "redis": 100 * (rig.cpu_seconds(opts.redis_pid) - cpu0["redis"]) / side.seconds,
+            "upstream": 100
+            * (rig.cpu_seconds(upstream.proc.pid) - cpu0["upstream"])
+            / side.seconds,
         }
         side.calls = stats1.get("cmdstat_evalsha", 0) - stats0.get("cmdstat_evalsha", 0)
         side.xadds = stats1.get("cmdstat_xadd", 0) - stats0.get("cmdstat_xadd", 0)
         if worker.poll() is not None:
-            raise BenchError(f"worker exited with {worker.returncode}")
+            raise rig.BenchError(f"worker exited with {worker.returncode}")
     finally:
-        Children.stop(worker, timeout=10)
-        Children.stop(upstream.proc)
+        rig.Children.stop(worker, timeout=10)
+        rig.Children.stop(upstream.proc)
         client.close()
     return side
 
@@ -230,9 +214,9 @@ def print_report(base: Side, ours: Side, opts: argparse.Namespace, machine: str)
         print(f"  worker CPU per event: {ours.cpu['worker'] / 100 / ours.rate * 1e6:.1f} us")
     print()
     ratio = ours.rate / base.rate if base.rate else 0.0
-    figure("publish_events_per_s", f"{ours.rate:,.0f}")
-    figure("baseline_events_per_s", f"{base.rate:,.0f}")
-    figure(
+    rig.figure("publish_events_per_s", f"{ours.rate:,.0f}")
+    rig.figure("baseline_events_per_s", f"{base.rate:,.0f}")
+    rig.figure(
         "publish_ratio",
         f"{ratio:.2f}",
         f"target >= {opts.target_ratio:.2f} of baseline events/s; "
@@ -242,7 +226,7 @@ def print_report(base: Side, ours: Side, opts: argparse.Namespace, machine: str)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     b = sub.add_parser("_baseline")
     b.add_argument("--redis-url", required=True)
@@ -265,16 +249,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    machine = machine_line()
-    with Rig(opts.log_dir, "lp-pub-") as rig:
-        server = rig.redis()
-        machine += f", Redis {redis_version(server.url)}"
+    machine = rig.machine_line()
+    with rig.Rig(opts.log_dir, "lp-pub-") as bench:
+        server = bench.redis()
+        machine += f", Redis {rig.redis_version(server.url)}"
         print(f"publish bench: {machine}", flush=True)
         assert server.process is not None
         opts.redis_pid = server.process.pid
-        base = run_baseline(rig.children, server.url, opts)
+        base = run_baseline(bench.children, server.url, opts)
         print(f"  baseline: {base.rate:,.0f} events/s", flush=True)
-        ours = run_ours(rig.children, server.url, opts, rig.log_dir)
+        ours = run_ours(bench.children, server.url, opts, bench.log_dir)
         print(f"  worker:   {ours.rate:,.0f} events/s", flush=True)
         print_report(base, ours, opts, machine)
     return 0
@@ -284,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.child == "_baseline":
         return baseline_child(opts.redis_url, opts.sessions, opts.payload_bytes)
-    return run_guarded(run, opts)
+    return rig.run_guarded(run, opts)
 
 
 if __name__ == "__main__":

@@ -23,20 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Rig,
-    bench_parser,
-    count_states,
-    cpu_seconds,
-    figure,
-    machine_line,
-    redis_version,
-    run_guarded,
-    start_gateway,
-    start_worker,
-    state_keys_of,
-)
+import rig
 from rig_upstreams import UpstreamProcess
 
 SESSIONS = 10_000
@@ -80,7 +67,7 @@ async def ramp(
     import redis.asyncio as aioredis
 
     sids = [f"ramp-{i}" for i in range(opts.sessions)]
-    state_keys = state_keys_of(sids)
+    state_keys = rig.state_keys_of(sids)
     statuses: Counter[int] = Counter()
     client = aioredis.Redis.from_url(redis_url)
     work = [(sid, upstream.url(sid)) for sid in reversed(sids)]
@@ -99,7 +86,7 @@ async def ramp(
             if puts_done is not None:
                 # Polled only once every PUT is answered (none can be done before): reading
                 # 10,000 states every 100 ms would take CPU from the PUT lanes in this process.
-                states = await count_states(client, state_keys)
+                states = await rig.count_states(client, state_keys)
                 if states["listening"] == len(sids):
                     break
             if now > deadline:  # a missed target, reported as such below
@@ -110,7 +97,7 @@ async def ramp(
                 print(f"  {now - started:.0f}s: {seen}", flush=True)
             await asyncio.sleep(0.1)
         if puts_done is None:  # the deadline passed during the PUTs
-            states = await count_states(client, state_keys)
+            states = await rig.count_states(client, state_keys)
         elapsed = time.monotonic() - started
         listening = states["listening"]
         await lanes
@@ -118,25 +105,27 @@ async def ramp(
             puts_done = time.monotonic() - started
         ok = statuses[201] + statuses[200]
         if ok != len(sids):
-            raise BenchError(f"PUT statuses: {dict(statuses)}")
+            raise rig.BenchError(f"PUT statuses: {dict(statuses)}")
         return {"seconds": elapsed, "puts": puts_done, "ok": ok, "listening": listening}
     finally:
         await client.aclose()
 
 
 def run(opts: argparse.Namespace) -> int:
-    with Rig(opts.log_dir, "lp-ramp-") as rig:
-        server = rig.redis()
-        machine = f"{machine_line()}, Redis {redis_version(server.url)}"
+    with rig.Rig(opts.log_dir, "lp-ramp-") as bench:
+        server = bench.redis()
+        machine = f"{rig.machine_line()}, Redis {rig.redis_version(server.url)}"
         print(
             f"ramp bench: {opts.sessions} sessions, {opts.workers} workers; {machine}", flush=True
         )
-        children, log_dir = rig.children, rig.log_dir
+        children, log_dir = bench.children, bench.log_dir
         upstream = UpstreamProcess(children)
-        gateway, port = start_gateway(children, server.url, log_dir / "gateway.log", GATEWAY_ENV)
+        gateway, port = rig.start_gateway(
+            children, server.url, log_dir / "gateway.log", GATEWAY_ENV
+        )
         capacity = -(-opts.sessions // opts.workers) + 64
         workers = [
-            start_worker(
+            rig.start_worker(
                 children,
                 server.url,
                 worker_id=f"bench-ramp-{i}",
@@ -153,9 +142,9 @@ def run(opts: argparse.Namespace) -> int:
             "upstream": upstream.proc.pid,
         }
         pids.update({f"worker{i}": w.pid for i, w in enumerate(workers)})
-        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu0 = {name: rig.cpu_seconds(pid) for name, pid in pids.items()}
         result = asyncio.run(ramp(port, upstream, server.url, opts))
-        cpu = {n: 100 * (cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
+        cpu = {n: 100 * (rig.cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
         print()
         print(f"ramp: {opts.sessions:,} PUTs -> all listening -- {machine}")
         print(f"  PUTs answered 200/201: {result['ok']:,.0f}, all sent in {result['puts']:.1f}s")
@@ -166,16 +155,16 @@ def run(opts: argparse.Namespace) -> int:
         n = opts.sessions
         listening = int(result["listening"])
         rate = listening / result["seconds"]
-        figure(f"ramp_rate_{n}", f"{rate:,.0f} sessions/s")
+        rig.figure(f"ramp_rate_{n}", f"{rate:,.0f} sessions/s")
         if listening < n:
-            figure(
+            rig.figure(
                 f"ramp_seconds_{n}",
                 f"> {opts.timeout:g} s, {listening}/{n} listening at the --timeout",
                 f"target <= {opts.target:g} s",
                 False,
             )
         else:
-            figure(
+            rig.figure(
                 f"ramp_seconds_{n}",
                 f"{result['seconds']:.1f} s",
                 f"target <= {opts.target:g} s",
@@ -185,7 +174,7 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(10000)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (2)")
     parser.add_argument("--concurrency", type=int, default=64, help="PUTs in flight (64)")
@@ -196,7 +185,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, parse_args(argv))
+    return rig.run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -58,18 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # bench/ is sys.path[0] when this file runs as a script.
-from rig import (
-    BenchError,
-    Children,
-    Rig,
-    bench_parser,
-    figure,
-    machine_line,
-    read_line,
-    redis_version,
-    run_guarded,
-    send_line,
-)
+import rig
 from rig_upstreams import PAYLOAD_BYTES
 
 SESSIONS = 10_000
@@ -252,7 +241,7 @@ class Bench:
         while batch := await asyncio.to_thread(take_queued, self.queue, 1000):
             jobs += batch
         if len(jobs) != len(sids):
-            raise BenchError(f"{len(jobs)} listen jobs for {len(sids)} claims")
+            raise rig.BenchError(f"{len(jobs)} listen jobs for {len(sids)} claims")
         for start in range(0, len(jobs), PIPELINE):
             chunk = jobs[start : start + PIPELINE]
             keysets = [SessionKeys(job.sid) for job in chunk]
@@ -266,7 +255,7 @@ class Bench:
                 ],
             )  # fmt: skip
             if any(int(reply[0]) != 1 for reply in adopted):
-                raise BenchError("a listen job could not be adopted")
+                raise rig.BenchError("a listen job could not be adopted")
             values = [f"{WORKER_ID}:{job.token}" for job in chunk]
             await call_many(
                 self.redis,
@@ -290,7 +279,7 @@ class Bench:
             ]
         verdicts = await renew_all(self.redis, self.scripts, self.held, self.ttl_ms)
         if any(v is not RenewVerdict.RENEWED for v in verdicts):
-            raise BenchError("a renewal failed during bring-up")
+            raise rig.BenchError("a renewal failed during bring-up")
         self.costs.session_bytes = (await self.probe.memory() - mem0) / len(sids)
         sample = self.held[0].keys
         for name in ("spec", "lease", "state"):
@@ -398,7 +387,7 @@ class Bench:
             replies = await call_many(self.redis, self.scripts.publish, calls)
             for s, reply in zip(held, replies, strict=True):
                 if int(reply) < 0:
-                    raise BenchError(f"publish.lua refused: {reply}")
+                    raise rig.BenchError(f"publish.lua refused: {reply}")
                 self.seq[s.sid] = int(reply)
             done += per_call * len(held)
         return done
@@ -421,7 +410,7 @@ class Bench:
                       self.seq.get(s.sid, 0), EVENT_TYPE, data, str(self.n), head, tail],
             )  # fmt: skip
             if int(reply) < 0:
-                raise BenchError(f"publish.lua refused: {reply}")
+                raise rig.BenchError(f"publish.lua refused: {reply}")
             self.seq[s.sid] = int(reply)
 
         held = self.publishers()
@@ -497,7 +486,7 @@ class Bench:
             if int(reply[1]) >= count:
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"subscribers not on {channel} within {timeout:g}s")
+                raise rig.BenchError(f"subscribers not on {channel} within {timeout:g}s")
             await asyncio.sleep(0.05)
 
 
@@ -558,32 +547,32 @@ def print_report(costs: Costs, opts: argparse.Namespace, machine: str, load: str
             (b, f"{b}_per_call"),
         ):
             ours = costs.publish[(subs, name)]
-            figure(
+            rig.figure(
                 f"publish_cpu_us_{label}_{subs}subs",
                 f"{ours:.2f} us ({ours / plain:.2f}x plain XADD+SPUBLISH {plain:.2f} us, "
                 "pipelined)",
             )
-    figure(
+    rig.figure(
         "renew_cpu_us",
         f"{costs.renew_all_us:.2f} us ({costs.renew_all_us / costs.pexpire_us:.2f}x plain "
         f"PEXPIRE {costs.pexpire_us:.2f} us; renew.lua {costs.renew_script_us:.2f} + index "
         f"{costs.index_us:.2f})",
     )
-    figure("claim_cpu_us", f"{costs.claim_us:.1f} us")
-    figure("memory_per_idle_session", f"{costs.session_bytes:,.0f} bytes")
+    rig.figure("claim_cpu_us", f"{costs.claim_us:.1f} us")
+    rig.figure("memory_per_idle_session", f"{costs.session_bytes:,.0f} bytes")
     ratio = costs.event_bytes / max(costs.baseline_event_bytes, 1.0)
-    figure(
+    rig.figure(
         "memory_per_history_event",
         f"{costs.event_bytes:.0f} bytes ({ratio:.2f}x plain XADD "
         f"{costs.baseline_event_bytes:.0f} bytes)",
     )
-    figure("memory_per_subscription", f"{costs.subscription_bytes:.0f} bytes")
+    rig.figure("memory_per_subscription", f"{costs.subscription_bytes:.0f} bytes")
 
 
 # ============================================================================================
 # Main
 # ============================================================================================
-async def measure(url: str, opts: argparse.Namespace, children: Children) -> Costs:
+async def measure(url: str, opts: argparse.Namespace, children: rig.Children) -> Costs:
     bench = Bench(url, opts)
     try:
         await bench.scripts.preload(bench.redis)
@@ -605,25 +594,25 @@ async def measure(url: str, opts: argparse.Namespace, children: Children) -> Cos
         )  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write(("\n".join(channels) + "\nend\n").encode())
-        if read_line(proc, 60, "subscriber start") != "sent":
-            raise BenchError("subscriber: unexpected greeting")
+        if rig.read_line(proc, 60, "subscriber start") != "sent":
+            raise rig.BenchError("subscriber: unexpected greeting")
         await bench.subscribed(channels[-1], SUBSCRIBERS)
         bench.costs.subscription_bytes = (await bench.probe.memory() - mem0) / (
             SUBSCRIBERS * len(channels)
         )
         print(f"  publishing, {SUBSCRIBERS} subscribers", flush=True)
         await bench.publishing(SUBSCRIBERS)
-        send_line(proc, "count")
-        if int(read_line(proc, 30, "subscriber count")) <= 0:
-            raise BenchError("the subscribers received nothing")
-        Children.stop(proc)
+        rig.send_line(proc, "count")
+        if int(rig.read_line(proc, 30, "subscriber count")) <= 0:
+            raise rig.BenchError("the subscribers received nothing")
+        rig.Children.stop(proc)
         return bench.costs
     finally:
         await bench.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__)
+    parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")
     s = sub.add_parser("_subscriber")
     s.add_argument("--port", type=int, required=True)
@@ -645,14 +634,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(opts: argparse.Namespace) -> int:
-    machine = machine_line()
+    machine = rig.machine_line()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"redis cost bench: {machine}; load average at the start {load}", flush=True)
-    with Rig() as rig:
-        server = rig.redis()
+    with rig.Rig() as bench:
+        server = bench.redis()
         opts.port = server.port
-        machine += f", Redis {redis_version(server.url)}"
-        costs = asyncio.run(measure(server.url, opts, rig.children))
+        machine += f", Redis {rig.redis_version(server.url)}"
+        costs = asyncio.run(measure(server.url, opts, bench.children))
         end_load = " ".join(f"{v:.2f}" for v in os.getloadavg())
         print_report(costs, opts, machine, f"{load} at the start, {end_load} at the end")
     return 0
@@ -662,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.child == "_subscriber":
         return subscriber_child(opts.port, opts.connections)
-    return run_guarded(run, opts)
+    return rig.run_guarded(run, opts)
 
 
 if __name__ == "__main__":

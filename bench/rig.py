@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol, Self, TypeVar
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     import psutil
 
     from listenerpool.control import SessionControl
-    from listenerpool.redis_process import RedisServer
     from listenerpool.settings import Settings
+    from listenerpool.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
@@ -493,59 +494,89 @@ class Sessions:
         self._sync.close()
 
 
-async def claim_and_wait(
+def claim_and_wait(
     redis_url: str,
     sids: Sequence[str],
     url_of: Callable[[str], str],
     *,
     lease_ttl: float,
     timeout: float,
-    alive: Callable[[], bool] = lambda: True,
+    workers: Sequence[subprocess.Popen[bytes]] = (),
 ) -> float:
     """Claim every session through :class:`SessionControl`; return the seconds until all of
-    them read ``listening``. Raises BenchError after ``timeout``."""
-    sessions = Sessions(redis_url, lease_ttl=lease_ttl)
-    try:
-        started = time.monotonic()
-        await sessions.claim(sids, url_of)
-        await sessions.wait_for(sids, timeout=timeout, alive=alive, since=started)
-        return time.monotonic() - started
-    finally:
-        await sessions.aclose()
+    them read ``listening``. Raises BenchError after ``timeout`` or when one of ``workers``
+    exits meanwhile."""
+
+    async def bring_up() -> float:
+        sessions = Sessions(redis_url, lease_ttl=lease_ttl)
+        try:
+            started = time.monotonic()
+            await sessions.claim(sids, url_of)
+            await sessions.wait_for(
+                sids,
+                timeout=timeout,
+                alive=lambda: all(w.poll() is None for w in workers),
+                since=started,
+            )
+            return time.monotonic() - started
+        finally:
+            await sessions.aclose()
+
+    return asyncio.run(bring_up())
 
 
 # ============================================================================================
-# Worker logs
+# How a measured worker ended
 # ============================================================================================
 _LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
 
-def scan_worker_log(
-    path: str, variable: re.Pattern[str], shape: Callable[[re.Match[str]], str]
-) -> tuple[Counter[str], Counter[str]]:
-    """A worker log's lines by level (tracebacks as ``TRACEBACK``) and its warnings and errors
-    by message shape: each ``variable`` match replaced with ``shape(match)``, so that the same
-    message about different sessions counts once."""
-    levels: Counter[str] = Counter()
-    patterns: Counter[str] = Counter()
-    with open(path, encoding="utf-8", errors="replace") as log:
-        for line in log:
-            if line.startswith("Traceback"):
-                levels["TRACEBACK"] += 1
-                continue
-            match = _LOG_LINE.match(line.rstrip("\n"))
-            if match is None:
-                continue
-            level, logger, message = match.groups()
-            levels[level] += 1
-            if level not in ("DEBUG", "INFO"):
-                patterns[f"{level} {logger}: {variable.sub(shape, message)[:160]}"] += 1
-    return levels, patterns
+@dataclass
+class WorkerEnd:
+    """How a measured worker ended: the seconds SIGTERM took to stop it (it drains first), its
+    exit status, and its log: lines by level (tracebacks as ``TRACEBACK``) and warnings and
+    errors by message shape."""
 
+    log_path: str = ""
+    drain_seconds: float = 0.0
+    exit: int | None = None
+    levels: Counter[str] = field(default_factory=Counter)
+    patterns: Counter[str] = field(default_factory=Counter)
 
-def print_log_patterns(patterns: Counter[str]) -> None:
-    for pattern, count in patterns.most_common(8):
-        print(f"    {count:>6} x {pattern}")
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        self.drain_seconds = Children.stop(proc, timeout)
+        self.exit = proc.returncode
+
+    def scan(self, variable: re.Pattern[str], shape: Callable[[re.Match[str]], str]) -> None:
+        """Read the log; in a warning or error each ``variable`` match becomes ``shape(match)``,
+        so that the same message about different sessions counts once."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                if line.startswith("Traceback"):
+                    self.levels["TRACEBACK"] += 1
+                    continue
+                match = _LOG_LINE.match(line.rstrip("\n"))
+                if match is None:
+                    continue
+                level, logger, message = match.groups()
+                self.levels[level] += 1
+                if level not in ("DEBUG", "INFO"):
+                    self.patterns[f"{level} {logger}: {variable.sub(shape, message)[:160]}"] += 1
+
+    @property
+    def problems(self) -> int:
+        """Warning, error and traceback lines."""
+        return sum(n for level, n in self.levels.items() if level not in ("INFO", "DEBUG"))
+
+    def stopped(self) -> str:
+        return (
+            f"in {self.drain_seconds:.1f}s, exit {self.exit}; log {dict(self.levels)} "
+            f"({self.log_path})"
+        )
+
+    def print_patterns(self) -> None:
+        for pattern, count in self.patterns.most_common(8):
+            print(f"    {count:>6} x {pattern}")
 
 
 # ============================================================================================

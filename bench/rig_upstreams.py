@@ -33,6 +33,15 @@ SSE_HEAD = (
 )
 
 
+async def read_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+    """An HTTP request's head, or None (and the connection closed) when it does not come."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        writer.close()
+        return None
+
+
 # ============================================================================================
 # The firehose
 # ============================================================================================
@@ -54,10 +63,8 @@ class Firehose:
         ).encode()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            writer.close()
+        head = await read_head(reader, writer)
+        if head is None:
             return
         last = 0
         for line in head.decode("latin-1").split("\r\n")[1:]:
