@@ -416,7 +416,7 @@ def run_rq(
     children: rig.Children, redis_url: str, opts: argparse.Namespace, log_dir: Path
 ) -> ListenerCost:
     import redis
-    from rq import Queue
+    from rq import Queue, Worker
 
     cost = ListenerCost("rq", opts.rq_listeners)
     runner = RunnerProcess(children, 0, 1.0)
@@ -438,7 +438,9 @@ def run_rq(
                     )
                 )  # fmt: skip
         deadline = time.monotonic() + 60
-        while len(sync.smembers("rq:workers")) < opts.rq_listeners:
+        # Through rq: its keys carry the pool's prefix ({rq}:workers), which the rq workers
+        # inherit through RQ_KEY_PREFIX in the environment.
+        while Worker.count(connection=sync) < opts.rq_listeners:
             if time.monotonic() > deadline:
                 raise rig.BenchError(f"rq workers did not register: see {log_dir}")
             time.sleep(0.1)
