@@ -274,8 +274,10 @@ class Bench:
                     spec=UpstreamSpec(self.url(job.sid)),
                     clock=LeaseClock(confirmed_at=0.0, fence_after=8.0),
                     phase="listening",
+                    # The revision adopt read: renew.lua answers SPEC_CHANGED to an older one.
+                    spec_rev=int(reply[5] or 0),
                 )
-                for k, job, value in zip(keysets, chunk, values, strict=True)
+                for k, job, value, reply in zip(keysets, chunk, values, adopted, strict=True)
             ]
         verdicts = await renew_all(self.redis, self.scripts, self.held, self.ttl_ms)
         if any(v is not RenewVerdict.RENEWED for v in verdicts):
