@@ -166,7 +166,8 @@ SESSIONS_DOC = (
     responses={
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            "description": "The sessions' events and control frames, as `data:` JSON",
+            "description": "The sessions' frames, each a `data:` line of JSON: "
+            "StreamEventFrame (with an `id:`) or StreamControlFrame (see the components)",
         },
         **error_responses(400, 401, 503),
     },
@@ -188,7 +189,12 @@ async def sse_stream(
     (`subscribed`, `reset`, `error`). Every event's `id:` holds the position of every session
     of the stream, so a browser's `EventSource` resumes them all by itself on reconnecting, on
     any gateway. A session that cannot be followed (unknown, not in the token) gets an `error`
-    frame; the others go on."""
+    frame; the others go on.
+
+    The same path as a WebSocket serves the same frames, and takes SubscribeFrame and
+    UnsubscribeFrame from the client (schemas in the components); ``?sessions=`` subscribes
+    from the start. It closes with 1013 when the client falls behind, 4401 without valid
+    credentials, 4400 for a bad ``?sessions=``, 4503 when the gateway is full or Redis fails."""
     state: GatewayState = request.app.state.gateway
     access = stream_access(state.settings, request.headers, request.query_params)
     try:

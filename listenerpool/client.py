@@ -1,5 +1,5 @@
-"""An async client of the gateway for backends: the control API over HTTP (httpx) and a
-session's events over a WebSocket (websockets), resumed by seq across any disconnection.
+"""An async client of the gateway for backends: the control API over HTTP (httpx) and
+sessions' events over a WebSocket (websockets), resumed by seq across any disconnection.
 
 ::
 
@@ -17,6 +17,13 @@ connection drops (network, gateway restart, or close code 1013 "client too slow"
 after a jittered backoff with ``after=<last seq>`` and skips anything it already yielded. Only a
 refusal (unknown session, bad request, auth) ends the stream, as :class:`PoolClientError`.
 Transport failures of the control calls surface as httpx exceptions.
+
+:meth:`PoolClient.stream` follows several sessions over one WebSocket (``/v1/stream``) with the
+same guarantees per session; each item's ``sid`` says whose it is::
+
+    async with pool.stream(["run-42", "run-43"]) as stream:
+        async for item in stream:
+            print(item.sid, item.seq)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -39,7 +46,7 @@ from listenerpool.backoff import reconnect_delay as jittered_delay
 from listenerpool.errors import InvalidSessionId, ListenerPoolError
 from listenerpool.keys import check_session_id
 
-__all__ = ["Event", "EventStream", "PoolClient", "PoolClientError", "Reset"]
+__all__ = ["Event", "EventStream", "MultiStream", "PoolClient", "PoolClientError", "Reset"]
 
 #: Close codes 4000 + HTTP status that the gateway uses to refuse a subscription.
 _CLOSE_NAMES: Final = {
@@ -49,6 +56,16 @@ _CLOSE_NAMES: Final = {
     404: "unknown_session",
 }
 _CLOSE_TIMEOUT: Final = 5.0
+#: A session refused in a /v1/stream ``error`` frame: the HTTP status the refusal stands for.
+#: Codes not listed (too_many_clients: this gateway is full for now) are retried.
+_FRAME_REFUSALS: Final = {
+    "unknown_session": 404,
+    "forbidden": 403,
+    "invalid_session_id": 400,
+    "invalid_after": 400,
+    "too_many_sessions": 400,
+    "bad_frame": 400,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +79,7 @@ class Event:
     event: str
     data: str
     id: str
+    sid: str = ""  #: whose event (set by :meth:`PoolClient.stream` and :meth:`~.events`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,7 @@ class Reset:
 
     after: int
     first_seq: int
+    sid: str = ""
 
 
 class PoolClientError(ListenerPoolError):
@@ -227,7 +246,7 @@ class PoolClient:
             if ws is not None:
                 try:
                     while True:
-                        item = _parse(await ws.recv())
+                        item = _parse(await ws.recv(), sid)
                         if isinstance(item, Reset):
                             if item.first_seq - 1 <= cursor.seq:
                                 continue
@@ -245,6 +264,77 @@ class PoolClient:
                         status = exc.rcvd.code - 4000
                         name = _CLOSE_NAMES.get(status, f"http_{status}")
                         raise PoolClientError(status, name, exc.rcvd.reason) from None
+                finally:
+                    self._sockets.discard(ws)
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+            delay = jittered_delay(attempt, base=base, cap=cap)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
+
+    def stream(
+        self,
+        sids: Sequence[str],
+        *,
+        after: Mapping[str, int] | None = None,
+        reconnect_delay: float = 0.2,
+        max_reconnect_delay: float = 5.0,
+    ) -> MultiStream:
+        """Several sessions' events over one WebSocket: for each session, the events with seq
+        > ``after[sid]`` (default 0) as :class:`Event` (and :class:`Reset` notices), each once
+        and in order, across reconnections; ``item.sid`` tells whose. A session the gateway
+        refuses (unknown, not in the token, ...) ends the stream as :class:`PoolClientError`."""
+        wanted = list(sids)
+        if not wanted:
+            raise ValueError("name at least one session")
+        if len(set(wanted)) != len(wanted):
+            raise ValueError("a session is named twice")
+        for sid in wanted:
+            _session_path(sid)  # refuses an invalid id as the gateway would
+        after = dict(after or {})
+        if any(value < 0 for value in after.values()):
+            raise ValueError("after must be >= 0")
+        if reconnect_delay <= 0 or max_reconnect_delay < reconnect_delay:
+            raise ValueError("need 0 < reconnect_delay <= max_reconnect_delay")
+        positions = {sid: after.get(sid, 0) for sid in wanted}
+        items = self._follow_many(positions, reconnect_delay, max_reconnect_delay)
+        return MultiStream(positions, items)
+
+    async def _follow_many(
+        self, positions: dict[str, int], base: float, cap: float
+    ) -> AsyncGenerator[Event | Reset, None]:
+        attempt = 0
+        while not self._closed.is_set():
+            ws = await self._open(next(iter(positions)), f"{self._ws_base}/v1/stream")
+            if ws is not None:
+                try:
+                    for sid, seq in positions.items():
+                        await ws.send(json.dumps({"op": "subscribe", "sid": sid, "after": seq}))
+                    while True:
+                        item = _stream_item(await ws.recv())
+                        if item is None or item.sid not in positions:
+                            continue
+                        last = positions[item.sid]
+                        if isinstance(item, Reset):
+                            if item.first_seq - 1 <= last:
+                                continue
+                            positions[item.sid] = item.first_seq - 1
+                        elif item.seq <= last:
+                            continue  # already yielded
+                        elif item.seq > last + 1:
+                            break  # a gap the gateway did not announce: re-read the history
+                        else:
+                            positions[item.sid] = item.seq
+                        attempt = 0
+                        yield item
+                except ConnectionClosed as exc:
+                    if exc.rcvd is not None and 4400 <= exc.rcvd.code < 4500:
+                        status = exc.rcvd.code - 4000
+                        name = _CLOSE_NAMES.get(status, f"http_{status}")
+                        raise PoolClientError(status, name, exc.rcvd.reason) from None
+                except _Retry:
+                    pass
                 finally:
                     self._sockets.discard(ws)
                     with contextlib.suppress(Exception):
@@ -340,12 +430,79 @@ class EventStream(AsyncIterator[Event | Reset]):
         await self.aclose()
 
 
-def _parse(message: str | bytes) -> Event | Reset | None:
-    """An envelope or a reset notice; None for anything else (ignored)."""
+class MultiStream(AsyncIterator[Event | Reset]):
+    """The iterator returned by :meth:`PoolClient.stream`. ``positions`` is each session's
+    last seq, to resume from later (``stream(sids, after=stream.positions)``)."""
+
+    def __init__(
+        self, positions: dict[str, int], items: AsyncGenerator[Event | Reset, None]
+    ) -> None:
+        self._positions = positions
+        self._items = items
+
+    @property
+    def positions(self) -> dict[str, int]:
+        return dict(self._positions)
+
+    def __aiter__(self) -> MultiStream:
+        return self
+
+    async def __anext__(self) -> Event | Reset:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop following: closes the WebSocket."""
+        await self._items.aclose()
+
+    async def __aenter__(self) -> MultiStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Retry(Exception):
+    """A /v1/stream refusal worth reconnecting for later."""
+
+
+def _stream_item(message: str | bytes) -> Event | Reset | None:
+    """A /v1/stream event or reset frame; None for anything else (ignored). An ``error`` frame
+    raises: :class:`PoolClientError` for a refusal, :class:`_Retry` for a passing one."""
     if isinstance(message, bytes):
         return None
     try:
         obj = json.loads(message)
+        if not isinstance(obj, dict):
+            return None
+        op, sid = obj.get("op"), obj.get("sid")
+        if op == "error":
+            code, text = str(obj["code"]), str(obj["message"])
+            status = _FRAME_REFUSALS.get(code)
+            if status is None:
+                raise _Retry(code)
+            raise PoolClientError(status, code, f"{sid}: {text}" if sid else text)
+        if not isinstance(sid, str):
+            return None
+        if op == "reset":
+            return Reset(int(obj["after"]), int(obj["first_seq"]), sid)
+        if op is None:
+            return _parse(message, sid, obj)
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
+
+
+def _parse(message: str | bytes, sid: str, parsed: Any = None) -> Event | Reset | None:
+    """An envelope or a reset notice of ``sid``; None for anything else (ignored)."""
+    if isinstance(message, bytes):
+        return None
+    try:
+        obj = parsed if parsed is not None else json.loads(message)
         if not isinstance(obj, dict):
             return None
         if "seq" in obj:
@@ -355,9 +512,10 @@ def _parse(message: str | bytes) -> Event | Reset | None:
                 event=str(obj["event"]),
                 data=str(obj["data"]),
                 id=str(obj.get("id", "")),
+                sid=sid,
             )
         if obj.get("type") == "reset":
-            return Reset(after=int(obj["after"]), first_seq=int(obj["first_seq"]))
+            return Reset(after=int(obj["after"]), first_seq=int(obj["first_seq"]), sid=sid)
     except (ValueError, TypeError, KeyError):
         pass
     return None

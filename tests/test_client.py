@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from listenerpool.client import Event, PoolClient, PoolClientError, Reset
 from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
+from tests.conftest import ROOT, GatewayProcesses, Pool, WorkerProcesses, eventually
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -239,7 +245,145 @@ async def test_stream_dedupes_resumes_after_1013_and_gaps_and_surfaces_resets() 
                     items.append(item)
     assert (gone.value.status, gone.value.code) == (404, "unknown_session")
     assert afters == [0, 4, 6]
-    assert items[0] == Reset(after=0, first_seq=3)
+    assert items[0] == Reset(after=0, first_seq=3, sid="s1")
     assert [i.seq for i in items[1:] if isinstance(i, Event)] == [3, 4, 5, 6, 7, 8]
     assert len(items) == 7
-    assert items[1] == Event(seq=3, epoch=1, event="e", data="d3", id="3")
+    assert items[1] == Event(seq=3, epoch=1, event="e", data="d3", id="3", sid="s1")
+
+
+# -- several sessions over one connection ----------------------------------------------------
+@pytest.mark.timeout(90)
+async def test_stream_follows_several_sessions_across_a_gateway_restart(
+    redis_url: str,
+    gateway: tuple[subprocess.Popen[bytes], str],
+    gateway_processes: GatewayProcesses,
+    upstream: SSEUpstream,
+    pool: Pool,
+) -> None:
+    proc, base = gateway
+    sids = ["m1", "m2", "m3"]
+    items: list[Event | Reset] = []
+    async with PoolClient(base) as client:
+        for sid in sids:
+            await client.start(sid, upstream.url(sid))
+        for sid in sids:
+            await listening(client, sid)
+        stream = client.stream(sids, after={"m2": 5}, reconnect_delay=0.05, max_reconnect_delay=0.5)
+
+        async def consume() -> None:
+            async for item in stream:
+                items.append(item)
+
+        def each_has(n: int) -> bool:
+            return all(sum(i.sid == sid for i in items) >= n for sid in sids)
+
+        task = asyncio.create_task(consume())
+        try:
+            await eventually(lambda: each_has(10), 20, "no events before the restart")
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            port = urlsplit(base).port
+            await asyncio.to_thread(gateway_processes.start, redis_url, "gw1b", port=port)
+            got = {sid: sum(i.sid == sid for i in items) for sid in sids}
+            await eventually(lambda: each_has(max(got.values()) + 30), 30, "did not reconnect")
+        finally:
+            await cancel_until_done(task)
+        positions = stream.positions
+    for sid in sids:
+        mine = [i for i in items if i.sid == sid]
+        assert_numbered(mine, first=6 if sid == "m2" else 1)
+        assert positions[sid] == mine[-1].seq  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(60)
+async def test_stream_errors(client: PoolClient, upstream: SSEUpstream) -> None:
+    await client.start("s1", upstream.url("s1"))
+    with pytest.raises(PoolClientError) as unknown:
+        async with asyncio.timeout(20):
+            async for _ in client.stream(["s1", "nope"]):
+                pass
+    assert (unknown.value.status, unknown.value.code) == (404, "unknown_session")
+    assert "nope" in unknown.value.message
+    with pytest.raises(PoolClientError) as bad:
+        client.stream(["s1", "a/b"])
+    assert (bad.value.status, bad.value.code) == (400, "invalid_session_id")
+    for sids in ([], ["s1", "s1"]):
+        with pytest.raises(ValueError):
+            client.stream(sids)
+
+
+@pytest.mark.timeout(60)
+async def test_stream_dedupes_resubscribes_after_1013_and_gaps_and_surfaces_resets() -> None:
+    subscribes: list[list[tuple[str, int]]] = []
+
+    def frame(sid: str, seq: int) -> str:
+        return json.dumps({"sid": sid, **json.loads(envelope(seq))})
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None and ws.request.path == "/v1/stream"
+        mine = []
+        for _ in range(2):
+            sub = json.loads(await ws.recv())
+            assert sub["op"] == "subscribe"
+            mine.append((sub["sid"], sub["after"]))
+        subscribes.append(mine)
+        if len(subscribes) == 1:  # a trimmed history for a, a duplicate, junk, then too slow
+            await ws.send(json.dumps({"op": "subscribed", "sid": "a", "after": 0}))
+            reset = {"op": "reset", "sid": "a", "after": 0, "first_seq": 3}
+            for text in [json.dumps(reset), frame("a", 3), frame("b", 1), frame("a", 3)]:
+                await ws.send(text)
+            await ws.send(frame("other", 1))  # not followed: ignored
+            await ws.send("not json")
+            await ws.close(1013, "client too slow")
+        elif len(subscribes) == 2:  # b jumps over 3: reconnect
+            for text in [frame("b", 2), frame("b", 4)]:
+                await ws.send(text)
+            await ws.wait_closed()
+        else:  # the rest, then a passes away
+            for text in [frame("b", 3), frame("a", 4)]:
+                await ws.send(text)
+            error = {"op": "error", "sid": "a", "code": "unknown_session", "message": "gone"}
+            await ws.send(json.dumps(error))
+            await ws.wait_closed()
+
+    items: list[Event | Reset] = []
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with PoolClient(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(PoolClientError) as gone:
+                async for item in client.stream(["a", "b"], reconnect_delay=0.01):
+                    items.append(item)
+    assert (gone.value.status, gone.value.code) == (404, "unknown_session")
+    assert subscribes == [[("a", 0), ("b", 0)], [("a", 3), ("b", 1)], [("a", 3), ("b", 2)]]
+    assert items[0] == Reset(after=0, first_seq=3, sid="a")
+    seen = [(i.sid, i.seq) for i in items[1:] if isinstance(i, Event)]
+    assert seen == [("a", 3), ("b", 1), ("b", 2), ("b", 3), ("a", 4)]
+    assert items[1] == Event(seq=3, epoch=1, event="e", data="d3", id="3", sid="a")
+
+
+@pytest.mark.timeout(90)
+def test_tail_prints_several_sessions_over_one_connection(
+    gateway: tuple[subprocess.Popen[bytes], str], upstream: SSEUpstream
+) -> None:
+    base = gateway[1]
+    sids = ["t1", "t2"]
+    with httpx.Client(base_url=base, trust_env=False, timeout=10) as http:
+        for sid in sids:
+            resp = http.put(f"/v1/sessions/{sid}", json={"url": upstream.url(sid)})
+            assert resp.status_code == 201, resp.text
+    tail = subprocess.Popen(
+        [str(BIN / "listenerpool"), "tail", *sids, "--after", "2", "--gateway", base],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    seqs: dict[str, list[int]] = {sid: [] for sid in sids}
+    try:
+        assert tail.stdout is not None
+        while min(len(v) for v in seqs.values()) < 10:  # the test's timeout bounds the wait
+            sid, seq, event, data = tail.stdout.readline().rstrip("\n").split("\t")
+            assert SSEUpstream.number_of(data) == int(seq) and event
+            seqs[sid].append(int(seq))
+    finally:
+        tail.send_signal(signal.SIGINT)
+        tail.wait(10)
+    for sid in sids:
+        assert seqs[sid] == list(range(3, 3 + len(seqs[sid]))), (sid, seqs[sid])

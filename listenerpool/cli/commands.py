@@ -97,9 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = client("status", "Show sessions and workers.")
     status.add_argument("--limit", type=int, default=100, help="sessions to show (100)")
     status.add_argument("--interval", type=float, default=1.0, help="events/s sampling (1 s)")
-    tail = client("tail", "Print a session's events live, resuming by seq after a disconnect.")
-    tail.add_argument("sid")
-    tail.add_argument("--after", type=int, default=0, help="start after this seq (0: all)")
+    tail = client(
+        "tail",
+        "Print sessions' events live, resuming by seq after a disconnect. Several sessions "
+        "share one connection, each line starting with its session id.",
+    )
+    tail.add_argument("sid", nargs="+")
+    tail.add_argument(
+        "--after", type=int, default=0, help="start after this seq, in every session (0: all)"
+    )
     cancel = client("cancel", "Stop listening to a session, fleet-wide.")
     cancel.add_argument("sid")
     return parser
@@ -232,13 +238,21 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_tail(args: argparse.Namespace) -> int:
+    sids: list[str] = args.sid
+    several = len(sids) > 1
     async with PoolClient(args.gateway, token=args.token) as client:
-        async for item in client.events(args.sid, after=args.after):
+        items = (
+            client.stream(sids, after=dict.fromkeys(sids, args.after))
+            if several
+            else client.events(sids[0], after=args.after)
+        )
+        async for item in items:
+            whose = f"{item.sid}\t" if several else ""
             if isinstance(item, Reset):
-                print(f"-- history starts at seq {item.first_seq}: events after "
+                print(f"{whose}-- history starts at seq {item.first_seq}: events after "
                       f"{item.after} up to it are gone --", flush=True)  # fmt: skip
             elif isinstance(item, Event):
-                print(f"{item.seq}\t{item.event}\t{item.data}", flush=True)
+                print(f"{whose}{item.seq}\t{item.event}\t{item.data}", flush=True)
     return 0
 
 

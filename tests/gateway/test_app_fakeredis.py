@@ -149,6 +149,30 @@ async def test_the_schema_documents_the_error_answers(client: httpx.AsyncClient)
     assert error == "#/components/schemas/ErrorBody"
 
 
+async def test_the_schema_documents_the_multiplexed_stream(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/v1/openapi.json")).json()
+    stream = schema["paths"]["/v1/stream"]["get"]
+    params = {(p["in"], p["name"]) for p in stream["parameters"]}
+    assert params == {("query", "sessions"), ("query", "token"), ("header", "Last-Event-ID")}
+    assert {"200", "400", "401", "503"} <= set(stream["responses"])
+    assert "WebSocket" in stream["description"]
+    token = schema["paths"]["/v1/subscribe-token"]["post"]
+    assert {"201", "400", "401", "404", "409"} <= set(token["responses"])
+    frames = schema["components"]["schemas"]
+    assert set(frames["StreamEventFrame"]["properties"]) == {
+        "sid",
+        "seq",
+        "epoch",
+        "event",
+        "data",
+        "id",
+    }
+    ops = frames["StreamControlFrame"]["properties"]["op"]["enum"]
+    assert ops == ["subscribed", "unsubscribed", "reset", "error"]
+    assert frames["SubscribeFrame"]["properties"]["op"]["const"] == "subscribe"
+    assert frames["UnsubscribeFrame"]["properties"]["op"]["const"] == "unsubscribe"
+
+
 async def test_each_app_serves_its_own_metrics(fake_redis: Any, fake_sync_redis: Any) -> None:
     settings = fast_settings(redis_url="redis://unused")
     apps = [create_app(settings, redis=fake_redis, sync=fake_sync_redis) for _ in range(2)]

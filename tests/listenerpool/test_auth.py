@@ -9,7 +9,9 @@ import pytest
 
 from listenerpool.auth import (
     InvalidToken,
+    SubscribeClaims,
     bearer_token,
+    read_subscribe_token,
     sign_subscribe_token,
     split_secrets,
     token_matches,
@@ -132,3 +134,20 @@ def test_secrets_do_not_show_in_settings_repr_or_errors() -> None:
     with pytest.raises(SettingsError) as bad:
         load_settings(api_token="secret-short")
     assert "secret-short" not in str(bad.value)
+
+
+def test_a_token_may_name_several_sessions() -> None:
+    token = sign_subscribe_token([KEY_A], ["s1", "s2"], NOW + 60)
+    assert read_subscribe_token([KEY_A], token, NOW) == SubscribeClaims(
+        frozenset({"s1", "s2"}), NOW + 60
+    )
+    assert verify_subscribe_token([KEY_A], token, "s2", NOW).sid == "s2"
+    with pytest.raises(InvalidToken) as other:
+        verify_subscribe_token([KEY_A], token, "s3", NOW)
+    assert other.value.code == "wrong_session"
+    with pytest.raises(InvalidToken) as expired:
+        read_subscribe_token([KEY_A], token, NOW + 60)
+    assert expired.value.code == "token_expired"
+    # A one-session token reads as a set of one.
+    single = sign_subscribe_token([KEY_A], "s1", NOW + 60)
+    assert read_subscribe_token([KEY_A], single, NOW).sids == frozenset({"s1"})
