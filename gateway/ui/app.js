@@ -1,4 +1,4 @@
-// The listenerpool dashboard: polls the control API, tails one session over the WebSocket.
+// The listenerpool dashboard: polls the control API, tails sessions over one WebSocket.
 // No framework and no build step; every value from the API is written with textContent.
 "use strict";
 
@@ -33,7 +33,8 @@
     timer: null,
     running: false,
     again: false,
-    tail: null,
+    tails: new Map(), // sid -> {sid, lastSeq, el}, in the order they were started
+    stream: { ws: null, tokenSids: null, attempts: 0, timer: null, generation: 0, waitingForToken: false },
   };
 
   // -- API -------------------------------------------------------------------------------------
@@ -121,10 +122,9 @@
     state.needToken = false;
     clearError();
     refresh();
-    const tail = state.tail;
-    if (tail && tail.waitingForToken) {
-      tail.waitingForToken = false;
-      connectTail(tail);
+    if (state.stream.waitingForToken) {
+      state.stream.waitingForToken = false;
+      connectStream();
     }
   }
 
@@ -159,7 +159,7 @@
       state.nextOffset = page.next_offset;
       updateRates(page.sessions);
       renderSessions();
-      if (state.tail) await refreshDetail(state.tail);
+      await refreshDetails();
       clearError();
       setStatus(`updated ${new Date().toLocaleTimeString()}`, "ok");
     } catch (err) {
@@ -246,7 +246,8 @@
       COLUMNS.forEach((name, i) => {
         tr.cells[i].textContent = String(values[name]);
       });
-      tr.classList.toggle("tailed", Boolean(state.tail && state.tail.sid === s.sid));
+      tr.classList.toggle("tailed", isTailed(s.sid));
+      tr.querySelector("button.tail").textContent = isTailed(s.sid) ? "Stop tail" : "Tail";
       tr.querySelector("button.cancel").disabled = !s.desired;
       body.append(tr); // moves an existing row into page order
     }
@@ -268,7 +269,7 @@
     tail.type = "button";
     tail.className = "tail";
     tail.textContent = "Tail";
-    tail.addEventListener("click", () => startTail(sid));
+    tail.addEventListener("click", () => toggleTail(sid));
     const cancel = document.createElement("button");
     cancel.type = "button";
     cancel.className = "cancel";
@@ -296,32 +297,89 @@
     refresh();
   }
 
-  // -- live tail -------------------------------------------------------------------------------
-  function startTail(sid) {
-    stopTail();
-    const tail = { sid, ws: null, lastSeq: null, stopped: false, attempts: 0, timer: null };
-    state.tail = tail;
+  // -- live tails ------------------------------------------------------------------------------
+  // Every tailed session shares one WebSocket to /v1/stream: subscribe and unsubscribe frames
+  // add and drop sessions; on a reconnect each is subscribed again after its last seq shown.
+  function isTailed(sid) {
+    return state.tails.has(sid);
+  }
+
+  function toggleTail(sid) {
+    if (isTailed(sid)) stopTail(sid);
+    else startTail(sid);
+  }
+
+  async function startTail(sid) {
+    const tail = { sid, lastSeq: null, el: tailCard(sid) };
+    state.tails.set(sid, tail);
     $("tail-panel").hidden = false;
-    $("tail-sid").textContent = sid;
-    $("tail").replaceChildren();
-    $("tail-detail").replaceChildren();
-    showTailError("");
+    $("tails").append(tail.el.section);
+    setCardState(tail, "starting");
     renderSessions();
-    connectTail(tail);
+    try {
+      const s = await api("GET", sessionPath(sid));
+      if (state.tails.get(sid) !== tail) return;
+      renderDetail(tail, s);
+      tail.lastSeq = Math.max(0, s.seq - TAIL_BACKLOG);
+    } catch (err) {
+      if (state.tails.get(sid) !== tail) return;
+      if (err instanceof ApiError && err.status === 404) {
+        setCardState(tail, "unknown session", "bad");
+        return;
+      }
+      handleError(err);
+      tail.lastSeq = 0;
+    }
+    subscribe(tail);
   }
 
-  function stopTail() {
-    const tail = state.tail;
+  function stopTail(sid) {
+    const tail = state.tails.get(sid);
     if (!tail) return;
-    tail.stopped = true;
-    clearTimeout(tail.timer);
-    if (tail.ws) tail.ws.close(1000, "tail stopped");
-    state.tail = null;
-    setTailState("stopped");
+    state.tails.delete(sid);
+    tail.el.section.remove();
+    const stream = state.stream;
+    if (stream.ws && stream.ws.readyState === WebSocket.OPEN && tail.lastSeq !== null) {
+      stream.ws.send(JSON.stringify({ op: "unsubscribe", sid }));
+    }
+    if (state.tails.size === 0) stopStream();
     renderSessions();
   }
 
-  // Errors of the tail stay up (a refresh does not clear them) until the tail restarts.
+  function stopAllTails() {
+    for (const sid of [...state.tails.keys()]) stopTail(sid);
+  }
+
+  // Follow a tail on the open connection when its token covers the session; else (re)connect.
+  function subscribe(tail) {
+    const stream = state.stream;
+    const ws = stream.ws;
+    const covered = stream.tokenSids === null || stream.tokenSids.has(tail.sid);
+    if (ws && ws.readyState === WebSocket.OPEN && covered) {
+      sendSubscribe(ws, tail);
+    } else if (!ws || !covered) {
+      connectStream();
+    } // a connection being opened subscribes every tail once open
+  }
+
+  function sendSubscribe(ws, tail) {
+    setCardState(tail, "subscribing");
+    ws.send(JSON.stringify({ op: "subscribe", sid: tail.sid, after: tail.lastSeq }));
+  }
+
+  function stopStream() {
+    const stream = state.stream;
+    clearTimeout(stream.timer);
+    stream.generation += 1;
+    if (stream.ws) stream.ws.close(1000, "tails stopped");
+    stream.ws = null;
+    stream.tokenSids = null;
+    setTailState("stopped");
+    showTailError("");
+    $("tail-panel").hidden = true;
+  }
+
+  // Errors of the connection stay up (a refresh does not clear them) until it is live again.
   function showTailError(message) {
     $("tail-error").textContent = message;
     $("tail-error").hidden = !message;
@@ -333,19 +391,55 @@
     el.className = `status ${kind || ""}`;
   }
 
-  async function refreshDetail(tail) {
-    try {
-      renderDetail(await api("GET", sessionPath(tail.sid)));
-    } catch (err) {
-      if (err instanceof ApiError && err.status === 404) {
-        setTailState("the session no longer exists", "bad");
-        return;
+  function tailCard(sid) {
+    const section = document.createElement("section");
+    section.className = "tail";
+    section.dataset.sid = sid;
+    const head = document.createElement("h3");
+    const stop = document.createElement("button");
+    stop.type = "button";
+    stop.className = "untail";
+    stop.textContent = "Stop";
+    stop.addEventListener("click", () => stopTail(sid));
+    const stateEl = span("", "status");
+    head.append(span(sid, "tail-sid"), " ", stateEl, " ", stop);
+    const error = document.createElement("div");
+    error.className = "error";
+    error.setAttribute("role", "alert");
+    error.hidden = true;
+    const detail = document.createElement("dl");
+    detail.className = "tail-detail";
+    const list = document.createElement("ol");
+    list.className = "tail-events";
+    section.append(head, error, detail, list);
+    return { section, state: stateEl, error, detail, list };
+  }
+
+  function setCardState(tail, text, kind) {
+    tail.el.state.textContent = text;
+    tail.el.state.className = `status ${kind || ""}`;
+  }
+
+  function showCardError(tail, message) {
+    tail.el.error.textContent = message;
+    tail.el.error.hidden = !message;
+  }
+
+  async function refreshDetails() {
+    for (const tail of [...state.tails.values()]) {
+      try {
+        renderDetail(tail, await api("GET", sessionPath(tail.sid)));
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 404) {
+          setCardState(tail, "the session no longer exists", "bad");
+          continue;
+        }
+        throw err;
       }
-      throw err;
     }
   }
 
-  function renderDetail(s) {
+  function renderDetail(tail, s) {
     const fields = [
       ["url", s.url],
       ["desired", s.desired ? "yes" : "no (cancelled)"],
@@ -358,7 +452,7 @@
       ["last upstream id", s.last_id || "–"],
       ["since", s.since_ms ? new Date(s.since_ms).toLocaleString() : "–"],
     ];
-    $("tail-detail").replaceChildren(
+    tail.el.detail.replaceChildren(
       ...fields.flatMap(([k, v]) => {
         const dt = document.createElement("dt");
         dt.textContent = k;
@@ -370,89 +464,119 @@
     );
   }
 
-  // The WebSocket cannot carry an Authorization header, so it authenticates with ?token=: a
-  // subscribe token for this session, or (when the gateway has no signing key and answers 409)
-  // the API token itself, which the gateway also accepts there and masks in its logs.
-  async function streamToken(sid) {
+  // A WebSocket cannot carry an Authorization header, so the stream authenticates with ?token=:
+  // a subscribe token naming every tailed session, or (when the gateway has no signing key and
+  // answers 409) the API token itself, which the gateway also accepts there and masks in its
+  // logs. ``sids`` null: the token opens any session.
+  async function streamToken(sids) {
     try {
-      const issued = await api("POST", `${sessionPath(sid)}/subscribe-token`, {});
-      return { token: issued.token, how: "subscribe token" };
+      const issued = await api("POST", "/v1/subscribe-token", { sessions: sids });
+      return { token: issued.token, how: "subscribe token", sids: new Set(sids) };
     } catch (err) {
       if (err instanceof ApiError && err.status === 409 && err.code === "signing_disabled") {
         const token = apiToken();
-        return { token, how: token ? "API token (no signing key)" : "no token" };
+        return { token, how: token ? "API token (no signing key)" : "no token", sids: null };
       }
       throw err;
     }
   }
 
-  async function connectTail(tail) {
+  async function connectStream() {
+    const stream = state.stream;
+    clearTimeout(stream.timer);
+    stream.generation += 1;
+    const generation = stream.generation;
+    if (stream.ws) stream.ws.close(1000, "reconnecting with another token");
+    stream.ws = null;
+    const sids = [...state.tails.values()].filter((t) => t.lastSeq !== null).map((t) => t.sid);
+    if (sids.length === 0) return;
     setTailState("connecting");
     let auth;
     try {
-      if (tail.lastSeq === null) {
-        const s = await api("GET", sessionPath(tail.sid));
-        renderDetail(s);
-        tail.lastSeq = Math.max(0, s.seq - TAIL_BACKLOG);
-      }
-      auth = await streamToken(tail.sid);
+      auth = await streamToken(sids);
     } catch (err) {
-      if (tail.stopped) return;
+      if (generation !== stream.generation) return;
       if (err instanceof ApiError && err.status === 401) {
-        tail.waitingForToken = true;
+        stream.waitingForToken = true;
         setTailState("waiting for an API token", "bad");
         handleError(err);
       } else if (err instanceof ApiError && err.status === 404) {
-        setTailState("unknown session", "bad");
+        // A tailed session is gone: drop it from the token's list and try again.
+        for (const sid of sids) {
+          if (err.message.includes(`'${sid}'`)) {
+            const tail = state.tails.get(sid);
+            if (tail) {
+              setCardState(tail, "unknown session", "bad");
+              tail.lastSeq = null;
+            }
+          }
+        }
         showTailError(err.message);
+        retryStream("no stream");
       } else {
         showTailError(err.message);
-        retryTail(tail, "no stream");
+        retryStream("no stream");
       }
       return;
     }
-    if (tail.stopped) return;
+    if (generation !== stream.generation) return;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    let url = `${scheme}//${location.host}${ROOT}${sessionPath(tail.sid)}/events?after=${tail.lastSeq}`;
-    if (auth.token) url += `&token=${encodeURIComponent(auth.token)}`;
+    let url = `${scheme}//${location.host}${ROOT}/v1/stream`;
+    if (auth.token) url += `?token=${encodeURIComponent(auth.token)}`;
     const ws = new WebSocket(url);
-    tail.ws = ws;
+    stream.ws = ws;
+    stream.tokenSids = auth.sids;
     ws.onopen = () => {
       setTailState(`live (${auth.how})`, "ok");
       showTailError("");
+      for (const tail of state.tails.values()) {
+        if (tail.lastSeq === null) continue;
+        if (auth.sids === null || auth.sids.has(tail.sid)) sendSubscribe(ws, tail);
+      }
+      // Tails added while this connection was being set up, outside its token: one more.
+      if ([...state.tails.values()].some((t) => t.lastSeq !== null && auth.sids && !auth.sids.has(t.sid))) {
+        connectStream();
+      }
     };
-    ws.onmessage = (msg) => onFrame(tail, msg.data);
+    ws.onmessage = (msg) => onFrame(msg.data);
     ws.onclose = (ev) => {
-      if (tail.ws !== ws) return;
-      tail.ws = null;
-      if (!tail.stopped) onTailClosed(tail, ev);
+      if (stream.ws !== ws) return;
+      stream.ws = null;
+      if (state.tails.size > 0) onStreamClosed(ev);
     };
   }
 
   // Close codes: 4000 + an HTTP status for refusals (tokens are checked on connect, and each
-  // connect gets a fresh one, so a refusal will not pass on a retry), 4503 Redis down, 1013
-  // too slow (resume at once from the last seq shown).
-  function onTailClosed(tail, ev) {
+  // connect gets a fresh one, so a refusal will not pass on a retry), 4503 Redis down or the
+  // gateway full, 1013 too slow (resume at once from the last seqs shown).
+  function onStreamClosed(ev) {
     const why = `${ev.code}${ev.reason ? ` ${ev.reason}` : ""}`;
     if (ev.code >= 4400 && ev.code < 4500) {
       setTailState("refused", "bad");
-      showTailError(`The gateway refused the live tail of ${tail.sid}: ${why}`);
+      showTailError(`The gateway refused the live tails: ${why}`);
       return;
     }
-    showTailError(`The live tail closed: ${why}`);
-    retryTail(tail, `closed: ${ev.code}`);
+    showTailError(`The live tails' connection closed: ${why}`);
+    retryStream(`closed: ${ev.code}`);
   }
 
-  function retryTail(tail, why) {
-    const delay = tail.attempts === 0 ? 0 : Math.min(10000, 500 * 2 ** tail.attempts);
-    tail.attempts += 1;
+  function retryStream(why) {
+    const stream = state.stream;
+    const delay = stream.attempts === 0 ? 0 : Math.min(10000, 500 * 2 ** stream.attempts);
+    stream.attempts += 1;
     setTailState(`${why}; reconnecting in ${(delay / 1000).toFixed(1)} s`, "bad");
-    tail.timer = setTimeout(() => {
-      if (!tail.stopped) connectTail(tail);
+    clearTimeout(stream.timer);
+    stream.timer = setTimeout(() => {
+      if (state.tails.size > 0) connectStream();
     }, delay);
   }
 
-  function onFrame(tail, text) {
+  const FRAME_ERRORS = {
+    unknown_session: "unknown session",
+    forbidden: "not in the subscribe token",
+  };
+
+  function onFrame(text) {
     let frame;
     try {
       frame = JSON.parse(text);
@@ -460,18 +584,36 @@
       showTailError(`a frame that is not JSON: ${text.slice(0, 80)}`);
       return;
     }
-    if (frame.type === "reset") {
-      appendTail(null, `history starts at seq ${frame.first_seq}: events after ${frame.after} before it are gone`);
+    const tail = state.tails.get(frame.sid);
+    if (frame.op === "error") {
+      if (!tail) {
+        showTailError(`${frame.code}: ${frame.message}`);
+        return;
+      }
+      setCardState(tail, FRAME_ERRORS[frame.code] || "refused", "bad");
+      showCardError(tail, `${frame.code}: ${frame.message}`);
       return;
     }
-    tail.attempts = 0; // events flow: the next drop retries at once
+    if (!tail) return; // a session stopped meanwhile
+    if (frame.op === "subscribed") {
+      setCardState(tail, "live", "ok");
+      showCardError(tail, "");
+      return;
+    }
+    if (frame.op === "reset") {
+      appendTail(tail, null, `history starts at seq ${frame.first_seq}: events after ${frame.after} before it are gone`);
+      tail.lastSeq = Math.max(tail.lastSeq, frame.first_seq - 1);
+      return;
+    }
+    if (frame.op) return; // unsubscribed
+    state.stream.attempts = 0; // events flow: the next drop retries at once
     if (tail.lastSeq !== null && frame.seq <= tail.lastSeq) return; // already shown
     tail.lastSeq = frame.seq;
-    appendTail(frame);
+    appendTail(tail, frame);
   }
 
-  function appendTail(frame, notice) {
-    const list = $("tail");
+  function appendTail(tail, frame, notice) {
+    const list = tail.el.list;
     const follow = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
     const li = document.createElement("li");
     if (frame) {
@@ -513,7 +655,7 @@
     $("next-page").addEventListener("click", () => {
       if (state.nextOffset !== null) changePage(state.nextOffset);
     });
-    $("tail-stop").addEventListener("click", stopTail);
+    $("tail-stop").addEventListener("click", stopAllTails);
     state.limit = Number($("page-size").value);
     refresh();
   });

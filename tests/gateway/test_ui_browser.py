@@ -9,6 +9,7 @@ Without it the test fails, unless ``LP_SKIP_BROWSER=1`` says to skip it. Screens
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -18,7 +19,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Page,
+    WebSocket,
+    expect,
+    sync_playwright,
+)
 
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
@@ -73,11 +82,22 @@ class PageWatch:
     def __init__(self, page: Page) -> None:
         self.errors: list[str] = []
         self.sockets: list[str] = []
+        self.closed: list[str] = []
+        self.sent: list[str] = []
         self.dialogs: list[str] = []
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         page.on("console", self._console)
-        page.on("websocket", lambda ws: self.sockets.append(ws.url))
+        page.on("websocket", self._socket)
         page.on("dialog", self._accept)
+
+    def _socket(self, ws: WebSocket) -> None:
+        self.sockets.append(ws.url)
+        ws.on("framesent", lambda payload: self.sent.append(str(payload)))
+        ws.on("close", lambda closed: self.closed.append(closed.url))
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self.sockets) - len(self.closed)
 
     def _console(self, message: ConsoleMessage) -> None:
         if "Content Security Policy" in message.text:
@@ -98,9 +118,15 @@ def put_sessions(base: str, headers: dict[str, str], upstream: SSEUpstream) -> N
             assert resp.status_code == 201, resp.text
 
 
-def tail_seqs(page: Page) -> list[int]:
-    seqs: list[int] = page.locator("#tail li[data-seq]").evaluate_all(
-        "items => items.map(li => Number(li.dataset.seq))"
+def tail_of(page: Page, sid: str) -> Any:
+    return page.locator(f".tail[data-sid='{sid}']")
+
+
+def tail_seqs(page: Page, sid: str) -> list[int]:
+    seqs: list[int] = (
+        tail_of(page, sid)
+        .locator("li[data-seq]")
+        .evaluate_all("items => items.map(li => Number(li.dataset.seq))")
     )
     return seqs
 
@@ -204,35 +230,62 @@ def test_dashboard_lists_tails_and_cancels_a_live_session(
         page.fill("#filter", "")
         expect(rows).to_have_count(12)
 
-        # The live tail over the gateway's WebSocket: seq numbers arrive in order.
+        # Live tails over one WebSocket to /v1/stream: seq numbers arrive in order.
         alpha.locator("button.tail").click()
         expect(page.locator("#tail-state")).to_contain_text("live", timeout=WAIT_MS)
-        expect(page.locator("#tail-detail dd[data-field='owner']")).to_have_text("w-ui")
-        expect(page.locator("#tail-detail dd[data-field='url']")).to_have_text(upstream.url(ALPHA))
-        items = page.locator("#tail li[data-seq]")
+        alpha_tail = tail_of(page, ALPHA)
+        expect(alpha_tail.locator(".status")).to_have_text("live", timeout=WAIT_MS)
+        expect(alpha_tail.locator("dd[data-field='owner']")).to_have_text("w-ui")
+        expect(alpha_tail.locator("dd[data-field='url']")).to_have_text(upstream.url(ALPHA))
+        items = alpha_tail.locator("li[data-seq]")
         expect(items.first).to_be_attached(timeout=WAIT_MS)
         first = int(items.first.get_attribute("data-seq") or 0)
-        expect(page.locator(f"#tail li[data-seq='{first + 50}']")).to_be_attached(timeout=WAIT_MS)
-        seqs = tail_seqs(page)
+        expect(alpha_tail.locator(f"li[data-seq='{first + 50}']")).to_be_attached(timeout=WAIT_MS)
+        seqs = tail_seqs(page, ALPHA)
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-        last = page.locator(f"#tail li[data-seq='{first + 50}']")
+        last = alpha_tail.locator(f"li[data-seq='{first + 50}']")
         assert SSEUpstream.number_of(last.locator(".data").inner_text()) == first + 50
         assert last.locator(".event").inner_text() == SSEUpstream.event_type(first + 50)
+        subscribe = {"op": "subscribe", "sid": ALPHA, "after": first - 1}
+        assert subscribe in [json.loads(frame) for frame in watch.sent], watch.sent
+
+        # A second tail joins the same connection (with a signing key, a new one whose token
+        # names both sessions replaces it): one connection open, both tails live and in order.
+        beta.locator("button.tail").click()
+        beta_tail = tail_of(page, BETA)
+        expect(beta_tail.locator(".status")).to_have_text("live", timeout=WAIT_MS)
+        beta_first = beta_tail.locator("li[data-seq]").first
+        expect(beta_first).to_be_attached(timeout=WAIT_MS)
+        beta_from = int(beta_first.get_attribute("data-seq") or 0)
+        expect(beta_tail.locator(f"li[data-seq='{beta_from + 20}']")).to_be_attached(
+            timeout=WAIT_MS
+        )
+        for sid in (ALPHA, BETA):
+            seqs = tail_seqs(page, sid)
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (sid, seqs)
+        assert watch.open_sockets == 1, (watch.sockets, watch.closed)
+        assert all(urlsplit(url).path == "/v1/stream" for url in watch.sockets), watch.sockets
         page.screenshot(path=out / "2-live.png", full_page=True)
 
         # How the WebSocket authenticated: never the API token when a subscribe token exists.
-        assert len(watch.sockets) == 1, watch.sockets
-        query = parse_qs(urlsplit(watch.sockets[0]).query)
-        assert query["after"] == [str(first - 1)]
+        query = parse_qs(urlsplit(watch.sockets[-1]).query)
         if setup == "signed":
             assert query["token"] != [TOKEN]
             assert query["token"][0].count(".") == 1
             expect(page.locator("#tail-state")).to_contain_text("subscribe token")
         elif setup == "api-token-only":
             assert query["token"] == [TOKEN]
+            assert len(watch.sockets) == 1, watch.sockets
             expect(page.locator("#tail-state")).to_contain_text("API token (no signing key)")
         else:
             assert "token" not in query
+            assert len(watch.sockets) == 1, watch.sockets
+
+        # Stopping a tail unsubscribes it; the other goes on.
+        beta.locator("button.tail").click()
+        expect(beta_tail).to_have_count(0)
+        assert {"op": "unsubscribe", "sid": BETA} in [json.loads(f) for f in watch.sent]
+        expect(alpha_tail.locator(".status")).to_have_text("live")
 
         # Cancel from the page: the upstream sees its connection closed; the other stays.
         assert upstream.stats(ALPHA).concurrent == 1
@@ -248,7 +301,7 @@ def test_dashboard_lists_tails_and_cancels_a_live_session(
         expect(alpha.locator("td.state")).to_contain_text("(cancelled)", timeout=WAIT_MS)
         expect(alpha.locator("button.cancel")).to_be_disabled()
         expect(beta.locator("button.cancel")).to_be_enabled()
-        expect(page.locator("#tail-detail dd[data-field='desired']")).to_have_text(
+        expect(alpha_tail.locator("dd[data-field='desired']")).to_have_text(
             "no (cancelled)", timeout=WAIT_MS
         )
         expect(page.locator("#error")).to_be_hidden()
