@@ -250,6 +250,26 @@ def test_client_limits_count_and_release() -> None:
     assert limits.count == 0 and limits.clients_of("s1") == 0
 
 
+def test_a_multiplexed_connection_counts_once_and_each_of_its_sessions_once() -> None:
+    limits = ClientLimits(per_session=1, total=2)
+    connection = limits.admit_connection()
+    s1 = limits.admit_session("s1")
+    assert (limits.count, limits.clients_of("s1")) == (1, 1)
+    with pytest.raises(ClientLimitReached) as per_session:
+        limits.admit_session("s1")  # the session's one place is taken
+    assert (per_session.value.status, per_session.value.code) == (429, "too_many_clients")
+    with pytest.raises(ClientLimitReached):
+        limits.admit("s1")  # also for a client of its own route
+    limits.admit_session("s2").release()  # sessions do not count towards the total
+    other = limits.admit_connection()
+    with pytest.raises(ClientLimitReached) as full:
+        limits.admit_connection()
+    assert (full.value.status, full.value.code) == (503, "gateway_full")
+    for admission in (s1, s1, connection, other):
+        admission.release()
+    assert limits.count == 0 and limits.clients_of("s1") == 0 and limits.clients_of("s2") == 0
+
+
 # -- control API rate limit --------------------------------------------------------------------
 def test_token_bucket_refills_at_the_rate_up_to_the_burst() -> None:
     bucket = TokenBucket(rate=2.0, burst=3, now=0.0)

@@ -427,3 +427,34 @@ async def test_a_subscribe_token_naming_several_sessions_opens_only_those(
     await asyncio.wait_for(ws_follow(base, {a: 0, b: 0, c: 0}, until, rec, token=token), 60)
     rec.assert_complete(until)
     assert rec.errors() == [(c, "forbidden")]
+
+
+@pytest.mark.timeout(90)
+async def test_a_stream_counts_once_towards_the_gateway_and_once_per_session(
+    redis_url: str,
+    upstream: SSEUpstream,
+    gateway_processes: GatewayProcesses,
+    worker_processes: WorkerProcesses,
+) -> None:
+    a, b = "lim-a", "lim-b"
+    start_workers(worker_processes, redis_url, 1)
+    [base] = await start_gateways(
+        gateway_processes, redis_url, 1, max_clients=2, max_clients_per_session=1
+    )
+    await put_all(base, upstream, [a, b], None)
+    async with http_client() as client, client.stream("GET", f"{base}/v1/sessions/{a}/events"):
+        # a's one place is taken by a client of its own route: the stream gets an error
+        # frame for a, and b's events.
+        frames: list[dict[str, Any]] = []
+        async with open_ws(stream_url(base, f"{a},{b}", ws=True)) as conn:
+            async with asyncio.timeout(30):
+                while not any(f.get("sid") == b and f.get("seq") == 3 for f in frames):
+                    frames.append(json.loads(await conn.recv()))
+            errors = [(f["sid"], f["code"]) for f in frames if f.get("op") == "error"]
+            assert errors == [(a, "too_many_clients")]
+            # Two clients in all: the stream is the second, a third is refused.
+            assert_error(await client.get(stream_url(base, b)), 503, "gateway_full")
+            async with open_ws(stream_url(base, b, ws=True)) as third:
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(third.recv(), 10)
+                assert third.close_code == 4503, third.close_reason
