@@ -7,9 +7,10 @@ connection's sessions share one :class:`~gateway.hub.QueueBudget` (the size of o
 queue): when the sender falls behind, the outbox fills, the feeds wait, their live queues grow,
 and past the budget :attr:`Multiplex.overflowed` is set and the transport ends the connection.
 
-A subscription the client may not have (unknown session, forbidden, a limit reached, already
-followed) becomes an ``error`` frame for that session; the others go on. Redis failing sets
-:attr:`Multiplex.failed`: the transport ends the connection, and the client resumes by position.
+A subscription the client may not have (unknown session, forbidden, a token that is not valid, a
+limit reached, already followed) becomes an ``error`` frame for that session; the others go on.
+Redis failing sets :attr:`Multiplex.failed`: the transport ends the connection, and the client
+resumes by position.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from gateway.auth import StreamAccess
+from gateway.auth import StreamAccess, token_access
+from gateway.errors import ApiError
 from gateway.feed import ClientTooSlow, Frame, SessionFeed
 from gateway.hub import HubUnavailable
 from gateway.limits import Admission, ClientLimitReached
@@ -82,9 +84,10 @@ class Multiplex:
     def sids(self) -> list[str]:
         return list(self._following)
 
-    async def subscribe(self, sid: str, after: int) -> None:
-        """Follow ``sid`` from seq ``after`` (exclusive); a refusal is an ``error`` frame."""
-        refusal = self._refusal(sid)
+    async def subscribe(self, sid: str, after: int, token: str | None = None) -> None:
+        """Follow ``sid`` from seq ``after`` (exclusive), opened by the connection's
+        credentials or by ``token``; a refusal is an ``error`` frame."""
+        refusal = self._refusal(sid, token)
         if refusal is not None:
             await self.outbox.put(Control(error_frame(sid, *refusal)))
             return
@@ -115,10 +118,16 @@ class Multiplex:
         for following in followings:
             await self._stop(following)
 
-    def _refusal(self, sid: str) -> tuple[str, str] | None:
+    def _refusal(self, sid: str, token: str | None) -> tuple[str, str] | None:
         if sid in self._following:
             return "already_subscribed", f"session {sid!r} is already followed here"
-        if not self._access.allows(sid):
+        access = self._access
+        if token is not None:
+            try:
+                access = token_access(self._state.settings, token)
+            except ApiError as exc:
+                return exc.code, exc.message
+        if not access.allows(sid):
             return "forbidden", f"the subscribe token does not name session {sid!r}"
         if len(self._following) >= self.limit:
             return (

@@ -289,7 +289,7 @@ async def _ws_receive(
                 await mux.outbox.put(Control(error_frame(exc.sid, exc.code, exc.message)))
                 continue
             if isinstance(frame, Subscribe):
-                await mux.subscribe(frame.sid, frame.after)
+                await mux.subscribe(frame.sid, frame.after, frame.token)
             else:
                 await mux.unsubscribe(frame.sid)
     except WebSocketDisconnect:

@@ -19,6 +19,11 @@ class SubscribeFrame(BaseModel):
     op: Literal["subscribe"]
     sid: str = Sid
     after: int = Field(default=0, ge=0, description="The last seq already seen (0: all)")
+    token: str | None = Field(
+        default=None,
+        description="A subscribe token naming sid, for a session the connection's own "
+        "credentials do not open",
+    )
 
 
 class UnsubscribeFrame(BaseModel):
@@ -51,8 +56,9 @@ class StreamControlFrame(BaseModel):
     first_seq: int | None = None
     code: str | None = Field(
         default=None,
-        description="unknown_session, forbidden, too_many_sessions, too_many_clients, "
-        "already_subscribed, not_subscribed, invalid_session_id, invalid_after, bad_frame",
+        description="unknown_session, forbidden, invalid_token, token_expired, "
+        "too_many_sessions, too_many_clients, already_subscribed, not_subscribed, "
+        "invalid_session_id, invalid_after, bad_frame",
     )
     message: str | None = None
 

@@ -2,7 +2,9 @@
 
 Client to gateway (WebSocket text frames, JSON):
 
-- ``{"op": "subscribe", "sid": "a", "after": 12}`` (``after`` optional, default 0)
+- ``{"op": "subscribe", "sid": "a", "after": 12, "token": "..."}`` (``after`` optional, default
+  0; ``token`` optional: a subscribe token naming ``a``, for a session the connection's own
+  credentials do not open)
 - ``{"op": "unsubscribe", "sid": "a"}``
 
 Gateway to client (WebSocket text frames, or SSE ``data:``):
@@ -27,12 +29,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from listenerpool.auth import MAX_TOKEN_CHARS
 from listenerpool.keys import SESSION_ID_PATTERN
 
 MAX_SEQ = 10**18 - 1  # the most digits a seq may be given with (as after= on one session)
 _SEQ_CHARS = 12  # len(base36(MAX_SEQ))
 TAG_CHARS = 8
-MAX_FRAME_CHARS = 4096  # a client frame is a subscribe or unsubscribe: small
+MAX_FRAME_CHARS = MAX_TOKEN_CHARS + 4096  # a subscribe frame, its token included
+HEADERS_ROOM = 16 * 1024  # the request line's method and path, and ordinary headers
 
 
 class StreamError(Exception):
@@ -50,6 +54,7 @@ class StreamError(Exception):
 class Subscribe:
     sid: str
     after: int = 0
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +100,16 @@ def parse_client_frame(text: str | bytes | None) -> ClientFrame:
     if "sid" not in obj:
         raise StreamError("bad_frame", f"{op} needs a sid")
     sid = check_sid(raw_sid)
-    unknown = set(obj) - ({"op", "sid", "after"} if op == "subscribe" else {"op", "sid"})
+    fields = {"op", "sid", "after", "token"} if op == "subscribe" else {"op", "sid"}
+    unknown = set(obj) - fields
     if unknown:
         raise StreamError("bad_frame", f"unknown field(s) of {op}: {sorted(unknown)}", sid)
     if op == "unsubscribe":
         return Unsubscribe(sid)
-    return Subscribe(sid, check_after(obj.get("after", 0), sid))
+    token = obj.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise StreamError("bad_frame", "token is a subscribe token (a string)", sid)
+    return Subscribe(sid, check_after(obj.get("after", 0), sid), token)
 
 
 # -- gateway frames --------------------------------------------------------------------------
@@ -155,6 +164,15 @@ def parse_sessions(value: str | None, limit: int) -> list[tuple[str, int]]:
         seen.add(sid)
         result.append((sid, after))
     return result
+
+
+def max_request_head_bytes(sessions: int) -> int:
+    """The largest request head an SSE stream of ``sessions`` sessions may need: the session
+    list (the longest ids, each with a seq and percent-encoded separators), a subscribe token
+    naming them all (at most ``MAX_TOKEN_CHARS``), the longest ``Last-Event-ID``, and room
+    for everything else."""
+    per_session = 128 + 3 + 18 + 3  # an id, ":" as %3A, a seq, "," as %2C
+    return HEADERS_ROOM + sessions * per_session + MAX_TOKEN_CHARS + max_position_id_chars(sessions)
 
 
 def list_tag(sids: list[str]) -> str:

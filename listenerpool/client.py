@@ -61,6 +61,8 @@ _CLOSE_TIMEOUT: Final = 5.0
 _FRAME_REFUSALS: Final = {
     "unknown_session": 404,
     "forbidden": 403,
+    "invalid_token": 401,
+    "token_expired": 401,
     "invalid_session_id": 400,
     "invalid_after": 400,
     "too_many_sessions": 400,

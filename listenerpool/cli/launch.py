@@ -257,6 +257,7 @@ def gateway_server(
 
     from gateway.app import create_app
     from gateway.auth import listen_host
+    from gateway.streamproto import max_request_head_bytes
     from gateway.wsprotocol import GatewayWebSocketProtocol
     from listenerpool.logs import redact_server_logs
 
@@ -275,6 +276,9 @@ def gateway_server(
         host=listen_host(settings),
         port=settings.port,
         ws=GatewayWebSocketProtocol,
+        # /v1/stream?sessions=...&token=... with a Last-Event-ID naming hundreds of sessions is
+        # a long request head; h11's default limit (16 KiB) would refuse it before the route.
+        h11_max_incomplete_event_size=max_request_head_bytes(settings.max_sessions_per_stream),
         ws_ping_interval=settings.client_heartbeat,
         ws_ping_timeout=settings.client_heartbeat,
         log_level=settings.log_level.lower(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +16,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from gateway.streamproto import MAX_SEQ, encode_position_id, list_tag
+from listenerpool.auth import sign_subscribe_token
 from listenerpool.sse import SSEParser
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import GatewayProcesses, WorkerProcesses, eventually
@@ -428,6 +431,23 @@ async def test_a_subscribe_token_naming_several_sessions_opens_only_those(
     rec.assert_complete(until)
     assert rec.errors() == [(c, "forbidden")]
 
+    # A subscribe frame may bring its own token: connected with a's, b joins with b's; c with
+    # a's token, or with one that is not valid, is refused alone.
+    async with http_client() as client:
+        tokens = {}
+        for sid in (a, b):
+            resp = await client.post(issue, json={"sessions": [sid]}, headers=auth)
+            tokens[sid] = resp.json()["token"]
+    rec = Streams()
+    frames = [
+        json.dumps({"op": "subscribe", "sid": b, "token": tokens[b]}),
+        json.dumps({"op": "subscribe", "sid": c, "token": tokens[a]}),
+        json.dumps({"op": "subscribe", "sid": c, "token": "not.valid"}),
+    ]
+    await asyncio.wait_for(ws_follow(base, {a: 0}, until, rec, token=tokens[a], frames=frames), 60)
+    rec.assert_complete(until)
+    assert rec.errors() == [(c, "forbidden"), (c, "invalid_token")]
+
 
 @pytest.mark.timeout(90)
 async def test_a_stream_counts_once_towards_the_gateway_and_once_per_session(
@@ -458,3 +478,45 @@ async def test_a_stream_counts_once_towards_the_gateway_and_once_per_session(
                 with pytest.raises(ConnectionClosed):
                     await asyncio.wait_for(third.recv(), 10)
                 assert third.close_code == 4503, third.close_reason
+
+
+@pytest.mark.timeout(90)
+async def test_the_largest_sse_stream_request_fits(
+    redis_url: str, gateway_processes: GatewayProcesses
+) -> None:
+    """256 sessions (the default limit) of the longest ids, each with the largest seq, a
+    subscribe token naming them all and the longest Last-Event-ID: one request head the gateway
+    takes, even when it arrives in pieces (h11 alone refuses an unfinished head over 16 KiB)."""
+    [base] = await start_gateways(gateway_processes, redis_url, 1, signing_key=KEY)
+    sids = [f"{i:03d}-" + "x" * 124 for i in range(256)]
+    token = sign_subscribe_token([KEY], sids, int(time.time()) + 600)
+    last_id = encode_position_id(list_tag(sids), [MAX_SEQ] * len(sids))
+    target = stream_url("", ",".join(f"{sid}:{MAX_SEQ}" for sid in sids), token=token)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nLast-Event-ID: {last_id}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    assert len(head) > 5 * 16_384
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head[:-4])  # an unfinished head, then the rest
+        await writer.drain()
+        writer.write(head[-4:])
+        await writer.drain()
+        async with asyncio.timeout(30):
+            status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            body = b""
+            while body.count(b"unknown_session") < len(sids):
+                chunk = await reader.read(65536)
+                assert chunk, body[-300:]
+                body += chunk
+    finally:
+        writer.close()
+    frames = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert sorted(f["sid"] for f in frames) == sids
+    assert {f["code"] for f in frames} == {"unknown_session"}
+    async with http_client() as client:
+        one_more = stream_url(base, ",".join(f"s{i}" for i in range(257)), token=token)
+        assert_error(await client.get(one_more), 400, "too_many_sessions")

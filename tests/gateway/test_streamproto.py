@@ -137,6 +137,8 @@ def test_client_frames_parse() -> None:
     assert parse_client_frame('{"op": "subscribe", "sid": "a"}') == Subscribe("a", 0)
     assert parse_client_frame('{"op":"subscribe","sid":"a","after":12}') == Subscribe("a", 12)
     assert parse_client_frame('{"op": "unsubscribe", "sid": "a"}') == Unsubscribe("a")
+    with_token = '{"op": "subscribe", "sid": "a", "after": 3, "token": "t.k"}'
+    assert parse_client_frame(with_token) == Subscribe("a", 3, "t.k")
 
 
 @pytest.mark.parametrize(
@@ -157,7 +159,10 @@ def test_client_frames_parse() -> None:
         ('{"op": "subscribe", "sid": "a", "after": 1.5}', "invalid_after", "a"),
         ('{"op": "subscribe", "sid": "a", "from": 1}', "bad_frame", "a"),
         ('{"op": "unsubscribe", "sid": "a", "after": 1}', "bad_frame", "a"),
-        ('{"op": "subscribe", "sid": "' + "a" * 5000 + '"}', "bad_frame", None),
+        ('{"op": "subscribe", "sid": "a", "token": 5}', "bad_frame", "a"),
+        ('{"op": "subscribe", "sid": "a", "token": ""}', "bad_frame", "a"),
+        ('{"op": "unsubscribe", "sid": "a", "token": "t"}', "bad_frame", "a"),
+        ('{"op": "subscribe", "sid": "a", "token": "' + "t" * 70_000 + '"}', "bad_frame", None),
     ],
 )
 def test_bad_client_frames_name_their_fault_and_session(
