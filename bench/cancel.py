@@ -265,9 +265,8 @@ async def _drive(
         started = time.monotonic()
         result.claims = await sessions.claim(sids, upstream.url)
         await sessions.wait_for(
-            sids, timeout=opts.bringup_timeout, state=want, alive=lambda: proc.poll() is None,
-            since=started,
-        )  # fmt: skip
+            sids, timeout=opts.bringup_timeout, state=want, workers=[proc], since=started
+        )
         result.bringup_seconds = time.monotonic() - started
         await asyncio.sleep(opts.settle)  # let the bring-up's work (first events, logs) pass
         result.states_before = await sessions.states(sids)

@@ -52,7 +52,7 @@ class BenchError(Exception):
     """The run itself broke (as opposed to a target being missed)."""
 
 
-def child_setup() -> None:
+def _child_setup() -> None:
     """In a child between fork and exec: take the whole fd allowance and die with the bench."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -84,7 +84,7 @@ class Children:
             env=env,
             cwd=ROOT,
             bufsize=0,
-            preexec_fn=child_setup,
+            preexec_fn=_child_setup,
             start_new_session=True,
         )
         self._procs.append(proc)
@@ -291,7 +291,7 @@ def cpu_seconds(process: int | psutil.Process) -> float:
 # ============================================================================================
 # Workers and gateways
 # ============================================================================================
-def pool_env(redis_url: str, **lp: str) -> dict[str, str]:
+def _pool_env(redis_url: str, **lp: str) -> dict[str, str]:
     """This environment without any ``LP_`` setting of the caller's, plus ``LP_REDIS_URL`` and
     ``lp`` (``LP_`` names)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LP_")}
@@ -312,7 +312,7 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """``python -m workers``, returned once it registered in ``lp:workers``; at once with
     ``wait=False`` (then :func:`wait_worker`, e.g. after starting a gateway beside it)."""
-    env = pool_env(
+    env = _pool_env(
         redis_url,
         LP_WORKER_CAPACITY=str(capacity),
         LP_LEASE_TTL=str(lease_ttl),
@@ -361,7 +361,7 @@ def start_gateway(
     from listenerpool.testing.redis_server import free_port
 
     port = free_port()
-    env = pool_env(redis_url, LP_HOST="127.0.0.1", LP_PORT=str(port), LP_LOG_LEVEL="WARNING")
+    env = _pool_env(redis_url, LP_HOST="127.0.0.1", LP_PORT=str(port), LP_LOG_LEVEL="WARNING")
     env.update(extra_env or {})
     with open(log_path, "wb") as log:
         proc = children.spawn([sys.executable, "-m", "gateway"], env=env, log=log)
@@ -471,16 +471,15 @@ class Sessions:
         *,
         timeout: float,
         state: str = "listening",
-        alive: Callable[[], bool] = lambda: True,
+        workers: Sequence[subprocess.Popen[bytes]] = (),
         since: float | None = None,
     ) -> Counter[str]:
         """Until every session reads ``state``; the states then. BenchError ``timeout`` seconds
-        after ``since`` (``time.monotonic()``, default now) or when ``alive`` says a worker is
-        gone."""
+        after ``since`` (``time.monotonic()``, default now) or when one of ``workers`` exits."""
         state_keys = state_keys_of(sids)
         deadline = (time.monotonic() if since is None else since) + timeout
         while (states := await count_states(self.redis, state_keys))[state] < len(sids):
-            if not alive():
+            if any(w.poll() is not None for w in workers):
                 raise BenchError("a worker exited during bring-up")
             if time.monotonic() > deadline:
                 raise BenchError(
@@ -512,12 +511,7 @@ def claim_and_wait(
         try:
             started = time.monotonic()
             await sessions.claim(sids, url_of)
-            await sessions.wait_for(
-                sids,
-                timeout=timeout,
-                alive=lambda: all(w.poll() is None for w in workers),
-                since=started,
-            )
+            await sessions.wait_for(sids, timeout=timeout, workers=workers, since=started)
             return time.monotonic() - started
         finally:
             await sessions.aclose()
@@ -582,15 +576,11 @@ class WorkerEnd:
 # ============================================================================================
 # Figures
 # ============================================================================================
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def figure(name: str, value: str, note: str = "info", ok: bool | None = None) -> None:
     """One figure line: ``name: value (note)``, then PASS or FAIL when ``ok`` judges it
     against the target the note names."""
     line = f"{name}: {value} ({note})"
-    print(line if ok is None else f"{line} {verdict(ok)}")
+    print(line if ok is None else f"{line} {'PASS' if ok else 'FAIL'}")
 
 
 def percentile(values: Sequence[float], q: float, empty: float = math.inf) -> float:
