@@ -93,6 +93,17 @@ class Settings(BaseSettings):
     client_heartbeat: float = Field(
         default=15.0, gt=0, description="Heartbeat to idle clients (SSE comment, WS ping) (s)."
     )
+    keep_alive: float = Field(
+        default=75.0,
+        gt=0,
+        description="An idle HTTP/1.1 connection to the gateway is closed after this (s).",
+    )
+    ws_compression: bool = Field(
+        default=False,
+        description=(
+            "permessage-deflate on WebSocket connections whose client offers it (browsers do)."
+        ),
+    )
     stream_check_interval: float = Field(
         default=20.0,
         gt=0,

@@ -276,9 +276,16 @@ def gateway_server(
         host=listen_host(settings),
         port=settings.port,
         ws=GatewayWebSocketProtocol,
+        # Off by default: compressing every frame for every client was a third of the gateway's
+        # CPU at fan-out and doubled the memory of a connection (bench/README.md, fanout).
+        ws_per_message_deflate=settings.ws_compression,
         # /v1/stream?sessions=...&token=... with a Last-Event-ID naming hundreds of sessions is
         # a long request head; h11's default limit (16 KiB) would refuse it before the route.
         h11_max_incomplete_event_size=max_request_head_bytes(settings.max_sessions_per_stream),
+        # Longer than clients keep idle connections (httpx 5 s, nginx upstreams and cloud load
+        # balancers 60 s): a server that closes first races a request sent on the connection at
+        # that moment, which then fails with a connection reset instead of a response.
+        timeout_keep_alive=settings.keep_alive,
         ws_ping_interval=settings.client_heartbeat,
         ws_ping_timeout=settings.client_heartbeat,
         log_level=settings.log_level.lower(),

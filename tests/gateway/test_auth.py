@@ -15,34 +15,16 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway import create_app
 from gateway.auth import listen_host
 from listenerpool.auth import sign_subscribe_token
-from listenerpool.cli.launch import gateway_server
 from listenerpool.logs import AccessQueryFilter
-from listenerpool.settings import Settings
-from listenerpool.testing.loopthread import listen_socket
-from tests.conftest import eventually, fast_settings
+from tests.conftest import fast_settings
+from tests.gateway.served import gateway
 
 pytestmark = pytest.mark.timeout(30)
 TOKEN, ROTATED = "api-token-0123456789", "api-token-rotated-000"
 KEY = "k" * 32
 URL = "http://127.0.0.1:9/events/s1"
-
-
-@contextlib.asynccontextmanager
-async def gateway(settings: Settings, fake_redis: Any, fake_sync: Any) -> AsyncIterator[str]:
-    app = create_app(settings, redis=fake_redis, sync=fake_sync)
-    server = gateway_server(settings, app=app)
-    sock = listen_socket("127.0.0.1", 0)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started, 10, "gateway did not start")
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def auth(token: str) -> dict[str, str]:
