@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from gateway.auth import check_subscriber
 from gateway.errors import ApiError, error_response, error_responses
-from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
+from gateway.feed import ClientTooSlow, EventFrame, Frame, ResetFrame, SessionFeed
 from gateway.hub import HubUnavailable
 from gateway.limits import ClientLimitReached, ClientLimits
 from gateway.state import GatewayState
@@ -34,6 +34,7 @@ from gateway.transport import (
     with_heartbeats,
     ws_close,
 )
+from gateway.wsprotocol import SEND_NOW
 from listenerpool.envelope import Envelope
 from listenerpool.errors import InvalidInput
 from listenerpool.keys import SessionKeys
@@ -219,6 +220,17 @@ async def _ws_serve(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMet
 
 async def _ws_send(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMetrics) -> None:
     delivered = metrics.delivered[Transport.WS]
+    send_now = websocket.scope.get("extensions", {}).get(SEND_NOW)
+    if send_now is not None:
+        send_text_now = send_now["send_text"]
+
+        def deliver(frame: EventFrame) -> bool:
+            if not send_text_now(frame.raw):
+                return False
+            delivered.inc()
+            return True
+
+        feed.deliver_directly(deliver)
     with contextlib.suppress(ClientTooSlow):
         async for frame in feed.frames():
             await websocket.send_text(ws_text(frame))

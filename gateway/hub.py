@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -78,13 +79,19 @@ class Subscriber:
         self._budget = budget if budget is not None else QueueBudget(max_items, max_bytes)
         self._items: deque[Live | _CatchUp] = deque()
         self._ready = asyncio.Event()
+        self._waiting = False  # its reader is parked in get() with nothing queued
         self.overflowed = self._budget.overflowed
+        #: Set by the reader: takes a live item straight to its client while the reader waits
+        #: (True when it did), so that the common case skips the queue and the task switch.
+        self.direct: Callable[[Live], bool] | None = None
 
     def push(self, item: Live | _CatchUp) -> None:
         if self.overflowed.is_set():
             return
         budget = self._budget
         if isinstance(item, Live):
+            if self._waiting and self.direct is not None and self._deliver_now(item):
+                return
             if not budget.fits(len(item.raw)):
                 self.overflowed.set()
                 self.drop()
@@ -103,7 +110,11 @@ class Subscriber:
             if self.overflowed.is_set():
                 raise Overflowed
             self._ready.clear()
-            await self._ready.wait()
+            self._waiting = True
+            try:
+                await self._ready.wait()
+            finally:
+                self._waiting = False
         if self.overflowed.is_set():
             self.drop()
             raise Overflowed
@@ -112,6 +123,15 @@ class Subscriber:
             self._budget.items -= 1
             self._budget.bytes -= len(item.raw)
         return item
+
+    def _deliver_now(self, item: Live) -> bool:
+        assert self.direct is not None
+        try:
+            return self.direct(item)
+        except Exception:  # one client's failure must not stop the fan-out to the others
+            log.exception("direct delivery to a client of %s failed; queueing instead", self.sid)
+            self.direct = None
+            return False
 
     def drop(self) -> None:
         """Give back what the queue holds (it overflowed, or its client left)."""

@@ -9,8 +9,14 @@ the connection if the client has not taken it all within the grace period (the k
 timeout, or :data:`DEFAULT_GRACE`). A client that reads again in time sees the close frame; one
 that does not loses its connection. Keepalive timeouts end the same way.
 
-When the gateway is mounted in another server, the extension is absent and the routes fall
-back to a plain close with a timeout.
+A second extension, :data:`SEND_NOW`, frames and writes a text message at once, as
+``websockets``' own ``broadcast()`` does, when the connection is open and its transport has
+room: a live event then reaches the socket from the hub's callback, with no task switch and no
+trip through the ASGI send path. When it cannot (no room, closing), the route takes the ASGI
+path, which waits for room or ends with the connection.
+
+When the gateway is mounted in another server, the extensions are absent and the routes fall
+back to a plain close with a timeout and to the ASGI send.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 FORCE_CLOSE = "listenerpool.force_close"
+SEND_NOW = "listenerpool.send_now"
 DEFAULT_GRACE = 10.0
 
 
@@ -37,7 +45,26 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         scope: Any = getattr(self, "scope", None)
         if scope is not None:
             # The ASGI task is created but has not run yet, so it sees the extension.
-            scope.setdefault("extensions", {})[FORCE_CLOSE] = {"close": self.force_close}
+            extensions = scope.setdefault("extensions", {})
+            extensions[FORCE_CLOSE] = {"close": self.force_close}
+            extensions[SEND_NOW] = {"send_text": self.send_text_now}
+
+    def send_text_now(self, text: str) -> bool:
+        """Write ``text`` as one message now; False (nothing written) unless the handshake is
+        done, nothing closes the connection and the transport is writable."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.initial_response is not None
+            or not self.writable.is_set()
+            or self.transport.is_closing()
+            or self.conn.state is not State.OPEN
+        ):
+            return False
+        self.conn.send_text(text.encode())
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
 
     def force_close(self, code: int, reason: str) -> None:
         """Send a close frame without waiting for the client to make room, then close; reset

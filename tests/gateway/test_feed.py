@@ -133,3 +133,95 @@ async def test_one_subscription_per_session_while_it_has_clients(
         return await subscribers() == 0
 
     await eventually(none_left, 10, "still subscribed after the last client left")
+
+
+class Sink:
+    """A client connection's direct path: takes events while ``open``."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.seqs: list[int] = []
+
+    def __call__(self, frame: EventFrame) -> bool:
+        if self.open:
+            self.seqs.append(frame.seq)
+        return self.open
+
+
+async def test_live_events_in_order_go_straight_to_the_client_and_a_gap_takes_the_queue(
+    pool: Pool, hub: FanoutHub
+) -> None:
+    for seq in (1, 2):
+        await emit(pool.redis, "d", seq)
+    sink = Sink()
+    yielded: list[int] = []
+    async with SessionFeed(hub, pool.redis, "d", after=0) as feed:
+        feed.deliver_directly(sink)
+
+        async def consume() -> None:
+            async for frame in feed.frames():
+                assert isinstance(frame, EventFrame)
+                yielded.append(frame.seq)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await eventually(lambda: yielded == [1, 2], 10, "history not yielded")
+            for seq in (3, 4):
+                await emit(pool.redis, "d", seq)
+            await eventually(lambda: sink.seqs == [3, 4], 10, "live events not sent directly")
+            await emit(pool.redis, "d", 5, publish=False)  # lost on the live path
+            await emit(pool.redis, "d", 6)  # a gap: the feed reads 5 and 6 from the history
+            await eventually(lambda: yielded == [1, 2, 5, 6], 10, "gap not filled")
+            await emit(pool.redis, "d", 7)
+            await eventually(lambda: sink.seqs == [3, 4, 7], 10, "direct path not resumed")
+            sink.open = False  # the client has no room: events queue and are yielded
+            await emit(pool.redis, "d", 8)
+            await eventually(lambda: yielded == [1, 2, 5, 6, 8], 10, "refused event lost")
+            assert feed.last == 8
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+    assert sorted(sink.seqs + yielded) == list(range(1, 9))
+
+
+async def test_a_direct_path_that_fails_falls_back_to_the_queue_for_that_client_only(
+    pool: Pool, hub: FanoutHub
+) -> None:
+    calls: list[int] = []
+
+    def broken(frame: EventFrame) -> bool:
+        calls.append(frame.seq)
+        raise RuntimeError("transport gone")
+
+    healthy = Sink()
+    got: dict[str, list[int]] = {"broken": [], "healthy": []}
+    await emit(pool.redis, "f", 1, publish=False)
+    async with (
+        SessionFeed(hub, pool.redis, "f", after=0) as first,
+        SessionFeed(hub, pool.redis, "f", after=0) as second,
+    ):
+        first.deliver_directly(broken)
+        second.deliver_directly(healthy)
+
+        async def consume(name: str, feed: SessionFeed) -> None:
+            async for frame in feed.frames():
+                assert isinstance(frame, EventFrame)
+                got[name].append(frame.seq)
+
+        tasks = [
+            asyncio.create_task(consume("broken", first)),
+            asyncio.create_task(consume("healthy", second)),
+        ]
+        try:
+            # Each consumer takes seq 1 from the history and waits for live events in the same
+            # step, so both are waiting once both have it.
+            await eventually(lambda: got == {"broken": [1], "healthy": [1]}, 10, "no history")
+            for seq in (2, 3):
+                await emit(pool.redis, "f", seq)
+            await eventually(lambda: got["broken"] == [1, 2, 3], 10, "broken client lost events")
+            await eventually(lambda: healthy.seqs == [2, 3], 10, "healthy client lost events")
+            assert calls == [2]  # tried once, then that client's events take the queue
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.wsprotocol import FORCE_CLOSE, GatewayWebSocketProtocol
+from gateway.wsprotocol import FORCE_CLOSE, SEND_NOW, GatewayWebSocketProtocol
 from listenerpool.testing.loopthread import listen_socket
 from tests.conftest import eventually
 from tests.gateway.rawws import RawWebSocket
@@ -46,8 +46,34 @@ class FloodingApp:
         self.forced.set()
 
 
+@dataclass
+class SendNowApp:
+    """Writes numbered frames through :data:`SEND_NOW` until it refuses one (the client stopped
+    reading and the transport is full), then sends that frame through ASGI, which waits for
+    room, and closes."""
+
+    before_accept: bool | None = None
+    sent: int = 0
+    refused: asyncio.Event = field(default_factory=asyncio.Event)
+    after_close: bool | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        send_text_now = scope["extensions"][SEND_NOW]["send_text"]
+        await receive()
+        self.before_accept = send_text_now("too early")
+        await send({"type": "websocket.accept"})
+        while send_text_now(f"{self.sent:08d}".ljust(FRAME, "x")):
+            self.sent += 1
+        self.refused.set()
+        await send({"type": "websocket.send", "text": f"{self.sent:08d}".ljust(FRAME, "x")})
+        self.sent += 1
+        await send({"type": "websocket.close", "code": 1000})
+        self.after_close = send_text_now("too late")
+
+
 @contextlib.asynccontextmanager
-async def serving(app: FloodingApp, grace: float) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+async def serving(app: Any, grace: float) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     sock = listen_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app,
@@ -105,3 +131,17 @@ async def test_a_client_that_never_reads_again_is_reset_after_the_grace() -> Non
         ws.close()
     assert ws.eof == "reset"
     assert closes == []
+
+
+async def test_send_now_writes_until_the_transport_is_full_then_refuses_losing_nothing() -> None:
+    app = SendNowApp()
+    async with serving(app, grace=30) as (base, _):
+        ws = await RawWebSocket.connect(base, "/")
+        await asyncio.wait_for(app.refused.wait(), 20)  # the client has read nothing yet
+        seqs, closes = await read_all(ws)
+        ws.close()
+    assert app.before_accept is False
+    assert app.sent > 1
+    assert seqs == list(range(app.sent))
+    assert closes == [1000]
+    assert app.after_close is False
