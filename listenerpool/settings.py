@@ -93,9 +93,9 @@ class Settings(BaseSettings):
     client_heartbeat: float = Field(
         default=15.0, gt=0, description="Heartbeat to idle clients (SSE comment, WS ping) (s)."
     )
-    keep_alive: float = Field(
-        default=75.0,
-        gt=0,
+    keep_alive: int = Field(
+        default=75,
+        ge=1,
         description="An idle HTTP/1.1 connection to the gateway is closed after this (s).",
     )
     ws_compression: bool = Field(
