@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from gateway.auth import check_subscriber
 from gateway.errors import ApiError, error_response, error_responses
-from gateway.feed import ClientTooSlow, EventFrame, Frame, ResetFrame, SessionFeed
+from gateway.feed import ClientTooSlow, Frame, ResetFrame, SessionFeed
 from gateway.hub import HubUnavailable
 from gateway.limits import ClientLimitReached, ClientLimits
 from gateway.state import GatewayState
@@ -222,15 +222,7 @@ async def _ws_send(websocket: WebSocket, feed: SessionFeed, metrics: GatewayMetr
     delivered = metrics.delivered[Transport.WS]
     send_now = websocket.scope.get("extensions", {}).get(SEND_NOW)
     if send_now is not None:
-        send_text_now = send_now["send_text"]
-
-        def deliver(frame: EventFrame) -> bool:
-            if not send_text_now(frame.raw):
-                return False
-            delivered.inc()
-            return True
-
-        feed.deliver_directly(deliver)
+        feed.deliver_directly(send_now["send_text"])  # the hub counts those deliveries
     with contextlib.suppress(ClientTooSlow):
         async for frame in feed.frames():
             await websocket.send_text(ws_text(frame))

@@ -63,7 +63,7 @@ class SessionFeed:
         self._keys = SessionKeys(sid)
         self.last = max(0, after)
         self._sub: Subscriber | None = None
-        self._send_now: Callable[[EventFrame], bool] | None = None
+        self._send_now: Callable[[str], bool] | None = None
 
     async def __aenter__(self) -> SessionFeed:
         # Kept before the join's awaits, so an exit after a cancelled enter still leaves.
@@ -81,20 +81,19 @@ class SessionFeed:
             await self._hub.leave(self._sub)
             self._sub = None
 
-    def deliver_directly(self, send_now: Callable[[EventFrame], bool]) -> None:
-        """While :meth:`frames` waits for live events, hand the next one in order straight to
-        ``send_now`` (False: it could not take it now; the event is then queued and yielded as
-        usual). Call after entering the feed."""
+    def deliver_directly(self, send_text_now: Callable[[str], bool]) -> None:
+        """While :meth:`frames` waits for live events, write the next one in order straight to
+        the client with ``send_text_now`` (False: it could not take it now; the event is then
+        queued and yielded as usual). The hub counts what it writes. Call after entering."""
         assert self._sub is not None, "enter the feed first"
-        self._send_now = send_now
+        self._send_now = send_text_now
         self._sub.direct = self._deliver_now
 
     def _deliver_now(self, item: Live) -> bool:
-        if item.seq <= self.last:
-            return True  # already delivered: dropped, as frames() would
+        # Anything but the next seq (a gap to fill, a repeat to drop) is frames()' to handle.
         if item.seq != self.last + 1 or self._send_now is None:
-            return False  # a gap: frames() fills it from the history
-        if not self._send_now(EventFrame(item.seq, item.raw)):
+            return False
+        if not self._send_now(item.raw):
             return False
         self.last = item.seq
         return True

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from listenerpool import keys
 from listenerpool.envelope import seq_of
-from listenerpool.metrics import GatewayMetrics
+from listenerpool.metrics import GatewayMetrics, Transport
 from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
 from listenerpool.tasks import cancel_until_done
 
@@ -81,28 +81,36 @@ class Subscriber:
         self._ready = asyncio.Event()
         self._waiting = False  # its reader is parked in get() with nothing queued
         self.overflowed = self._budget.overflowed
-        #: Set by the reader: takes a live item straight to its client while the reader waits
-        #: (True when it did), so that the common case skips the queue and the task switch.
+        #: Set by a WebSocket client's reader: writes a live item straight to the client while
+        #: the reader waits (True when it did), so the common case skips the queue and the task
+        #: switch. The hub counts those deliveries (the reader never sees them).
         self.direct: Callable[[Live], bool] | None = None
 
-    def push(self, item: Live | _CatchUp) -> None:
+    def push(self, item: Live | _CatchUp) -> bool:
+        """Queue ``item``, or write it to the client at once (True)."""
         if self.overflowed.is_set():
-            return
+            return False
         budget = self._budget
         if isinstance(item, Live):
-            if self._waiting and self.direct is not None and self._deliver_now(item):
-                return
+            if self._waiting and self.direct is not None:
+                try:
+                    if self.direct(item):
+                        return True
+                except Exception:  # one client's failure must not stop the fan-out to others
+                    log.exception("direct write to a client of %s failed; queueing", self.sid)
+                    self.direct = None
             if not budget.fits(len(item.raw)):
                 self.overflowed.set()
                 self.drop()
                 self._ready.set()
-                return
+                return False
             budget.items += 1
             budget.bytes += len(item.raw)
         elif self._items and self._items[-1] is CATCH_UP:
-            return
+            return False
         self._items.append(item)
         self._ready.set()
+        return False
 
     async def get(self) -> Live | _CatchUp:
         """The next item; raises :class:`Overflowed` once the queue has overflowed."""
@@ -123,15 +131,6 @@ class Subscriber:
             self._budget.items -= 1
             self._budget.bytes -= len(item.raw)
         return item
-
-    def _deliver_now(self, item: Live) -> bool:
-        assert self.direct is not None
-        try:
-            return self.direct(item)
-        except Exception:  # one client's failure must not stop the fan-out to the others
-            log.exception("direct delivery to a client of %s failed; queueing instead", self.sid)
-            self.direct = None
-            return False
 
     def drop(self) -> None:
         """Give back what the queue holds (it overflowed, or its client left)."""
@@ -264,8 +263,11 @@ class FanoutHub:
             return
         channel.max_seq = max(channel.max_seq, seq)
         item = Live(seq, raw)
+        written = 0
         for sub in channel.subscribers:
-            sub.push(item)
+            written += sub.push(item)
+        if written:
+            self._metrics.delivered[Transport.WS].inc(written)  # once per event, not per client
 
     def _on_active(self, name: str, resumed: bool) -> None:
         channel = self._channels.get(name)

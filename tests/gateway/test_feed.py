@@ -13,6 +13,7 @@ from gateway.feed import ClientTooSlow, EventFrame, Frame, ResetFrame, SessionFe
 from gateway.hub import FanoutHub
 from listenerpool.envelope import Envelope
 from listenerpool.keys import SessionKeys
+from listenerpool.metrics import GatewayMetrics
 from tests.conftest import Pool, eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -142,15 +143,30 @@ class Sink:
         self.open = True
         self.seqs: list[int] = []
 
-    def __call__(self, frame: EventFrame) -> bool:
+    def __call__(self, text: str) -> bool:
         if self.open:
-            self.seqs.append(frame.seq)
+            self.seqs.append(Envelope.from_json(text).seq)
         return self.open
 
 
 async def test_live_events_in_order_go_straight_to_the_client_and_a_gap_takes_the_queue(
-    pool: Pool, hub: FanoutHub
+    pool: Pool,
 ) -> None:
+    metrics = GatewayMetrics()
+    hub = FanoutHub(pool.redis, max_items=16, check_interval=0.2, metrics=metrics)
+    await hub.start()
+    try:
+        await follow_directly(pool, hub)
+    finally:
+        await hub.aclose()
+    # The hub counts what it wrote (the feed yields the rest, which its route counts).
+    written = metrics.registry.get_sample_value(
+        "listenerpool_events_delivered_total", {"transport": "ws"}
+    )
+    assert written == 3
+
+
+async def follow_directly(pool: Pool, hub: FanoutHub) -> None:
     for seq in (1, 2):
         await emit(pool.redis, "d", seq)
     sink = Sink()
@@ -189,8 +205,8 @@ async def test_a_direct_path_that_fails_falls_back_to_the_queue_for_that_client_
 ) -> None:
     calls: list[int] = []
 
-    def broken(frame: EventFrame) -> bool:
-        calls.append(frame.seq)
+    def broken(text: str) -> bool:
+        calls.append(Envelope.from_json(text).seq)
         raise RuntimeError("transport gone")
 
     healthy = Sink()
