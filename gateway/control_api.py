@@ -15,7 +15,7 @@ from gateway.errors import ApiError, error_responses
 from gateway.state import GatewayState
 from listenerpool import keys
 from listenerpool.auth import sign_subscribe_token
-from listenerpool.control import ClaimOutcome
+from listenerpool.control import ClaimOutcome, ClaimRequest
 from listenerpool.index import list_recent
 from listenerpool.spec import MAX_HEADER_VALUE, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_URL_LENGTH
 
@@ -78,6 +78,52 @@ async def put_session(sid: SessionId, spec: SessionSpec, request: Request) -> JS
     status = 201 if result.outcome is ClaimOutcome.CREATED else 200
     body = {"sid": sid, "outcome": result.outcome.value, "epoch": result.epoch}
     return JSONResponse(body, status_code=status)
+
+
+class BatchItem(SessionSpec):
+    sid: str = Field(
+        description="Session id", json_schema_extra={"pattern": keys.SESSION_ID_PATTERN.pattern}
+    )
+
+
+class BatchRequest(BaseModel):
+    sessions: list[BatchItem] = Field(
+        min_length=1,
+        description="The sessions to listen to, each at most once; at most LP_MAX_BATCH, and "
+        "the body within LP_MAX_BODY_BYTES.",
+    )
+
+
+class BatchResult(BaseModel):
+    results: list[PutResult] = Field(description="One per session, in the request's order.")
+
+
+@router.put(
+    "/sessions",
+    response_model=BatchResult,
+    responses=error_responses(400, 401, 403, 413, 429, 503),
+)
+async def put_sessions(batch: BatchRequest, request: Request) -> dict[str, Any]:
+    """Listen to many sessions in one request, as ``PUT /v1/sessions/{sid}`` does for one
+    (idempotent; the outcomes tell what changed). Every session is checked first: one bad
+    entry, or a session named twice, is a 4xx naming its position, and nothing is claimed."""
+    state = state_of(request)
+    limit = state.settings.max_batch
+    if len(batch.sessions) > limit:
+        raise ApiError(
+            400,
+            "too_many_sessions",
+            f"at most {limit} sessions per request (LP_MAX_BATCH), not {len(batch.sessions)}",
+        )
+    results = await state.control.claim_many(
+        [ClaimRequest(item.sid, item.url, item.headers) for item in batch.sessions]
+    )
+    return {
+        "results": [
+            {"sid": item.sid, "outcome": result.outcome.value, "epoch": result.epoch}
+            for item, result in zip(batch.sessions, results, strict=True)
+        ]
+    }
 
 
 @router.delete(

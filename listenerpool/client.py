@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -56,6 +56,10 @@ _CLOSE_NAMES: Final = {
     404: "unknown_session",
 }
 _CLOSE_TIMEOUT: Final = 5.0
+#: start_many's requests: sessions per request (the gateway's default LP_MAX_BATCH) and JSON
+#: bytes per body (under the gateway's default LP_MAX_BODY_BYTES, 64 KiB).
+BATCH_SESSIONS: Final = 1000
+BATCH_BYTES: Final = 60_000
 #: A session refused in a /v1/stream ``error`` frame: the HTTP status the refusal stands for.
 #: Codes not listed (too_many_clients: this gateway is full for now) are retried.
 _FRAME_REFUSALS: Final = {
@@ -184,6 +188,21 @@ class PoolClient:
         response = await self._call("PUT", _session_path(sid), json=body)
         result: dict[str, Any] = response.json()
         return result
+
+    async def start_many(
+        self, sessions: Sequence[Mapping[str, Any]], *, per_request: int = BATCH_SESSIONS
+    ) -> list[dict[str, Any]]:
+        """:meth:`start` for many sessions, ``{"sid", "url", "headers"?}`` each, in requests of
+        ``per_request`` sessions (at most the gateway's ``LP_MAX_BATCH``) and at most
+        ``BATCH_BYTES`` of JSON (the gateway's default ``LP_MAX_BODY_BYTES`` is 64 KiB): the
+        results in order. A request the gateway refuses raises; those before it stand."""
+        if per_request < 1:
+            raise ValueError("per_request must be at least 1")
+        results: list[dict[str, Any]] = []
+        for batch in _batches(sessions, per_request, BATCH_BYTES):
+            response = await self._call("PUT", "/v1/sessions", json={"sessions": batch})
+            results += response.json()["results"]
+        return results
 
     async def cancel(self, sid: str) -> None:
         """Stop listening to ``sid`` fleet-wide; an unknown session raises (404)."""
@@ -389,6 +408,27 @@ class PoolClient:
         except httpx.HTTPError:
             return None
         return None
+
+
+def _batches(
+    sessions: Sequence[Mapping[str, Any]], count: int, size: int
+) -> Iterator[list[dict[str, Any]]]:
+    """``sessions`` in runs of at most ``count`` whose JSON stays within ``size`` bytes (a
+    session larger than that goes alone: the gateway says what it makes of it)."""
+    batch: list[dict[str, Any]] = []
+    used = 0
+    for session in sessions:
+        item = {"sid": session["sid"], "url": session["url"]}
+        if session.get("headers"):
+            item["headers"] = dict(session["headers"])
+        cost = len(json.dumps(item)) + 2
+        if batch and (len(batch) == count or used + cost > size):
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += cost
+    if batch:
+        yield batch
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -19,6 +19,7 @@ from rq import Queue
 
 from listenerpool import index, keys
 from listenerpool.allowlist import check_host
+from listenerpool.errors import InvalidInput, InvalidSessionId
 from listenerpool.scripts import Scripts, call_many
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
@@ -26,6 +27,7 @@ from listenerpool.spec import UpstreamSpec
 LISTEN_JOB = "workers.dispatch.listen"
 PENDING_TTL_FACTOR = 3
 RECLAIM_BATCH = 500
+CLAIM_BATCH = 500  # claims per pipeline (and per rq enqueue_many) of one claim_many call
 UNASSIGNED = "-"  # owner part of a lease claimed but not yet adopted by a worker
 
 
@@ -35,6 +37,15 @@ class ClaimOutcome(StrEnum):
     UNCHANGED = "unchanged"  # already running with this spec
     UPDATED = "updated"  # running; the reader reconnects with the new spec
     PENDING = "pending"  # a previous reader still holds the lease; the reconciler takes over
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One session to claim: listen to ``sid`` at ``url`` with these request headers."""
+
+    sid: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,32 +110,80 @@ class SessionControl:
         refuses, :class:`~listenerpool.errors.HeadersTooLarge` over the header limits), before
         touching Redis.
         """
-        k = keys.SessionKeys(sid)
-        spec = UpstreamSpec(url=url, headers=dict(headers or {}))
-        check_host(self._allow, spec.host)
-        token = secrets.token_hex(8)
-        # The lease index entry first: if the claim then takes a lease and this process dies
-        # before the job is enqueued, the reconciler still finds the lease when it lapses.
+        [result] = await self.claim_many([ClaimRequest(sid, url, dict(headers or {}))])
+        return result
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        """:meth:`claim` for many sessions, in a few round trips whatever their number (one
+        pipeline of claims per Redis node, one batch of jobs). Every request is checked before
+        Redis is touched: one bad request (or a session named twice) raises its error, with its
+        position, and nothing is claimed. The results come in the requests' order."""
+        specs: list[tuple[keys.SessionKeys, UpstreamSpec]] = []
+        seen: set[str] = set()
+        for position, request in enumerate(requests):
+            try:
+                k = keys.SessionKeys(request.sid)
+                spec = UpstreamSpec(url=request.url, headers=dict(request.headers))
+                check_host(self._allow, spec.host)
+            except InvalidInput as exc:
+                if len(requests) == 1:
+                    raise
+                raise type(exc)(f"sessions[{position}] ({request.sid!r}): {exc}") from None
+            if request.sid in seen:
+                raise InvalidSessionId(
+                    f"sessions[{position}]: session {request.sid!r} is named twice"
+                )
+            seen.add(request.sid)
+            specs.append((k, spec))
+        results: list[ClaimResult] = []
+        for start in range(0, len(specs), CLAIM_BATCH):
+            results += await self._claim_batch(specs[start : start + CLAIM_BATCH])
+        return results
+
+    async def _claim_batch(
+        self, specs: Sequence[tuple[keys.SessionKeys, UpstreamSpec]]
+    ) -> list[ClaimResult]:
+        tokens = [secrets.token_hex(8) for _ in specs]
+        # The lease index entries first: if a claim then takes a lease and this process dies
+        # before its job is enqueued, the reconciler still finds the lease when it lapses.
         await index.track(
             self._redis,
             self._scripts,
-            {sid: self._pending_ttl_ms},
+            {k.sid: self._pending_ttl_ms for k, _ in specs},
             listing=index.Listing.TOUCH,
         )
-        outcome, epoch, due_ms = await self._scripts.claim(
-            keys=[k.spec, k.lease, k.cancel, k.state],
-            args=["put", token, self._pending_ttl_ms, spec.url, spec.headers_json()],
+        replies = await call_many(
+            self._redis,
+            self._scripts.claim,
+            [
+                (
+                    [k.spec, k.lease, k.cancel, k.state],
+                    ["put", token, self._pending_ttl_ms, spec.url, spec.headers_json()],
+                )
+                for (k, spec), token in zip(specs, tokens, strict=True)
+            ],
         )
-        result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
-        if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
-            await self.enqueue(sid, token, result.epoch)
-        else:
+        results: list[ClaimResult] = []
+        jobs: list[tuple[str, str, int]] = []
+        held: dict[str, int | None] = {}
+        updated: list[str] = []
+        for (k, _), token, (outcome, epoch, due_ms) in zip(specs, tokens, replies, strict=True):
+            result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
+            results.append(result)
+            if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
+                jobs.append((k.sid, token, result.epoch))
+                continue
             # A lease held by a reader: its deadline, not the pending claim's, is when the
             # reconciler must look (the reader's renewals keep moving it).
-            await index.track(self._redis, self._scripts, {sid: int(due_ms)})
+            held[k.sid] = int(due_ms)
             if result.outcome is ClaimOutcome.UPDATED:
-                await self._redis.spublish(keys.CONTROL_CHANNEL, control_message("reconnect", sid))
-        return result
+                updated.append(k.sid)
+        await self.enqueue_many(jobs)
+        if held:
+            await index.track(self._redis, self._scripts, held)
+        for sid in updated:
+            await self._redis.spublish(keys.CONTROL_CHANNEL, control_message("reconnect", sid))
+        return results
 
     async def reclaim(self, sid: str) -> int | None:
         """Claim a desired session whose lease lapsed (the reconciler's path).

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest control request body."
     )
+    max_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="Sessions one PUT /v1/sessions may claim."
+    )
     max_clients: int = Field(
         default=10_000, ge=1, description="Event clients (SSE and WebSocket) per gateway process."
     )

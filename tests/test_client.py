@@ -92,6 +92,24 @@ async def test_start_status_events_and_resume(client: PoolClient, upstream: SSEU
     assert (await client.status("s1"))["desired"] is False
 
 
+@pytest.mark.timeout(90)
+async def test_start_many_brings_120_sessions_up_and_their_events_flow(
+    client: PoolClient, upstream: SSEUpstream, pool: Pool
+) -> None:
+    sids = [f"many{i}" for i in range(120)]
+    results = await client.start_many(
+        [{"sid": sid, "url": upstream.url(sid)} for sid in sids], per_request=50
+    )
+    assert [(r["sid"], r["outcome"]) for r in results] == [(sid, "created") for sid in sids]
+
+    async def all_listening() -> bool:
+        states = await pool.states(sids)
+        return all(s.get("state") == "listening" for s in states.values())
+
+    await eventually(all_listening, 60, "the batch's sessions are not all listening")
+    assert_numbered(await take(client, "many119", 3), first=1)
+
+
 @pytest.mark.timeout(60)
 async def test_stopping_iteration_closes_the_websocket(
     client: PoolClient, upstream: SSEUpstream, pool: Pool
