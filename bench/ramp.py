@@ -1,15 +1,17 @@
-"""Ramp: from the first ``PUT /v1/sessions/{sid}`` of N sessions to all N listening.
+"""Ramp: from the first ``PUT`` of N sessions to all N listening.
 
 A private ``redis-server``, the idle test upstream (``rig_upstreams.py _upstream``: heartbeats
 only), one ``python -m gateway`` and ``--workers`` ``python -m workers`` processes (2: one per core
 of the reference machine). The bench sends N PUTs to the gateway (``--concurrency`` in flight, over
-keep-alive connections) and polls every ``lp:{sid}:state`` until all read ``listening``. No
+keep-alive connections; with ``--batch K``, ``PUT /v1/sessions`` requests of K sessions each)
+and polls every ``lp:{sid}:state`` until all read ``listening``. No
 baseline: the target is absolute (<= 10 s for 10,000). Figures last::
 
     ramp_seconds_10000: 8.1 s (target <= 10 s) PASS
 
     .venv/bin/python bench/ramp.py                    # 10,000 sessions, 2 workers
     .venv/bin/python bench/ramp.py --sessions 2000 --workers 1
+    .venv/bin/python bench/ramp.py --batch 500 --concurrency 4
 """
 
 from __future__ import annotations
@@ -36,16 +38,26 @@ LEASE_TTL = 10.0
 GATEWAY_ENV = {"LP_LEASE_TTL": str(LEASE_TTL), "LP_API_RATE": "0"}
 
 
-async def put_lane(port: int, work: list[tuple[str, str]], statuses: Counter[int]) -> None:
-    """PUT sessions over one keep-alive connection until ``work`` is empty. A plain HTTP/1.1
-    client: httpx's per-request overhead would make the bench itself the bottleneck."""
+async def put_lane(
+    port: int, work: list[tuple[str, str]], statuses: Counter[int], batch: int
+) -> None:
+    """PUT sessions over one keep-alive connection until ``work`` is empty: one
+    ``PUT /v1/sessions/{sid}`` each, or ``PUT /v1/sessions`` with ``batch`` at a time (each
+    session of a 200 answer counts as a 200). A plain HTTP/1.1 client: httpx's per-request
+    overhead would make the bench itself the bottleneck."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while work:
-            sid, url = work.pop()
-            body = json.dumps({"url": url}).encode()
+            if batch:
+                items = [work.pop() for _ in range(min(batch, len(work)))]
+                path = "/v1/sessions"
+                payload: object = {"sessions": [{"sid": sid, "url": url} for sid, url in items]}
+            else:
+                sid, url = work.pop()
+                path, payload = f"/v1/sessions/{sid}", {"url": url}
+            body = json.dumps(payload).encode()
             writer.write(
-                f"PUT /v1/sessions/{sid} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -55,8 +67,12 @@ async def put_lane(port: int, work: list[tuple[str, str]], statuses: Counter[int
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
-            await reader.readexactly(length)
-            statuses[int(head.split(b" ", 2)[1])] += 1
+            answer = await reader.readexactly(length)
+            status = int(head.split(b" ", 2)[1])
+            if batch and status == 200:
+                statuses[200] += len(json.loads(answer)["results"])
+            else:
+                statuses[status] += 1
     finally:
         writer.close()
 
@@ -73,7 +89,9 @@ async def ramp(
     work = [(sid, upstream.url(sid)) for sid in reversed(sids)]
     try:
         started = time.monotonic()
-        lanes = asyncio.gather(*(put_lane(port, work, statuses) for _ in range(opts.concurrency)))
+        lanes = asyncio.gather(
+            *(put_lane(port, work, statuses, opts.batch) for _ in range(opts.concurrency))
+        )
         puts_done = None
         deadline = started + opts.timeout
         last_print = started
@@ -146,8 +164,11 @@ def run(opts: argparse.Namespace) -> int:
         result = asyncio.run(ramp(port, upstream, server.url, opts))
         cpu = {n: 100 * (rig.cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
         print()
-        print(f"ramp: {opts.sessions:,} PUTs -> all listening -- {machine}")
-        print(f"  PUTs answered 200/201: {result['ok']:,.0f}, all sent in {result['puts']:.1f}s")
+        how = f"PUT /v1/sessions x {opts.batch}" if opts.batch else "PUT /v1/sessions/{sid}"
+        print(f"ramp: {opts.sessions:,} sessions ({how}) -> all listening -- {machine}")
+        print(
+            f"  sessions answered 200/201: {result['ok']:,.0f}, all sent in {result['puts']:.1f}s"
+        )
         print(
             "  CPU % of a core over the ramp: " + ", ".join(f"{n} {v:.0f}" for n, v in cpu.items())
         )
@@ -178,10 +199,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=SESSIONS, help="(10000)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (2)")
     parser.add_argument("--concurrency", type=int, default=64, help="PUTs in flight (64)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="sessions per PUT /v1/sessions (0: one PUT /v1/sessions/{sid} each; at most the "
+        "gateway's LP_MAX_BATCH, 1000, and a body within LP_MAX_BODY_BYTES, 64 KiB: ~500)",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="give up after (180 s)")
     parser.add_argument("--target", type=float, default=TARGET_S, help="(10 s)")
     parser.add_argument("--log-dir", default="", help="keep gateway/worker logs here")
-    return parser.parse_args(argv)
+    opts = parser.parse_args(argv)
+    if opts.batch < 0 or opts.concurrency < 1 or opts.sessions < 1:
+        parser.error("--batch must be >= 0, --concurrency and --sessions >= 1")
+    return opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
