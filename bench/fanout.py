@@ -1,45 +1,60 @@
-"""Fan-out: events/s delivered end to end to WebSocket clients, and their latency.
+"""Fan-out: events/s delivered end to end to WebSocket clients, their latency, and what the
+gateway can deliver at most.
 
-The path measured is upstream -> worker -> Redis -> gateway -> WebSocket client, in two shapes:
+The path measured is upstream -> worker -> Redis -> gateway -> WebSocket client, in shapes:
 
-- **a** -- 1 session followed by ``--clients`` WebSocket clients (default 1,000) at ``--rate``
-  events/s: the gateway's fan-out of one live channel.
+- **a** -- 1 session followed by ``--clients`` WebSocket clients (default 1,000): the gateway's
+  fan-out of one live channel, **at capacity**: the offered rate starts at ``--rate`` events/s
+  and grows by ``--ramp-factor`` per window until a window falls behind (deliveries under
+  ``--keep-up`` of those offered, a p99 over ``--ramp-p99-ms``, or a client closed), for the
+  gateway and for the baseline alike. The report gives each one's maximum deliveries/s and the
+  CPU per delivery of what serves the clients (``--no-ramp``: one window at ``--rate``).
 - **b** -- ``--sessions`` sessions (default 1,000) with one WebSocket client each, ``--rate-b``
-  events/s per session (default 1: 1,000 events/s in all): many channels.
+  events/s per session (default 1: 1,000 events/s in all): many channels, for latency.
+- **m** -- ``--mux-sessions`` sessions (default 10,000) with one client each, over one WebSocket
+  per session and then over ``--mux-connections`` (100) multiplexed ``/v1/stream``
+  connections: the gateway's CPU per delivery and its memory (RSS before the clients and after
+  the window) both ways. Events are published straight to Redis (XADD + SPUBLISH, as
+  publish.lua does) at ``--mux-rate`` per session: only the gateway is measured. Not run by
+  default (``--shapes m``).
 
 Everything runs on loopback, each part in its own process: a private ``redis-server`` (never the
 Redis on 6379); the bench's own upstream (:class:`Upstream`: a minimal asyncio SSE server that
 spaces every session's events evenly, ``id: n`` / ``data: {"t": <time.time_ns()>, "n": n, ...}``,
 stamped when written); one ``python -m workers``; one ``python -m gateway``; one client process
-holding every WebSocket (asyncio + websockets, permessage-deflate offered as browsers do); and a
-*tap*, one redis-py pattern subscriber to the sessions' live channels in a process of its own,
-which times the worker hop (upstream -> PUBLISH) so that latency can be split between the worker
-and the gateway. After ``--warmup`` seconds, over ``--seconds``, the clients count the events
-they receive (deliveries/s summed over clients) and the latency from the upstream's stamp to
-receipt (``time.time_ns()`` on both sides: CLOCK_REALTIME is one clock on one machine). Every
-client checks that its seqs are consecutive from 1 (gaps and duplicates must be 0).
+holding every WebSocket (asyncio + websockets); and a *tap*, one redis-py subscriber to the
+sessions' live channels in a process of its own, which times the worker hop (upstream ->
+PUBLISH) so that latency can be split between the worker and the gateway. After ``--warmup``
+seconds, over ``--seconds``, the clients count the events they receive (deliveries/s summed
+over clients) and the latency from the upstream's stamp to receipt (``time.time_ns()`` on both
+sides: CLOCK_REALTIME is one clock on one machine). Every client checks that its seqs are
+consecutive from 1 (gaps and duplicates must be 0). WebSocket compression follows the gateway's
+default (off); ``--compression`` turns permessage-deflate on everywhere: offered by the clients
+(as browsers do), accepted by the gateway (``LP_WS_COMPRESSION=true``) and by the baseline.
 
 **Baseline**, in the same run, per shape, with the same client harness in its own process:
 
 - shape a: a bare ``websockets`` server (``fanout.py _broadcast``: no Redis, no gateway, same
-  permessage-deflate setting) that sends the same envelopes to every client of the session with
-  one ``broadcast()`` per event, at the same rate: what the gateway's fan-out costs over the
+  compression) that sends the same envelopes to every client of the session with one
+  ``broadcast()`` per event, at the same rates: what the gateway's fan-out costs over the
   WebSocket library alone.
 - shape b: the "no gateway" path of the latency target -- a publisher child doing ``XADD`` +
   ``PUBLISH`` of the same envelopes (same payload size, channels, rate and spacing) with
   redis-py pipelines, and one plain redis-py asyncio subscriber per client on a connection of
   its own. Its latency runs from the publisher's stamp to the subscriber.
+- shape m: the two ways of connecting are compared with each other.
 
 Ratios are ours / baseline. Figures come last, one per line::
 
-    fanout_ratio_a: 0.99 (target >= 0.70 of baseline deliveries/s) PASS
+    capacity_ratio_a: 0.81 (target >= 0.70 of the baseline's maximum deliveries/s) PASS
 
 Exit status 0 even when a target is missed (this is a measurement); non-zero when the run itself
 breaks. Every child is stopped on exit, Ctrl-C included, and dies with the bench even if the
 bench is killed (``PR_SET_PDEATHSIG``).
 
     .venv/bin/python bench/fanout.py                            # shapes a,b; 1,000 clients
-    .venv/bin/python bench/fanout.py --shapes a --clients 200 --rate 50
+    .venv/bin/python bench/fanout.py --shapes a --clients 200 --rate 50 --no-ramp
+    .venv/bin/python bench/fanout.py --shapes m --seconds 5
     .venv/bin/python bench/fanout.py --shapes b --profile /tmp/lp-prof --dump /tmp/lp-dump
 """
 
@@ -60,7 +75,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,9 +96,16 @@ SECONDS = 10.0
 WARMUP = 3.0
 CONNECT_BATCH = 100  # WebSocket handshakes / subscriptions in flight while connecting
 TARGET_RATIO = 0.70
+MUX_SESSIONS = 10_000
+MUX_CONNECTIONS = 100  # 100 sessions per /v1/stream connection (LP_MAX_SESSIONS_PER_STREAM 256)
+MUX_RATE = 0.1  # events/s per session: 1,000 events/s over 10,000 sessions
+RAMP_FACTOR = 1.5  # shape a's offered rate grows by this much per window
+RAMP_MAX_RATE = 500.0  # events/s: 500,000 deliveries/s to 1,000 clients
+KEEP_UP = 0.95  # a window with fewer deliveries than this share of those offered fell behind
+RAMP_P99_MS = 100.0  # ... or with a p99 latency above this
 TARGET_P99_MS = 5.0
 PROFILED = ("gateway", "worker")  # what --profile samples with py-spy
-SHAPES = ("a", "b")
+SHAPES = ("a", "b", "m")
 HISTORY_MAXLEN = 10_000  # the pool's default LP_HISTORY_MAXLEN, for the baseline's XADD
 SEQ_PREFIX = '{"seq":'
 T_MARK = '\\"t\\": '  # `"t": ` inside the envelope's JSON-escaped data string
@@ -119,29 +141,53 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str]:
     return lines
 
 
-async def pace(per_second: float, emit: Callable[[range], Awaitable[None] | None]) -> None:
-    """Event ``k`` (0, 1, ...) is due at ``k / per_second`` s from now: call ``emit`` with the
-    range of events due whenever the loop gets there (one at a time when it keeps up)."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    done = 0
-    while True:
-        due = int((loop.time() - started) * per_second) + 1
-        if due > done:
-            pending = emit(range(done, due))
-            if pending is not None:
-                await pending
-            done = due
-        await asyncio.sleep(max(0.0, started + done / per_second - loop.time()))
+class Pacer:
+    """Calls ``emit`` with the range of events due: event ``k`` (counted from the last change of
+    rate) is due ``k / per_second`` s after that change, one at a time when the loop keeps up.
+    ``per_second`` may change while it runs (``rate`` on the child's stdin)."""
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.done = 0  # events handed to emit so far: the next one is event ``done``
+        self._changed = True
+
+    def set_rate(self, per_second: float) -> None:
+        self.per_second = per_second
+        self._changed = True
+
+    async def run(self, emit: Callable[[range], Awaitable[None] | None]) -> None:
+        loop = asyncio.get_running_loop()
+        started = base = 0.0
+        while True:
+            if self._changed:
+                self._changed, started, base = False, loop.time(), self.done
+            due = int(base + (loop.time() - started) * self.per_second) + 1
+            if due > self.done:
+                pending = emit(range(self.done, due))
+                if pending is not None:
+                    await pending
+                self.done = due
+            await asyncio.sleep(
+                max(0.0, started + (self.done - base) / self.per_second - loop.time())
+            )
 
 
-async def answer_counts(lines: asyncio.Queue[str], task: asyncio.Task[None], count: Any) -> None:
-    """Answer ``count`` lines with ``count()`` until stdin says anything else or closes."""
+async def answer_commands(
+    lines: asyncio.Queue[str], pacer: Pacer, emit: Callable[[range], Awaitable[None] | None],
+    count: Callable[[], int], sessions: int,
+) -> None:  # fmt: skip
+    """Run ``pacer`` and answer stdin: ``count`` prints ``count()``; ``rate R`` sets R events/s
+    per session (of ``sessions``) and prints ``ok``; anything else, or EOF, stops."""
+    task = asyncio.create_task(pacer.run(emit))
     try:
-        while await lines.get() == "count":
+        while (line := await lines.get()) == "count" or line.startswith("rate "):
             if task.done():
                 task.result()  # raise what stopped it
-            print(count(), flush=True)
+            if line == "count":
+                print(count(), flush=True)
+            else:
+                pacer.set_rate(float(line.split()[1]) * sessions)
+                print("ok", flush=True)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -244,8 +290,9 @@ async def _serve_upstream(prefix: str, sessions: int, rate: float, payload_bytes
     upstream = Upstream(prefix, sessions, rate, payload_bytes)
     server = await loop.create_server(lambda: _UpstreamConn(upstream), "127.0.0.1", 0, backlog=4096)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
-    pacer = asyncio.create_task(pace(rate * sessions, upstream.emit))
-    await answer_counts(lines, pacer, lambda: upstream.emitted)
+    await answer_commands(
+        lines, Pacer(rate * sessions), upstream.emit, lambda: upstream.emitted, sessions
+    )
     server.close()
     return 0
 
@@ -292,9 +339,8 @@ async def _publish(redis_url: str, sids: Sequence[str], rate: float, payload_byt
             await pipe.execute()
         published += len(due)
 
-    pacer = asyncio.create_task(pace(rate * len(sids), emit))
     try:
-        await answer_counts(lines, pacer, lambda: published)
+        await answer_commands(lines, Pacer(rate * len(sids)), emit, lambda: published, len(sids))
     finally:
         await client.aclose()
     return 0
@@ -348,8 +394,7 @@ async def _broadcast(sessions: int, rate: float, payload_bytes: int, compression
             broadcast(followers.get(sids[i], ()), f"{head}{seq}{tail}")
             emitted += 1
 
-    pacer = asyncio.create_task(pace(rate * sessions, emit))
-    await answer_counts(lines, pacer, lambda: emitted)
+    await answer_commands(lines, Pacer(rate * sessions), emit, lambda: emitted, sessions)
     server.close()
     return 0
 
@@ -370,6 +415,13 @@ class Tally:
         self.tap_latencies = array("q")  # upstream stamp -> PUBLISH seen by the tap
         self.stamps = array("q")  # the source's stamps of ``latencies`` (for --dump)
         self.tap_stamps = array("q")
+
+    def start_window(self) -> None:
+        """Count from now (a ramp measures one window per offered rate)."""
+        self.in_window = [0] * len(self.in_window)
+        for name in ("latencies", "tap_latencies", "stamps", "tap_stamps"):
+            setattr(self, name, array("q"))
+        self.measuring = True
 
     def on_message(self, i: int, raw: str, now_ns: int) -> None:
         if not raw.startswith(SEQ_PREFIX):
@@ -406,18 +458,25 @@ async def _clients(opts: argparse.Namespace) -> int:
     tally = Tally(len(targets))
     readers: list[asyncio.Task[None]] = []
     failures: Counter[str] = Counter()
-    opener = _open_ws if opts.mode == "ws" else _open_redis
     state: dict[str, Any] = {}
-    for start in range(0, len(targets), opts.batch):
-        chunk = range(start, min(start + opts.batch, len(targets)))
+    if opts.mode == "stream":
+        # Connection j follows sessions j, j + connections, ...: every session once.
+        groups: list[Any] = [targets[j :: opts.connections] for j in range(opts.connections)]
+        opener: Any = _open_stream
+        reader: Any = _read_stream
+    else:
+        groups = targets
+        opener = _open_ws if opts.mode == "ws" else _open_redis
+        reader = _read_ws if opts.mode == "ws" else _read_redis
+    for start in range(0, len(groups), opts.batch):
+        chunk = range(start, min(start + opts.batch, len(groups)))
         opened = await asyncio.gather(
-            *(opener(opts, targets[i], state) for i in chunk), return_exceptions=True
+            *(opener(opts, groups[i], state) for i in chunk), return_exceptions=True
         )
         for i, conn in zip(chunk, opened, strict=True):
             if isinstance(conn, BaseException):
                 failures[f"{type(conn).__name__}: {conn}"[:120]] += 1
                 continue
-            reader = _read_ws if opts.mode == "ws" else _read_redis
             readers.append(asyncio.create_task(reader(i, conn, tally)))
     for failure, n in failures.most_common(3):
         print(f"{n} x client failed: {failure}", file=sys.stderr)
@@ -433,7 +492,8 @@ async def _clients(opts: argparse.Namespace) -> int:
     started = 0.0
     while (line := await lines.get()) in ("start", "stop"):
         if line == "start":
-            tally.measuring, started = True, time.monotonic()
+            tally.start_window()
+            started = time.monotonic()
             continue
         tally.measuring = False
         window = time.monotonic() - started
@@ -479,6 +539,51 @@ async def _open_ws(opts: argparse.Namespace, sid: str, state: dict[str, Any]) ->
         close_timeout=1,
         open_timeout=30,
     )
+
+
+async def _open_stream(opts: argparse.Namespace, sids: list[str], state: dict[str, Any]) -> Any:
+    """One ``/v1/stream`` WebSocket following ``sids``, once every one is ``subscribed``."""
+    from websockets.asyncio.client import connect
+
+    ws = await connect(
+        f"ws://127.0.0.1:{opts.port}/v1/stream",
+        compression=None if opts.no_compression else "deflate",
+        ping_interval=None,
+        close_timeout=1,
+        open_timeout=30,
+    )
+    for sid in sids:  # (a list given to send() would be one fragmented message)
+        await ws.send(json.dumps({"op": "subscribe", "sid": sid}))
+    pending = set(sids)
+    async with asyncio.timeout(60):
+        while pending:
+            frame = json.loads(await ws.recv())
+            if frame.get("op") != "subscribed":
+                raise rig.BenchError(f"/v1/stream: unexpected frame {frame}")
+            pending.discard(frame["sid"])
+    return ws
+
+
+async def _read_stream(j: int, ws: Any, tally: Tally) -> None:
+    """Events of every session of one ``/v1/stream`` connection, each tallied as its session's
+    client (``{"sid":"x",<envelope without its brace>``)."""
+    from websockets.exceptions import ConnectionClosed
+
+    prefix = '{"sid":"'
+    clock = time.time_ns
+    try:
+        async for message in ws:
+            if not message.startswith(prefix):
+                tally.notices += 1
+                continue
+            end = message.index('"', len(prefix))
+            number = int(message[len(prefix) : end].rsplit("-", 1)[1])
+            tally.on_message(number, "{" + message[end + 2 :], clock())
+        tally.closed[f"close {ws.close_code}"] += 1
+    except ConnectionClosed:
+        tally.closed[f"close {ws.close_code}"] += 1
+    except Exception as exc:
+        tally.closed[type(exc).__name__] += 1
 
 
 async def _read_ws(i: int, ws: Any, tally: Tally) -> None:
@@ -619,6 +724,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core over the window
     log_problems: Counter[str] = field(default_factory=Counter)
     profiles: dict[str, str] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # RSS bytes by what and when
 
     @property
     def rate(self) -> float:
@@ -628,6 +734,16 @@ class Run:
     def expected(self) -> float:
         """Deliveries/s the source's actual emissions called for."""
         return self.emitted * self.shape.per_session / self.window if self.window > 0 else 0.0
+
+    def fell_behind(self, opts: argparse.Namespace) -> bool:
+        """Fewer deliveries than ``--keep-up`` of those offered, a p99 over ``--ramp-p99-ms``,
+        or a client closed."""
+        p99 = self.latency_ms.get("p99", math.inf)
+        return (
+            self.rate < opts.keep_up * self.shape.offered
+            or p99 > opts.ramp_p99_ms
+            or bool(self.closed)
+        )
 
     @property
     def seq_errors(self) -> int:
@@ -653,6 +769,11 @@ class Source:
     def count(self) -> int:
         rig.send_line(self.proc, "count")
         return int(rig.read_line(self.proc, 30, f"{self.what} count"))
+
+    def set_rate(self, per_session: float) -> None:
+        rig.send_line(self.proc, f"rate {per_session}")
+        if (answer := rig.read_line(self.proc, 30, f"{self.what} rate")) != "ok":
+            raise rig.BenchError(f"{self.what}: unexpected answer to rate: {answer!r}")
 
 
 def _processes(pids: dict[str, int]) -> dict[str, psutil.Process]:
@@ -703,18 +824,18 @@ def measure(
                     log=log,
                 )
             )  # fmt: skip
-    cpu_before = {name: rig.cpu_seconds(p) for name, p in processes.items()}
-    emitted_before = source.count()
+    emitted_before = source.count()  # may wait on a busy source: before the CPU window
     listeners = [clients] if tap is None else [clients, tap]
+    cpu_before = {name: rig.cpu_seconds(p) for name, p in processes.items()}
+    started = time.monotonic()
     for proc in listeners:
         rig.send_line(proc, "start")
-    started = time.monotonic()
     time.sleep(opts.seconds)
     for proc in listeners:
         rig.send_line(proc, "stop")
+    cpu_after = {name: rig.cpu_seconds(p) for name, p in processes.items()}
     elapsed = time.monotonic() - started
     emitted_after = source.count()
-    cpu_after = {name: rig.cpu_seconds(p) for name, p in processes.items()}
     words = rig.read_line(clients, 120, "client results").split(" ", 1)
     if words[0] != "result":
         raise rig.BenchError(f"client results: unexpected {words!r}")
@@ -744,21 +865,76 @@ def measure(
             raise rig.BenchError(f"{name} exited with {proc.returncode} during the window")
 
 
+def ramp_rates(shape: Shape, opts: argparse.Namespace) -> list[float]:
+    """The offered rates (events/s per session) of the windows: shape a's ramp, from ``--rate``
+    up by ``--ramp-factor`` to ``--ramp-max-rate``; one window otherwise."""
+    if shape.name != "a" or opts.no_ramp:
+        return [shape.rate]
+    rates = [shape.rate]
+    while rates[-1] * opts.ramp_factor <= opts.ramp_max_rate:
+        rates.append(round(rates[-1] * opts.ramp_factor, 3))
+    return rates
+
+
+def measure_steps(
+    first: Run,
+    clients: subprocess.Popen[bytes],
+    source: Source,
+    pids: dict[str, int],
+    watch: dict[str, subprocess.Popen[bytes]],
+    opts: argparse.Namespace,
+    children: rig.Children,
+    log_dir: Path,
+    tap: subprocess.Popen[bytes] | None = None,
+) -> list[Run]:
+    """One window per rate of :func:`ramp_rates`, raising the source's rate between them, until
+    a window falls behind (:meth:`Run.fell_behind`). ``first`` holds the set-up figures."""
+    steps: list[Run] = []
+    rates = ramp_rates(first.shape, opts)
+    for rate in rates:
+        if steps:
+            source.set_rate(rate)
+            step = Run(
+                replace(first.shape, rate=rate), first.path, connected=first.connected,
+                connect_failed=first.connect_failed, setup_seconds=first.setup_seconds,
+            )  # fmt: skip
+        else:
+            step = first
+        measure(step, clients, source, pids, watch, opts, children, log_dir, tap)
+        steps.append(step)
+        if len(rates) > 1:
+            print(
+                f"    {first.path} offered {step.shape.offered:>9,.0f}/s: delivered "
+                f"{step.rate:>9,.0f}/s, p99 {fmt_ms(step, 'p99')} ms, closed {step.closed or 0}",
+                flush=True,
+            )
+        if step.fell_behind(opts):
+            break
+    return steps
+
+
 def spawn_clients(
-    children: rig.Children, mode: str, port: int, shape: Shape, opts: argparse.Namespace
+    children: rig.Children,
+    mode: str,
+    port: int,
+    shape: Shape,
+    opts: argparse.Namespace,
+    connections: int = 0,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
-    """The client process (``ws``: WebSockets to the gateway on ``port``; ``redis``: one
-    subscriber per client; ``tap``: only the worker-hop pattern subscriber), once it is up."""
+    """The client process (``ws``: WebSockets to the gateway on ``port``; ``stream``:
+    ``connections`` multiplexed ones; ``redis``: one subscriber per client; ``tap``: only the
+    worker-hop pattern subscriber), once it is up."""
     args = [
         sys.executable, __file__, "_clients", "--mode", mode, "--port", str(port),
         "--prefix", shape.prefix, "--sessions", str(shape.sessions),
         "--per-session", str(shape.per_session), "--batch", str(opts.connect_batch),
+        "--connections", str(connections),
     ]  # fmt: skip
     if opts.no_compression:
         args.append("--no-compression")
     if opts.dump:
         Path(opts.dump).mkdir(parents=True, exist_ok=True)
-        side = {"ws": "gateway", "redis": "baseline", "tap": "worker-hop"}[mode]
+        side = {"ws": "gateway", "stream": "mux", "redis": "baseline", "tap": "worker-hop"}[mode]
         args += ["--dump", str(Path(opts.dump).resolve() / f"{side}-{shape.name}.csv")]
     proc = children.spawn(args)
     words = rig.read_line(proc, 60 + shape.clients / 20, f"{mode} clients up").split()
@@ -771,14 +947,14 @@ def spawn_clients(
 
 def run_baseline(
     children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
-) -> Run:
+) -> list[Run]:
     """Shape a: a bare websockets broadcast() server; shape b: Redis PUBLISH -> subscribers."""
     if shape.name == "a":
         return run_broadcast(children, shape, opts)
     return run_pubsub(children, server, shape, opts, log_dir)
 
 
-def run_broadcast(children: rig.Children, shape: Shape, opts: argparse.Namespace) -> Run:
+def run_broadcast(children: rig.Children, shape: Shape, opts: argparse.Namespace) -> list[Run]:
     run = Run(shape, "baseline")
     started = time.monotonic()
     args = [
@@ -796,7 +972,7 @@ def run_broadcast(children: rig.Children, shape: Shape, opts: argparse.Namespace
         rig.send_line(source, "go")
         run.setup_seconds = time.monotonic() - started
         pids = {"server": source.pid, "clients": clients.pid}
-        measure(
+        return measure_steps(
             run, clients, Source(source, "broadcast server"), pids, {"server": source},
             replace_profile(opts), children, Path(tempfile.gettempdir()),
         )  # fmt: skip
@@ -804,12 +980,11 @@ def run_broadcast(children: rig.Children, shape: Shape, opts: argparse.Namespace
         if clients is not None:
             rig.Children.stop(clients)
         rig.Children.stop(source)
-    return run
 
 
 def run_pubsub(
     children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
-) -> Run:
+) -> list[Run]:
     run = Run(shape, "baseline")
     rig.flush(server.url)
     started = time.monotonic()
@@ -835,14 +1010,13 @@ def run_pubsub(
             "publisher": publisher.pid,
             "clients": clients.pid,
         }
-        measure(
+        return measure_steps(
             run, clients, Source(publisher, "publisher"), pids, {"publisher": publisher},
             replace_profile(opts), children, log_dir,
         )  # fmt: skip
     finally:
         rig.Children.stop(clients)
         rig.Children.stop(publisher)
-    return run
 
 
 def replace_profile(opts: argparse.Namespace) -> argparse.Namespace:
@@ -852,7 +1026,7 @@ def replace_profile(opts: argparse.Namespace) -> argparse.Namespace:
 
 def run_gateway(
     children: rig.Children, server: Any, shape: Shape, opts: argparse.Namespace, log_dir: Path
-) -> Run:
+) -> list[Run]:
     run = Run(shape, "gateway")
     procs: list[subprocess.Popen[bytes]] = []
     logs = {name: log_dir / f"{name}-{shape.name}.log" for name in ("worker", "gateway")}
@@ -874,7 +1048,9 @@ def run_gateway(
         )  # fmt: skip
         procs.append(worker)
         # Both start at once; then the waits.
-        gateway, port = rig.start_gateway(children, server.url, logs["gateway"], wait=False)
+        gateway, port = rig.start_gateway(
+            children, server.url, logs["gateway"], gateway_env(opts), wait=False
+        )
         procs.append(gateway)
         rig.wait_worker(worker, server.url, WORKER_ID, logs["worker"])
         rig.wait_gateway(gateway, port, logs["gateway"])
@@ -898,7 +1074,7 @@ def run_gateway(
             "gateway": gateway.pid,
             "clients": clients.pid,
         }
-        measure(
+        steps = measure_steps(
             run, clients, Source(upstream, "upstream"), pids,
             {"worker": worker, "gateway": gateway}, opts, children, log_dir, tap,
         )  # fmt: skip
@@ -906,8 +1082,141 @@ def run_gateway(
         for proc in reversed(procs):  # clients first: the gateway then drains at once
             rig.Children.stop(proc, timeout=10)
     for name, path in logs.items():
-        run.log_problems.update(scan_log(name, path))
+        steps[-1].log_problems.update(scan_log(name, path))
+    return steps
+
+
+def gateway_env(opts: argparse.Namespace) -> dict[str, str]:
+    return {"LP_WS_COMPRESSION": "false" if opts.no_compression else "true"}
+
+
+def run_mux(
+    children: rig.Children,
+    server: Any,
+    shape: Shape,
+    opts: argparse.Namespace,
+    log_dir: Path,
+    connections: int,
+) -> Run:
+    """Shape m: the gateway alone (a publisher child does XADD + SPUBLISH as publish.lua would;
+    no worker, no upstream) serving ``shape.sessions`` sessions to one client each, over one
+    WebSocket per session (``connections`` 0) or over ``connections`` multiplexed
+    ``/v1/stream`` WebSockets. The gateway's RSS is read before the clients connect and after
+    the window (``Run.memory``)."""
+    import psutil
+
+    run = Run(shape, f"{connections} x /v1/stream" if connections else "per session")
+    procs: list[subprocess.Popen[bytes]] = []
+    log = log_dir / f"gateway-m-{connections}.log"
+    try:
+        rig.flush(server.url)
+        started = time.monotonic()
+        sids = shape.sids()
+
+        async def claim() -> None:
+            sessions = rig.Sessions(server.url)
+            try:  # no worker runs: the sessions stay pending, their keys are what matters
+                await sessions.claim(sids, lambda sid: f"http://127.0.0.1:9/events/{sid}")
+            finally:
+                await sessions.aclose()
+
+        asyncio.run(claim())
+        gateway, port = rig.start_gateway(
+            children,
+            server.url,
+            log,
+            {**gateway_env(opts), "LP_MAX_CLIENTS": str(shape.clients + 100)},
+        )
+        procs.append(gateway)
+        memory = psutil.Process(gateway.pid)
+        run.memory["gateway_before"] = memory.memory_info().rss
+        mode = "stream" if connections else "ws"
+        clients, run.connected, run.connect_failed = spawn_clients(
+            children, mode, port, shape, opts, connections
+        )
+        procs.append(clients)
+        publisher = children.spawn(
+            [
+                sys.executable, __file__, "_publisher", "--redis-url", server.url,
+                "--prefix", shape.prefix, "--sessions", str(shape.sessions),
+                "--rate", str(shape.rate), "--payload-bytes", str(opts.payload_bytes),
+            ]
+        )  # fmt: skip
+        procs.append(publisher)
+        if rig.read_line(publisher, 30, "publisher start") != "ready":
+            raise rig.BenchError("publisher: unexpected greeting")
+        rig.send_line(publisher, "go")
+        run.setup_seconds = time.monotonic() - started
+        pids = {
+            "redis": server.process.pid,
+            "publisher": publisher.pid,
+            "gateway": gateway.pid,
+            "clients": clients.pid,
+        }
+        measure(
+            run, clients, Source(publisher, "publisher"), pids,
+            {"gateway": gateway, "publisher": publisher}, opts, children, log_dir,
+        )  # fmt: skip
+        run.memory["gateway_after"] = memory.memory_info().rss
+    finally:
+        for proc in reversed(procs):
+            rig.Children.stop(proc, timeout=10)
+    run.log_problems.update(scan_log("gateway", log))
     return run
+
+
+def print_mux(runs: Sequence[Run]) -> None:
+    shape = runs[0].shape
+    print()
+    print(
+        f"shape m: {shape.sessions:,} sessions with one client each, {shape.rate:g} events/s per "
+        f"session ({shape.events_per_s:,.0f} events/s, published straight to Redis: the gateway "
+        "alone is measured)"
+    )
+    print(
+        f"  {'clients over':<20} {'conns':>6} {'deliveries/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'gateway CPU':>11} {'us/delivery':>11} {'RSS before':>10} {'RSS after':>10} "
+        f"{'per session':>11}"
+    )
+    for run in runs:
+        before, after = run.memory["gateway_before"], run.memory["gateway_after"]
+        print(
+            f"  {run.path:<20} {run.connected:>6,} {run.rate:>12,.0f} {fmt_ms(run, 'p50'):>8} "
+            f"{fmt_ms(run, 'p99'):>8} {run.cpu.get('gateway', 0):>10.0f}% "
+            f"{fmt_us(cpu_per_delivery_us(run)):>11} {rig.mib(before):>10} {rig.mib(after):>10} "
+            f"{rig.kib((after - before) / shape.sessions) + ' KiB':>11}"
+        )
+        print(
+            f"    gaps {run.gaps}, dups {run.dups}, silent sessions {run.silent_clients}, closed "
+            f"{run.closed or 0}, failed to connect {run.connect_failed}, set up in "
+            f"{run.setup_seconds:.1f}s"
+        )
+        for problem, n in run.log_problems.most_common(4):
+            print(f"    {n:>6} x {problem}")
+
+
+def print_mux_figures(runs: Sequence[Run]) -> None:
+    single, *multiplexed = runs
+    for run in runs:
+        tag = "per_session" if run is single else f"mux{run.connected}"
+        before, after = run.memory["gateway_before"], run.memory["gateway_after"]
+        rig.figure(f"m_{tag}_cpu_per_delivery", f"{fmt_us(cpu_per_delivery_us(run))} us", run.path)
+        rig.figure(
+            f"m_{tag}_memory_per_session",
+            f"{rig.kib((after - before) / run.shape.sessions)} KiB",
+            f"{run.path}: gateway RSS {rig.mib(before)} -> {rig.mib(after)}",
+        )
+        rig.figure(
+            f"m_{tag}_seq_errors",
+            f"{run.gaps} gaps, {run.dups} dups, {run.silent_clients} silent, "
+            f"{sum(run.closed.values())} closed, {run.connect_failed} failed to connect",
+            "target 0",
+            run.clean,
+        )
+    for run in multiplexed:
+        ours, theirs = cpu_per_delivery_us(run), cpu_per_delivery_us(single)
+        if ours and theirs:
+            rig.figure(f"m_mux{run.connected}_cpu_ratio", f"{ours / theirs:.2f} of per session")
 
 
 def scan_log(name: str, path: Path) -> Counter[str]:
@@ -934,8 +1243,45 @@ def fmt_ms(run: Run, name: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def serving_cpu(run: Run) -> float | None:
+    """% of one core of what serves the clients: the gateway, or the bare broadcast server."""
+    return run.cpu.get("gateway", run.cpu.get("server"))
+
+
+def cpu_per_delivery_us(run: Run) -> float | None:
+    cpu = serving_cpu(run)
+    return None if cpu is None or run.rate <= 0 else cpu / 100 / run.rate * 1e6
+
+
+def fmt_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def best(steps: Sequence[Run]) -> Run:
+    """The window with the most deliveries/s."""
+    return max(steps, key=lambda run: run.rate)
+
+
+def print_ramp(base_steps: Sequence[Run], our_steps: Sequence[Run]) -> None:
+    print(
+        f"  {'path':<9} {'offered/s':>10} {'delivered/s':>11} {'of offered':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10} {'us/delivery':>11}  closed"
+    )
+    for run in (*base_steps, *our_steps):
+        cpu = serving_cpu(run)
+        print(
+            f"  {run.path:<9} {run.shape.offered:>10,.0f} {run.rate:>11,.0f} "
+            f"{run.rate / run.shape.offered:>9.0%} {fmt_ms(run, 'p50'):>8} "
+            f"{fmt_ms(run, 'p99'):>8} {'-' if cpu is None else f'{cpu:.0f}%':>10} "
+            f"{fmt_us(cpu_per_delivery_us(run)):>11}  {run.closed or 0}"
+        )
+
+
 def print_report(
-    results: Sequence[tuple[Run, Run]], opts: argparse.Namespace, machine: str, load: str
+    results: Sequence[tuple[list[Run], list[Run]]],
+    opts: argparse.Namespace,
+    machine: str,
+    load: str,
 ) -> None:
     print()
     print(f"fanout: events delivered end to end to WebSocket clients -- {machine}")
@@ -946,9 +1292,19 @@ def print_report(
         "websockets broadcast() server, same clients; baseline b = XADD+PUBLISH -> Redis -> one "
         "redis-py subscriber per client; latency = source's stamp -> receipt)"
     )
-    for base, ours in results:
+    for base_steps, our_steps in results:
+        base, ours = best(base_steps), best(our_steps)
         shape = ours.shape
         print()
+        if len(base_steps) > 1 or len(our_steps) > 1:
+            print(
+                f"shape {shape.name}: {shape.sessions} session(s) x {shape.per_session} clients, "
+                f"offered rate raised x{opts.ramp_factor:g} per window until deliveries fell "
+                f"under {opts.keep_up:.0%} of those offered, p99 passed {opts.ramp_p99_ms:g} ms "
+                "or a client was closed"
+            )
+            print_ramp(base_steps, our_steps)
+            print("  each path's window with the most deliveries/s:")
         print(f"shape {shape.name}: {shape.describe()}")
         header = (
             f"  {'path':<9} {'deliveries/s':>12} {'of emitted':>10} {'p50 ms':>8} {'p90 ms':>8} "
@@ -977,18 +1333,44 @@ def print_report(
                 f"{run.emitted / max(run.window, 1e-9):,.0f} events/s; closed during the run "
                 f"{run.closed or 0}; silent clients {run.silent_clients}; notices {run.notices}"
             )
-        if ours.rate > 0 and "gateway" in ours.cpu:
-            per = ours.cpu["gateway"] / 100 / ours.rate * 1e6
+        if (per := cpu_per_delivery_us(ours)) is not None:
             print(f"  gateway CPU per delivery: {per:.1f} us")
-        for problem, n in ours.log_problems.most_common(6):
+        for problem, n in our_steps[-1].log_problems.most_common(6):
             print(f"    {n:>6} x {problem}")
-        for name, path in ours.profiles.items():
-            print(f"  {name} py-spy profile (raw, folded stacks): {path}")
+        for name, path in our_steps[-1].profiles.items():
+            print(f"  {name} py-spy profile (raw, folded stacks) of the last window: {path}")
     print()
-    for base, ours in results:
-        s = ours.shape.name
-        ratio = ours.rate / base.rate if base.rate > 0 else 0.0
-        sh = ours.shape
+    for base_steps, our_steps in results:
+        print_figures(base_steps, our_steps, opts)
+
+
+def print_figures(base_steps: list[Run], our_steps: list[Run], opts: argparse.Namespace) -> None:
+    base, ours = best(base_steps), best(our_steps)
+    sh = ours.shape
+    s = sh.name
+    ratio = ours.rate / base.rate if base.rate > 0 else 0.0
+    ramped = len(base_steps) > 1 or len(our_steps) > 1
+    if ramped:
+        rig.figure(
+            f"offered_{s}",
+            f"raised from {base_steps[0].shape.offered:,.0f} deliveries/s ({sh.per_session} "
+            f"clients of {sh.sessions} session(s)), x{opts.ramp_factor:g} per window",
+        )
+        rig.figure(f"max_deliveries_{s}", f"{ours.rate:,.0f}/s at {sh.offered:,.0f}/s offered")
+        rig.figure(
+            f"baseline_max_deliveries_{s}",
+            f"{base.rate:,.0f}/s at {base.shape.offered:,.0f}/s offered",
+        )
+        rig.figure(
+            f"capacity_ratio_{s}",
+            f"{ratio:.2f}",
+            f"target >= {opts.target_ratio:.2f} of the baseline's maximum deliveries/s",
+            ratio >= opts.target_ratio,
+        )
+        ours_us, base_us = cpu_per_delivery_us(ours), cpu_per_delivery_us(base)
+        rig.figure(f"gateway_cpu_per_delivery_{s}", f"{fmt_us(ours_us)} us", "at its maximum")
+        rig.figure(f"baseline_cpu_per_delivery_{s}", f"{fmt_us(base_us)} us", "broadcast() server")
+    else:
         rig.figure(
             f"offered_{s}",
             f"{sh.offered:,.0f} deliveries/s = {sh.rate:g} events/s x {sh.sessions} session(s) "
@@ -1005,36 +1387,40 @@ def print_report(
             )
         else:
             rig.figure(f"fanout_ratio_{s}", f"{ratio:.2f} of baseline deliveries/s")
-        p99 = ours.latency_ms.get("p99", math.inf)
-        if s == "b":
-            events = ours.shape.events_per_s
-            rig.figure(
-                f"latency_p99_{s}",
-                f"{p99:.2f} ms",
-                f"target <= {opts.target_p99_ms:g} ms at {events:,.0f} events/s",
-                p99 <= opts.target_p99_ms,
-            )
-        else:
-            rig.figure(f"latency_p99_{s}", f"{p99:.2f} ms")
-        rig.figure(f"latency_p50_{s}", f"{fmt_ms(ours, 'p50')} ms")
-        rig.figure(f"latency_max_{s}", f"{fmt_ms(ours, 'max')} ms")
-        rig.figure(f"baseline_latency_p99_{s}", f"{fmt_ms(base, 'p99')} ms")
-        if ours.tap_ms:
-            rig.figure(
-                f"worker_hop_p99_{s}", f"{ours.tap_ms['p99']:.2f} ms", "info; upstream -> PUBLISH"
-            )
-        for run in (base, ours):
-            prefix = "baseline_" if run is base else ""
-            rig.figure(
-                f"{prefix}seq_errors_{s}",
-                f"{run.gaps} gaps, {run.dups} dups over {run.connected} clients; "
-                f"{sum(run.closed.values())} closed, {run.connect_failed} failed to connect, "
-                f"{run.silent_clients} silent",
-                "target 0",
-                run.clean,
-            )
-        if "gateway" in ours.cpu:
-            rig.figure(f"gateway_cpu_{s}", f"{ours.cpu['gateway']:.0f}% of one core")
+    p99 = ours.latency_ms.get("p99", math.inf)
+    if s == "b":
+        rig.figure(
+            f"latency_p99_{s}",
+            f"{p99:.2f} ms",
+            f"target <= {opts.target_p99_ms:g} ms at {sh.events_per_s:,.0f} events/s",
+            p99 <= opts.target_p99_ms,
+        )
+    else:
+        rig.figure(f"latency_p99_{s}", f"{p99:.2f} ms")
+    rig.figure(f"latency_p50_{s}", f"{fmt_ms(ours, 'p50')} ms")
+    rig.figure(f"latency_max_{s}", f"{fmt_ms(ours, 'max')} ms")
+    rig.figure(f"baseline_latency_p99_{s}", f"{fmt_ms(base, 'p99')} ms")
+    if ours.tap_ms:
+        rig.figure(
+            f"worker_hop_p99_{s}", f"{ours.tap_ms['p99']:.2f} ms", "info; upstream -> PUBLISH"
+        )
+    for steps in (base_steps, our_steps):
+        # A ramp's last window may close clients on purpose (it fell behind): the others may not.
+        judged = steps[:-1] if ramped and len(steps) > 1 and steps[-1].fell_behind(opts) else steps
+        last = steps[-1]
+        prefix = "baseline_" if last.path == "baseline" else ""
+        gaps = sum(run.gaps for run in steps)
+        dups = sum(run.dups for run in steps)
+        rig.figure(
+            f"{prefix}seq_errors_{s}",
+            f"{gaps} gaps, {dups} dups over {last.connected} clients; "
+            f"{sum(last.closed.values())} closed (last window), {last.connect_failed} failed to "
+            f"connect, {max(run.silent_clients for run in judged)} silent",
+            "target 0 but for the closes of a window that fell behind",
+            all(run.clean for run in judged) and gaps + dups == 0,
+        )
+    if (cpu := ours.cpu.get("gateway")) is not None:
+        rig.figure(f"gateway_cpu_{s}", f"{cpu:.0f}% of one core")
 
 
 # ============================================================================================
@@ -1060,7 +1446,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bc.add_argument("--payload-bytes", type=int, default=PAYLOAD_BYTES)
     bc.add_argument("--no-compression", action="store_true")
     cl = sub.add_parser("_clients")
-    cl.add_argument("--mode", choices=("ws", "redis", "tap"), required=True)
+    cl.add_argument("--mode", choices=("ws", "stream", "redis", "tap"), required=True)
+    cl.add_argument("--connections", type=int, default=0, help="stream: /v1/stream connections")
     cl.add_argument("--port", type=int, required=True)
     cl.add_argument("--prefix", required=True)
     cl.add_argument("--sessions", type=int, required=True)
@@ -1087,9 +1474,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--connect-batch", type=int, default=CONNECT_BATCH, help="handshakes in flight (100)"
     )
     parser.add_argument(
-        "--no-compression",
+        "--compression",
         action="store_true",
-        help="WebSocket clients without permessage-deflate (browsers offer it: default on)",
+        help="permessage-deflate: offered by the clients (as browsers do), on in the gateway "
+        "(LP_WS_COMPRESSION=true) and in the baseline server (default: off, the gateway's default)",
     )
     parser.add_argument(
         "--lease-ttl",
@@ -1105,6 +1493,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bringup-timeout", type=float, default=120.0, help="max s to all listening (120)"
     )
+    parser.add_argument(
+        "--mux-sessions", type=int, default=MUX_SESSIONS, help=f"shape m sessions ({MUX_SESSIONS})"
+    )
+    parser.add_argument(
+        "--mux-connections",
+        type=int,
+        default=MUX_CONNECTIONS,
+        help=f"shape m: /v1/stream connections carrying them ({MUX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--mux-rate",
+        type=float,
+        default=MUX_RATE,
+        help=f"shape m events/s per session ({MUX_RATE:g})",
+    )
+    parser.add_argument(
+        "--no-ramp",
+        action="store_true",
+        help="shape a: one window at --rate instead of raising the rate until it falls behind",
+    )
+    parser.add_argument(
+        "--ramp-factor", type=float, default=RAMP_FACTOR, help=f"rate x per window ({RAMP_FACTOR})"
+    )
+    parser.add_argument(
+        "--ramp-max-rate",
+        type=float,
+        default=RAMP_MAX_RATE,
+        help=f"shape a: the highest events/s the ramp offers ({RAMP_MAX_RATE:g})",
+    )
+    parser.add_argument(
+        "--keep-up",
+        type=float,
+        default=KEEP_UP,
+        help=f"a window falls behind under this share of the deliveries offered ({KEEP_UP})",
+    )
+    parser.add_argument(
+        "--ramp-p99-ms",
+        type=float,
+        default=RAMP_P99_MS,
+        help=f"... or over this p99 latency ({RAMP_P99_MS:g} ms)",
+    )
     parser.add_argument("--target-ratio", type=float, default=TARGET_RATIO, help="(0.70)")
     parser.add_argument("--target-p99-ms", type=float, default=TARGET_P99_MS, help="(5)")
     parser.add_argument(
@@ -1116,14 +1545,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     opts = parser.parse_args(argv)
     if opts.child is None:
+        opts.no_compression = not opts.compression
         shapes = [s.strip() for s in opts.shapes.split(",") if s.strip()]
         if not shapes or any(s not in SHAPES for s in shapes):
             parser.error(f"--shapes: a comma-separated subset of {','.join(SHAPES)}")
         opts.shape_list = shapes
-        if min(opts.clients, opts.sessions) < 1 or min(opts.rate, opts.rate_b) <= 0:
-            parser.error("--clients/--sessions must be >= 1 and --rate/--rate-b > 0")
+        if min(opts.clients, opts.sessions, opts.mux_sessions, opts.mux_connections) < 1:
+            parser.error("--clients/--sessions/--mux-sessions/--mux-connections must be >= 1")
+        if min(opts.rate, opts.rate_b, opts.mux_rate) <= 0:
+            parser.error("--rate/--rate-b/--mux-rate must be > 0")
+        if opts.mux_connections > opts.mux_sessions:
+            parser.error("--mux-connections must not exceed --mux-sessions")
         if opts.seconds <= 0 or opts.warmup < 0:
             parser.error("--seconds must be > 0 and --warmup >= 0")
+        if opts.ramp_factor <= 1 or not 0 < opts.keep_up <= 1 or opts.ramp_p99_ms <= 0:
+            parser.error("--ramp-factor must be > 1, --keep-up in (0, 1], --ramp-p99-ms > 0")
     return opts
 
 
@@ -1131,6 +1567,7 @@ def shapes_of(opts: argparse.Namespace) -> list[Shape]:
     shapes = {
         "a": Shape("a", 1, opts.clients, opts.rate, "fan-a-"),
         "b": Shape("b", opts.sessions, 1, opts.rate_b, "fan-b-"),
+        "m": Shape("m", opts.mux_sessions, 1, opts.mux_rate, "fan-m-"),
     }
     return [shapes[name] for name in opts.shape_list]
 
@@ -1166,24 +1603,42 @@ def run(opts: argparse.Namespace) -> int:
         flush=True,
     )
     load = rig.load_average()
-    results: list[tuple[Run, Run]] = []
+    results: list[tuple[list[Run], list[Run]]] = []
+    mux_runs: list[Run] = []
     with rig.Rig(opts.log_dir, "lp-fanout-") as bench:
         server = bench.redis()
         print(f"redis {server.url}", flush=True)
         for shape in shapes:
             print(f"shape {shape.name}: {shape.describe()}", flush=True)
-            base = run_baseline(bench.children, server, shape, opts, bench.log_dir)
+            if shape.name == "m":
+                for connections in (0, opts.mux_connections):
+                    mux = run_mux(bench.children, server, shape, opts, bench.log_dir, connections)
+                    print(
+                        f"  {mux.path}: {mux.rate:,.0f} deliveries/s, gateway "
+                        f"{fmt_us(cpu_per_delivery_us(mux))} us/delivery",
+                        flush=True,
+                    )
+                    mux_runs.append(mux)
+                continue
+            base_steps = run_baseline(bench.children, server, shape, opts, bench.log_dir)
+            base = best(base_steps)
             print(
                 f"  baseline: {base.rate:,.0f} deliveries/s, p99 {fmt_ms(base, 'p99')} ms",
                 flush=True,
             )
-            ours = run_gateway(bench.children, server, shape, opts, bench.log_dir)
+            our_steps = run_gateway(bench.children, server, shape, opts, bench.log_dir)
+            ours = best(our_steps)
             print(
                 f"  gateway:  {ours.rate:,.0f} deliveries/s, p99 {fmt_ms(ours, 'p99')} ms",
                 flush=True,
             )
-            results.append((base, ours))
-        print_report(results, opts, machine, load)
+            results.append((base_steps, our_steps))
+        if results:
+            print_report(results, opts, machine, load)
+        if mux_runs:
+            print_mux(mux_runs)
+            print()
+            print_mux_figures(mux_runs)
         if not opts.log_dir:
             print("(worker/gateway logs were in a temporary directory; keep with --log-dir)")
     return 0
