@@ -1,4 +1,5 @@
-"""A gateway served by uvicorn on a free loopback port, over fakeredis, inside a test's loop."""
+"""A gateway over fakeredis inside a test's loop: served by uvicorn on a free loopback port, or
+called in-process through httpx's ASGI transport."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
 
 from gateway import create_app
 from listenerpool.cli.launch import gateway_server
@@ -28,3 +31,15 @@ async def gateway(settings: Settings, fake_redis: Any, fake_sync: Any) -> AsyncI
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    settings: Settings, fake_redis: Any, fake_sync: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client calling the gateway app directly (base URL ``http://gw``)."""
+    app = create_app(settings, redis=fake_redis, sync=fake_sync)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client

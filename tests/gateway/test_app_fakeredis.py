@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from gateway import create_app
 from tests.conftest import fast_settings
+from tests.gateway.served import in_process
 
 pytestmark = pytest.mark.timeout(30)
 URL = "http://127.0.0.1:9/events/s1"
@@ -20,13 +21,9 @@ URL = "http://127.0.0.1:9/events/s1"
 
 @pytest.fixture
 async def client(fake_redis: Any, fake_sync_redis: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        fast_settings(redis_url="redis://unused"), redis=fake_redis, sync=fake_sync_redis
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-            yield c
+    settings = fast_settings(redis_url="redis://unused")
+    async with in_process(settings, fake_redis, fake_sync_redis) as c:
+        yield c
 
 
 async def test_put_is_idempotent_and_get_reports_the_session(client: httpx.AsyncClient) -> None:

@@ -9,11 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import create_app
 from listenerpool.client import PoolClient, PoolClientError
 from listenerpool.keys import SessionKeys
 from tests.conftest import fast_settings
-from tests.gateway.served import gateway
+from tests.gateway.served import gateway, in_process
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,13 +26,9 @@ async def client(
     fake_redis: Any, fake_sync_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("LP_MAX_BATCH", "5")
-    app = create_app(
-        fast_settings(redis_url="redis://unused"), redis=fake_redis, sync=fake_sync_redis
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-            yield c
+    settings = fast_settings(redis_url="redis://unused")
+    async with in_process(settings, fake_redis, fake_sync_redis) as c:
+        yield c
 
 
 def batch(*items: tuple[str, str]) -> dict[str, Any]:
