@@ -94,6 +94,7 @@ RATE_A = 10.0  # events/s of shape a's one session (x 1,000 clients = 10,000 del
 RATE_B = 1.0  # events/s per session of shape b (x 1,000 sessions = 1,000 events/s)
 SECONDS = 10.0
 WARMUP = 3.0
+SETTLE = 5.0  # after the clients are up, before the first window
 CONNECT_BATCH = 100  # WebSocket handshakes / subscriptions in flight while connecting
 TARGET_RATIO = 0.70
 MUX_SESSIONS = 10_000
@@ -279,8 +280,8 @@ class Upstream:
 
 
 def upstream_child(prefix: str, sessions: int, rate: float, payload_bytes: int) -> int:
-    """Serve :class:`Upstream` on a free port; print ``port N``; answer ``count`` with the
-    events emitted so far; exit on EOF or anything else."""
+    """Serve :class:`Upstream` on a free port; print ``port N``; start the events on ``go``;
+    answer ``count`` and ``rate R``; exit on EOF or anything else."""
     return asyncio.run(_serve_upstream(prefix, sessions, rate, payload_bytes))
 
 
@@ -290,6 +291,10 @@ async def _serve_upstream(prefix: str, sessions: int, rate: float, payload_bytes
     upstream = Upstream(prefix, sessions, rate, payload_bytes)
     server = await loop.create_server(lambda: _UpstreamConn(upstream), "127.0.0.1", 0, backlog=4096)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+    # Streams open (the sessions come up), but events start on "go", once the clients are
+    # connected: a client joining later would first replay the history from the start.
+    if await lines.get() != "go":
+        return 1
     await answer_commands(
         lines, Pacer(rate * sessions), upstream.emit, lambda: upstream.emitted, sessions
     )
@@ -891,6 +896,9 @@ def measure_steps(
     a window falls behind (:meth:`Run.fell_behind`). ``first`` holds the set-up figures."""
     steps: list[Run] = []
     rates = ramp_rates(first.shape, opts)
+    # Clients that joined while others were being connected start behind (from the history):
+    # let that pass before the first window is judged.
+    time.sleep(opts.settle)
     for rate in rates:
         if steps:
             source.set_rate(rate)
@@ -1066,6 +1074,7 @@ def run_gateway(
         if not opts.no_tap:
             tap = spawn_clients(children, "tap", server.port, shape, opts)[0]
             procs.append(tap)
+        rig.send_line(upstream, "go")
         run.setup_seconds = time.monotonic() - started
         pids = {
             "redis": server.process.pid,
@@ -1466,7 +1475,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rate-b", type=float, default=RATE_B, help=f"shape b events/s per session ({RATE_B:g})"
     )
     parser.add_argument("--seconds", type=float, default=SECONDS, help="measured window (10)")
-    parser.add_argument("--warmup", type=float, default=WARMUP, help="s before the window (3)")
+    parser.add_argument("--warmup", type=float, default=WARMUP, help="s before each window (3)")
+    parser.add_argument(
+        "--settle", type=float, default=SETTLE, help="s more before the first window (5)"
+    )
     parser.add_argument(
         "--payload-bytes", type=int, default=PAYLOAD_BYTES, help="event data size (160)"
     )
@@ -1556,8 +1568,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--rate/--rate-b/--mux-rate must be > 0")
         if opts.mux_connections > opts.mux_sessions:
             parser.error("--mux-connections must not exceed --mux-sessions")
-        if opts.seconds <= 0 or opts.warmup < 0:
-            parser.error("--seconds must be > 0 and --warmup >= 0")
+        if opts.seconds <= 0 or opts.warmup < 0 or opts.settle < 0:
+            parser.error("--seconds must be > 0, --warmup and --settle >= 0")
         if opts.ramp_factor <= 1 or not 0 < opts.keep_up <= 1 or opts.ramp_p99_ms <= 0:
             parser.error("--ramp-factor must be > 1, --keep-up in (0, 1], --ramp-p99-ms > 0")
     return opts
