@@ -464,17 +464,20 @@ async def _clients(opts: argparse.Namespace) -> int:
     readers: list[asyncio.Task[None]] = []
     failures: Counter[str] = Counter()
     state: dict[str, Any] = {}
+    batch = opts.batch
     if opts.mode == "stream":
         # Connection j follows sessions j, j + connections, ...: every session once.
         groups: list[Any] = [targets[j :: opts.connections] for j in range(opts.connections)]
         opener: Any = _open_stream
         reader: Any = _read_stream
+        # As many subscriptions in flight as the one-per-session clients have handshakes.
+        batch = max(1, opts.batch // max(len(g) for g in groups))
     else:
         groups = targets
         opener = _open_ws if opts.mode == "ws" else _open_redis
         reader = _read_ws if opts.mode == "ws" else _read_redis
-    for start in range(0, len(groups), opts.batch):
-        chunk = range(start, min(start + opts.batch, len(groups)))
+    for start in range(0, len(groups), batch):
+        chunk = range(start, min(start + batch, len(groups)))
         opened = await asyncio.gather(
             *(opener(opts, groups[i], state) for i in chunk), return_exceptions=True
         )
