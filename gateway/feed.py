@@ -63,7 +63,7 @@ class SessionFeed:
         self._keys = SessionKeys(sid)
         self.last = max(0, after)
         self._sub: Subscriber | None = None
-        self._send_now: Callable[[str], bool] | None = None
+        self._send_now: Callable[[bytes, bytes], bool] | None = None
 
     async def __aenter__(self) -> SessionFeed:
         # Kept before the join's awaits, so an exit after a cancelled enter still leaves.
@@ -81,7 +81,7 @@ class SessionFeed:
             await self._hub.leave(self._sub)
             self._sub = None
 
-    def deliver_directly(self, send_text_now: Callable[[str], bool]) -> None:
+    def deliver_directly(self, send_text_now: Callable[[bytes, bytes], bool]) -> None:
         """While :meth:`frames` waits for live events, write the next one in order straight to
         the client with ``send_text_now`` (False: it could not take it now; the event is then
         queued and yielded as usual). The hub counts what it writes. Call after entering."""
@@ -93,7 +93,7 @@ class SessionFeed:
         # Anything but the next seq (a gap to fill, a repeat to drop) is frames()' to handle.
         if item.seq != self.last + 1 or self._send_now is None:
             return False
-        if not self._send_now(item.raw):
+        if not self._send_now(item.utf8, item.frame):
             return False
         self.last = item.seq
         return True

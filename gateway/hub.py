@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from gateway.wsprotocol import text_frame
 from listenerpool import keys
 from listenerpool.envelope import seq_of
 from listenerpool.metrics import GatewayMetrics, Transport
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Live:
-    """A live envelope as published: its seq and its JSON text."""
+    """A live envelope as published: its seq, its JSON text, that text in UTF-8 (as it came
+    from Redis) and framed for WebSocket: made once, whatever the number of clients."""
 
     seq: int
     raw: str
+    utf8: bytes
+    frame: bytes  # as a WebSocket text frame (see gateway.wsprotocol.text_frame)
 
 
 class _CatchUp:
@@ -88,17 +92,18 @@ class Subscriber:
 
     def push(self, item: Live | _CatchUp) -> bool:
         """Queue ``item``, or write it to the client at once (True)."""
+        # A waiting reader has nothing queued and has not overflowed (its overflow wakes it).
+        if self._waiting and self.direct is not None and isinstance(item, Live):
+            try:
+                if self.direct(item):
+                    return True
+            except Exception:  # one client's failure must not stop the fan-out to the others
+                log.exception("direct write to a client of %s failed; queueing", self.sid)
+                self.direct = None
         if self.overflowed.is_set():
             return False
         budget = self._budget
         if isinstance(item, Live):
-            if self._waiting and self.direct is not None:
-                try:
-                    if self.direct(item):
-                        return True
-                except Exception:  # one client's failure must not stop the fan-out to others
-                    log.exception("direct write to a client of %s failed; queueing", self.sid)
-                    self.direct = None
             if not budget.fits(len(item.raw)):
                 self.overflowed.set()
                 self.drop()
@@ -255,14 +260,15 @@ class FanoutHub:
         channel = self._channels.get(name)
         if channel is None:
             return
-        raw = _text(data)
+        utf8 = data if isinstance(data, bytes) else str(data).encode()
+        raw = utf8.decode()
         try:
             seq = seq_of(raw)
         except ValueError:
             log.warning("ignoring a malformed envelope on %s", name)
             return
         channel.max_seq = max(channel.max_seq, seq)
-        item = Live(seq, raw)
+        item = Live(seq, raw, utf8, text_frame(utf8))
         written = 0
         for sub in channel.subscribers:
             written += sub.push(item)

@@ -26,6 +26,7 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 FORCE_CLOSE = "listenerpool.force_close"
@@ -49,20 +50,24 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             extensions[FORCE_CLOSE] = {"close": self.force_close}
             extensions[SEND_NOW] = {"send_text": self.send_text_now}
 
-    def send_text_now(self, text: str) -> bool:
-        """Write ``text`` as one message now; False (nothing written) unless the handshake is
-        done, nothing closes the connection and the transport is writable."""
+    def send_text_now(self, text: bytes, frame: bytes | None = None) -> bool:
+        """Write ``text`` (UTF-8) as one text message now; False (nothing written) unless the
+        handshake is done, the connection open and the transport writable. ``frame``, the
+        message already framed by :func:`text_frame`, is written as it is on a connection
+        without extensions (the same bytes for every client: no framing per client)."""
         if (
-            not self.handshake_complete
-            or self.close_sent
-            or self.disconnected
+            self.close_sent
+            or not self.handshake_complete
             or self.initial_response is not None
-            or not self.writable.is_set()
             or self.transport.is_closing()
+            or not self.writable.is_set()
             or self.conn.state is not State.OPEN
         ):
             return False
-        self.conn.send_text(text.encode())
+        if frame is not None and not self.conn.extensions:
+            self.transport.write(frame)
+            return True
+        self.conn.send_text(text)
         self.transport.write(b"".join(self.conn.data_to_send()))
         return True
 
@@ -92,3 +97,9 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if sock is not None and sock.fileno() != -1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+
+def text_frame(text: bytes) -> bytes:
+    """``text`` (UTF-8) as a server's unmasked text frame with no extension, as ``websockets``
+    frames it: what :meth:`GatewayWebSocketProtocol.send_text_now` writes to such connections."""
+    return Frame(Opcode.TEXT, text).serialize(mask=False, extensions=[])

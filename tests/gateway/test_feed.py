@@ -11,6 +11,7 @@ import pytest
 
 from gateway.feed import ClientTooSlow, EventFrame, Frame, ResetFrame, SessionFeed
 from gateway.hub import FanoutHub
+from gateway.wsprotocol import text_frame
 from listenerpool.envelope import Envelope
 from listenerpool.keys import SessionKeys
 from listenerpool.metrics import GatewayMetrics
@@ -143,7 +144,8 @@ class Sink:
         self.open = True
         self.seqs: list[int] = []
 
-    def __call__(self, text: str) -> bool:
+    def __call__(self, text: bytes, frame: bytes) -> bool:
+        assert frame == text_frame(text)
         if self.open:
             self.seqs.append(Envelope.from_json(text).seq)
         return self.open
@@ -205,7 +207,7 @@ async def test_a_direct_path_that_fails_falls_back_to_the_queue_for_that_client_
 ) -> None:
     calls: list[int] = []
 
-    def broken(text: str) -> bool:
+    def broken(text: bytes, frame: bytes) -> bool:
         calls.append(Envelope.from_json(text).seq)
         raise RuntimeError("transport gone")
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from websockets.asyncio.client import connect
 
-from gateway.wsprotocol import FORCE_CLOSE, SEND_NOW, GatewayWebSocketProtocol
+from gateway.wsprotocol import FORCE_CLOSE, SEND_NOW, GatewayWebSocketProtocol, text_frame
 from listenerpool.testing.loopthread import listen_socket
 from tests.conftest import eventually
 from tests.gateway.rawws import RawWebSocket
@@ -52,6 +53,7 @@ class SendNowApp:
     reading and the transport is full), then sends that frame through ASGI, which waits for
     room, and closes."""
 
+    limit: int | None = None  # stop writing after this many, refused or not
     before_accept: bool | None = None
     sent: int = 0
     refused: asyncio.Event = field(default_factory=asyncio.Event)
@@ -61,26 +63,32 @@ class SendNowApp:
         assert scope["type"] == "websocket"
         send_text_now = scope["extensions"][SEND_NOW]["send_text"]
         await receive()
-        self.before_accept = send_text_now("too early")
+        self.before_accept = send_text_now(b"too early")
         await send({"type": "websocket.accept"})
-        while send_text_now(f"{self.sent:08d}".ljust(FRAME, "x")):
+        while self.limit is None or self.sent < self.limit:
+            text = f"{self.sent:08d}".ljust(FRAME, "x").encode()
+            # Every other message comes framed already, as the hub hands live events over.
+            if not send_text_now(text, text_frame(text) if self.sent % 2 else None):
+                break
             self.sent += 1
         self.refused.set()
         await send({"type": "websocket.send", "text": f"{self.sent:08d}".ljust(FRAME, "x")})
         self.sent += 1
         await send({"type": "websocket.close", "code": 1000})
-        self.after_close = send_text_now("too late")
+        self.after_close = send_text_now(b"too late")
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, grace: float) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+async def serving(
+    app: Any, grace: float, deflate: bool = False
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     sock = listen_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app,
         ws=GatewayWebSocketProtocol,
         ws_ping_interval=None,
         ws_ping_timeout=grace,
-        ws_per_message_deflate=False,
+        ws_per_message_deflate=deflate,
         lifespan="off",
         log_level="warning",
     )
@@ -145,3 +153,18 @@ async def test_send_now_writes_until_the_transport_is_full_then_refuses_losing_n
     assert seqs == list(range(app.sent))
     assert closes == [1000]
     assert app.after_close is False
+
+
+async def test_send_now_serves_a_client_that_negotiated_deflate() -> None:
+    """A ready-made frame is for connections without extensions: with permessage-deflate the
+    message is framed (and compressed) for that connection, and the client reads them all."""
+    app = SendNowApp(limit=50)  # deflated repeats are tiny: the transport would take very many
+    async with serving(app, grace=30, deflate=True) as (base, _):
+        ws_url = base.replace("http://", "ws://") + "/"
+        async with connect(ws_url, compression="deflate", max_size=None) as ws:
+            assert ws.response is not None
+            assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+            texts = [text async for text in ws]
+    assert app.sent == 51  # 50 written at once, then one through ASGI
+    assert [int(t[:8]) for t in texts] == list(range(app.sent))
+    assert all(t == f"{i:08d}".ljust(FRAME, "x") for i, t in enumerate(texts))
