@@ -219,6 +219,10 @@ class _Conn(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._server._conns.add(self)
+        if self._server._stopping:
+            # Accepted just before the listener closed, set up after the stop took its list of
+            # connections: nothing else would close it, and a reader would keep it open.
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None or self.done:
@@ -433,15 +437,18 @@ class SSEUpstream(ThreadedServer):
         self._sessions: dict[str, _Session] = {}
         self._conns: set[_Conn] = set()  # every open transport; touched on the loop only
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost at stop
+        self._stopping = False  # set when the stop begins: a connection made later is aborted
         self._seed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _serve(self, sock: socket.socket) -> asyncio.Server:
+        self._stopping = False
         loop = asyncio.get_running_loop()
         return await loop.create_server(lambda: _Conn(self), sock=sock, backlog=BACKLOG)
 
     async def _shutdown(self) -> None:
         assert self._server is not None
+        self._stopping = True
         self._server.close()
         conns = list(self._conns)
         for conn in conns:
@@ -453,7 +460,14 @@ class SSEUpstream(ThreadedServer):
         await self._server.wait_closed()
         if self._conns:  # each socket is closed by its connection_lost callback
             self._all_closed = asyncio.Event()
-            await asyncio.wait_for(self._all_closed.wait(), CALL_TIMEOUT / 2)
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), CALL_TIMEOUT / 2)
+            except TimeoutError:
+                routed = sum(conn.session is not None for conn in self._conns)
+                raise TimeoutError(
+                    f"{len(self._conns)} connections ({routed} serving a session) still open "
+                    f"{CALL_TIMEOUT / 2:g}s after the stop aborted them"
+                ) from None
 
     # -- control -----------------------------------------------------------------------------
     def url(self, sid: str) -> str:
