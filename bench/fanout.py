@@ -103,7 +103,11 @@ MUX_RATE = 0.1  # events/s per session: 1,000 events/s over 10,000 sessions
 RAMP_FACTOR = 1.5  # shape a's offered rate grows by this much per window
 RAMP_MAX_RATE = 500.0  # events/s: 500,000 deliveries/s to 1,000 clients
 KEEP_UP = 0.95  # a window with fewer deliveries than this share of those offered fell behind
-RAMP_P99_MS = 100.0  # ... or with a p99 latency above this
+# ... or with a p99 latency above this. Not 100 ms: the one client process takes tens of ms to
+# read the 1,000 messages of one event, so even the bare broadcast() server's p99 passes 100 ms
+# at the ramp's first rate on a 2-core machine (178 ms at 10,000 deliveries/s, load 2). Every
+# window's p99 is printed: a tighter bound can be read off the table, or set here.
+RAMP_P99_MS = 1000.0
 TARGET_P99_MS = 5.0
 PROFILED = ("gateway", "worker")  # what --profile samples with py-spy
 SHAPES = ("a", "b", "m")
