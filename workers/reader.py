@@ -1,22 +1,20 @@
 """One session's upstream reader: connect, parse, publish, back off, and never give up.
 
 The reader owns no task besides the one running :meth:`Reader.run`; stopping it means cancelling
-that task, which closes the HTTP response and its socket on the way out.
+that task, which aborts the upstream connection on the way out. The connection itself is an
+:class:`~workers.http1.Http1Protocol` opened by the worker's
+:class:`~workers.upstream.UpstreamClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any
-
-import httpx
+from typing import Any, Protocol
 
 from listenerpool.backoff import reconnect_delay
 from listenerpool.envelope import envelope_parts
@@ -34,8 +32,10 @@ from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.sse import SSEEvent, SSEParser
+from workers.http1 import Http1Protocol, UpstreamBroken
 from workers.renewal import release_many
 from workers.session import HeldSession
+from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Reader:
         *,
         redis: Any,
         scripts: Scripts,
-        http: httpx.AsyncClient,
+        upstream: UpstreamClient,
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
@@ -83,13 +83,13 @@ class Reader:
         self._restore = restore
         self._redis = redis
         self._scripts = scripts
-        self._http = http
+        self._upstream = upstream
         self._settings = settings
         self._rand = rand
         self._retry_ms: int | None = None
         self._metrics = metrics if metrics is not None else WorkerMetrics()
         self.connected = asyncio.Event()
-        self._socket: socket.socket | None = None  # the current upstream connection's
+        self._stream: Http1Protocol | None = None  # the current upstream connection
         self._unreported: dict[str, str | int] | None = None  # state fields Redis did not take
         self._report_retry_at = 0.0
         #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
@@ -115,35 +115,18 @@ class Reader:
                 error, reason = str(exc), ReconnectReason.REDIS_ERROR
             except StreamError as exc:
                 error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
-            except httpx.TimeoutException as exc:
-                error = _timeout_reason(exc, self._settings)
-                reason = (
-                    ReconnectReason.IDLE_TIMEOUT
-                    if isinstance(exc, httpx.ReadTimeout)
-                    else ReconnectReason.CONNECT_ERROR
-                )
-            except httpx.TooManyRedirects:
-                limit = self._settings.max_redirects
-                error = f"upstream redirected more than LP_MAX_REDIRECTS={limit} times"
-                reason = ReconnectReason.PROTOCOL_ERROR
-            except httpx.HTTPError as exc:
-                error = f"upstream connection failed: {type(exc).__name__}: {exc}"
-                reason = (
-                    ReconnectReason.PROTOCOL_ERROR
-                    if isinstance(exc, httpx.ProtocolError | httpx.DecodingError)
-                    else ReconnectReason.CONNECT_ERROR
-                )
+            except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
+                error, reason = str(exc), exc.reason
             except REDIS_ERRORS as exc:
                 error = f"redis unavailable: {type(exc).__name__}: {exc}"
                 reason = ReconnectReason.REDIS_ERROR
                 self._metrics.redis_error["reader"].inc()
             finally:
                 self.connected.clear()
-                self._socket = None
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                # httpx's connect path (anyio happy eyeballs) can turn our cancellation into
-                # ConnectError; a stop request must still end the reader.
+                # A stop request must end the reader even if what it interrupted (a Redis call,
+                # say) turned the cancellation into an error of its own.
                 raise asyncio.CancelledError
             if delivered:
                 attempt = 0
@@ -193,10 +176,10 @@ class Reader:
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False
         self.state = "connecting"
-        async with self._http.stream("GET", s.spec.url, headers=headers) as response:
-            network = response.extensions.get("network_stream")
-            self._socket = network.get_extra_info("socket") if network is not None else None
-            check_response(response)
+        stream = await self._upstream.open(s.spec.url, headers)
+        self._stream = stream
+        try:
+            check_response(await stream.head())
             await self._report(state="listening", retries=0, last_error="")
             self.state = "listening"
             log.info(
@@ -208,7 +191,7 @@ class Reader:
             )
             self.connected.set()
             published, latency = self._metrics.events_published, self._metrics.publish_latency
-            async for chunk in response.aiter_bytes():
+            while chunk := await stream.read():
                 received = time.perf_counter()
                 await self._retry_report()
                 events = parser.feed(chunk)
@@ -223,16 +206,18 @@ class Reader:
                         f"{parser.ignored_lines} lines without any SSE field and no event: "
                         "the upstream is not sending an event stream"
                     )
+        finally:
+            self._stream = None
+            stream.abort()
         return delivered
 
     def sever(self) -> None:
         """Shut the upstream connection down now, before the task unwinds: a busy or just
         woken event loop may take a while to run the cancellation, and a fenced reader's
-        lease is about to be someone else's. The task still closes the socket itself."""
-        sock = self._socket
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed or reset
-                sock.shutdown(socket.SHUT_RDWR)
+        lease is about to be someone else's."""
+        stream = self._stream
+        if stream is not None:
+            stream.abort()
 
     async def _publish(self, events: list[SSEEvent]) -> None:
         s = self.session
@@ -324,7 +309,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def check_response(response: httpx.Response) -> None:
+class ResponseHead(Protocol):
+    """What :func:`check_response` reads of a response: its status and its headers."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def check_response(response: ResponseHead) -> None:
     """Raise the error a response head other than a 200 event stream means: permanent for
     204 and for 4xx other than 408/429, retryable (with any ``Retry-After``) otherwise."""
     status = response.status_code
@@ -363,11 +358,3 @@ def _status_reason(exc: UpstreamError) -> ReconnectReason:
     if isinstance(exc, UpstreamStatus):
         return ReconnectReason.HTTP_STATUS
     return ReconnectReason.PROTOCOL_ERROR
-
-
-def _timeout_reason(exc: httpx.TimeoutException, settings: Settings) -> str:
-    if isinstance(exc, httpx.ReadTimeout):
-        return f"no bytes from upstream for {settings.idle_timeout:g}s (idle timeout)"
-    if isinstance(exc, httpx.ConnectTimeout):
-        return f"upstream connect timed out after {settings.connect_timeout:g}s"
-    return f"upstream timed out: {type(exc).__name__}"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import httpx
 import redis.exceptions
 from rq import Queue
 
@@ -42,7 +41,7 @@ from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, release_many, renew_all
 from workers.restore import reassert_all
 from workers.session import HeldSession
-from workers.transport import StreamTransport
+from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +64,10 @@ class RunningReader:
     task: asyncio.Task[None]
 
 
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client shared by all readers of a worker.
-
-    The read timeout is the idle timeout: heartbeats count as bytes, so a stream that is
-    silent for that long belongs to a peer that vanished without a FIN.
-    """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.connect_timeout, read=settings.idle_timeout, write=10.0, pool=None
-        ),
-        transport=StreamTransport(allow=settings.allowlist, head_timeout=settings.head_timeout),
-        follow_redirects=settings.max_redirects > 0,
-        max_redirects=settings.max_redirects,
-    )
-
-
 class Worker:
     """A worker process's engine. ``redis`` (asyncio) and ``queue`` (rq, sync client) are
-    owned by the caller; the HTTP client is created and closed here unless given."""
+    owned by the caller; the upstream client (no connections of its own: each reader's
+    stream is its own) is made from the settings unless given."""
 
     def __init__(
         self,
@@ -92,7 +76,7 @@ class Worker:
         redis: Any,
         queue: Queue,
         worker_id: str | None = None,
-        http: httpx.AsyncClient | None = None,
+        upstream: UpstreamClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
@@ -102,8 +86,7 @@ class Worker:
         self._redis = redis
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
-        self._own_http = http is None
-        self._http = http or make_http_client(settings)
+        self._upstream = upstream or UpstreamClient.from_settings(settings)
         self._clock = clock
         self._rand = rand  # backoff jitter source, injectable for deterministic tests
         self._ttl_ms = int(settings.lease_ttl * 1000)
@@ -196,8 +179,6 @@ class Worker:
                     await registry.deregister(self._redis, self.worker_id)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("worker %s: could not deregister: %s", self.worker_id, exc)
-            if self._own_http:
-                await self._http.aclose()
             log.info("worker %s stopped", self.worker_id)
 
     async def _drain(self) -> None:
@@ -344,7 +325,7 @@ class Worker:
             session,
             redis=self._redis,
             scripts=self._scripts,
-            http=self._http,
+            upstream=self._upstream,
             settings=self.settings,
             rand=self._rand,
             metrics=self.metrics,
