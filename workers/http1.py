@@ -1,8 +1,8 @@
 """One upstream HTTP/1.1 exchange as an :class:`asyncio.Protocol` around an h11 connection.
 
 A worker holds thousands of idle streams, so one costs a transport, this protocol, its h11
-state and two loop timers, and nothing while no byte arrives: no read task and no timeout
-object per read. The reader sends one GET, waits for the head (bounded by the head deadline,
+state and one loop timer, and nothing while no byte arrives: no read task, no coroutine and no
+timeout object per read. The reader sends one GET, waits for the head (bounded by the head deadline,
 so a server dribbling its head byte by byte cannot hold it), then takes body bytes as they come
 (bounded by the idle timeout). Framing (chunked, Content-Length, until close) is h11's.
 """
@@ -64,14 +64,14 @@ class Http1Protocol(asyncio.Protocol):
         "_h11",
         "_head",
         "_head_deadline",
+        "_head_done",
         "_head_timeout",
-        "_head_timer",
         "_idle_timeout",
-        "_idle_timer",
         "_last_data",
         "_loop",
         "_paused",
         "_request",
+        "_timer",
         "_waiter",
         "transport",
     )
@@ -88,7 +88,8 @@ class Http1Protocol(asyncio.Protocol):
         self._request: h11.Request | None = request
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.transport: asyncio.Transport | None = None
-        self._head: ResponseHead | None = None
+        self._head: ResponseHead | None = None  # let go once the body is read
+        self._head_done = False
         self._decode: Callable[[bytes], bytes] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -101,28 +102,42 @@ class Http1Protocol(asyncio.Protocol):
         self._last_data = self._loop.time()
         self._head_timeout = head_timeout
         self._head_deadline = head_deadline
-        # Timers start with the connection: a protocol whose connect failed leaves none behind.
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # The one timer (head deadline, then idle timeout) starts with the connection: a
+        # protocol whose connect failed leaves none behind.
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- the reader's side -------------------------------------------------------------------
     async def head(self) -> ResponseHead:
         """The response head, once complete; raises what ended the exchange before it."""
-        while self._head is None:
+        while not self._head_done:
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            await self.readable()
+        assert self._head is not None, "the head is let go once the body is read"
         return self._head
 
     async def read(self) -> bytes:
         """The body bytes received since the last call (waiting for some), or ``b""`` once
         the body is complete; raises what ended the exchange (after the bytes before it)."""
-        while not self._chunks:
+        while (data := self.take()) is None:
+            await self.readable()
+        return data
+
+    def readable(self) -> asyncio.Future[None]:
+        """Done when there is news for :meth:`take` (or :meth:`head`). A plain future, so an
+        idle reader awaiting it keeps no coroutine of this class alive."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = self._loop.create_future()
+        return waiter
+
+    def take(self) -> bytes | None:
+        """What :meth:`read` returns, without waiting: None when nothing came yet."""
+        self._head = None  # read by now; an idle stream should not keep its headers
+        if not self._chunks:
             if self._error is not None:
                 raise self._error
-            if self._done:
-                return b""
-            await self._wait()
+            return b"" if self._done else None
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -134,8 +149,8 @@ class Http1Protocol(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close the connection now (no TLS close_notify, no waiting for buffered writes) and
-        stop the timers; what the reader awaits ends as closed."""
-        self._stop_timers()
+        stop the timer; what the reader awaits ends as closed."""
+        self._stop_timer()
         transport = self.transport
         if transport is not None:
             sock = transport.get_extra_info("socket")
@@ -147,15 +162,8 @@ class Http1Protocol(asyncio.Protocol):
             transport.abort()
         self._fail(_closed())
 
-    async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _wake(self) -> None:
-        waiter = self._waiter
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -164,9 +172,7 @@ class Http1Protocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._last_data = self._loop.time()
-        self._idle_timer = self._loop.call_at(self._last_data + self._idle_timeout, self._idle)
-        if self._head_deadline is not None:
-            self._head_timer = self._loop.call_at(self._head_deadline, self._head_late)
+        self._timer = self._loop.call_at(self._next_due(), self._tick)
         request, self._request = self._request, None
         assert request is not None
         try:
@@ -190,7 +196,7 @@ class Http1Protocol(asyncio.Protocol):
             self._fail(_broken(exc))
         else:
             self._receive(b"")  # h11 decides: a body read until close ends, any other is cut
-        self._stop_timers()
+        self._stop_timer()
         self._fail(_closed())
 
     # -- h11 ---------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ class Http1Protocol(asyncio.Protocol):
                         assert self.transport is not None
                         self.transport.pause_reading()
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                if self._head is None:
+                if not self._head_done:
                     raise h11.RemoteProtocolError("Server disconnected without sending a response.")
                 self._done = True
                 return
@@ -241,9 +247,7 @@ class Http1Protocol(asyncio.Protocol):
             key, text = name.decode("latin-1"), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self._head = ResponseHead(event.status_code, headers)
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_done = True
         self._decode = content_decoder(headers.get("content-encoding", ""))
 
     # -- endings -----------------------------------------------------------------------------
@@ -254,19 +258,27 @@ class Http1Protocol(asyncio.Protocol):
         self._wake()
 
     def _close(self) -> None:
-        self._stop_timers()
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
 
-    def _stop_timers(self) -> None:
-        for timer in (self._head_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._idle_timer = None
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self._head is None and self._error is None:
+    def _next_due(self) -> float:
+        due = self._last_data + self._idle_timeout
+        if not self._head_done and self._head_deadline is not None:
+            due = min(due, self._head_deadline)
+        return due
+
+    def _tick(self) -> None:
+        # Moved on only when it fires, so a byte received costs no timer. A complete head ends
+        # the head deadline; the idle timeout counts while the reader waits for bytes.
+        self._timer = None
+        now = self._loop.time()
+        if not self._head_done and self._head_deadline is not None and now >= self._head_deadline:
             self._fail(
                 UpstreamError(
                     f"upstream sent no complete response head within "
@@ -275,17 +287,13 @@ class Http1Protocol(asyncio.Protocol):
                 )
             )
             self._close()
-
-    def _idle(self) -> None:
-        # One timer per connection, moved on only when it fires: a byte does not cost a timer.
-        now = self._loop.time()
-        due = self._last_data + self._idle_timeout
-        if self._chunks or self._paused:
-            due = now + self._idle_timeout  # the reader has bytes to take: not idle
-        if due > now:
-            self._idle_timer = self._loop.call_at(due, self._idle)
             return
-        self._idle_timer = None
+        if self._chunks or self._paused:
+            self._last_data = now  # the reader has bytes to take: not idle
+        due = self._next_due()
+        if due > now:
+            self._timer = self._loop.call_at(due, self._tick)
+            return
         self._fail(
             UpstreamBroken(
                 f"no bytes from upstream for {self._idle_timeout:g}s (idle timeout)",

@@ -88,12 +88,21 @@ class Reader:
         self._rand = rand
         self._retry_ms: int | None = None
         self._metrics = metrics if metrics is not None else WorkerMetrics()
-        self.connected = asyncio.Event()
+        self._connected: asyncio.Event | None = None  # made when asked for: few ever are
         self._stream: Http1Protocol | None = None  # the current upstream connection
         self._unreported: dict[str, str | int] | None = None  # state fields Redis did not take
         self._report_retry_at = 0.0
         #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
         self.state = "connecting"
+
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while the reader listens to an upstream that answered with an event stream."""
+        if self._connected is None:
+            self._connected = asyncio.Event()
+            if self._stream is not None and self.state == "listening":
+                self._connected.set()
+        return self._connected
 
     async def run(self) -> None:
         s = self.session
@@ -122,7 +131,8 @@ class Reader:
                 reason = ReconnectReason.REDIS_ERROR
                 self._metrics.redis_error["reader"].inc()
             finally:
-                self.connected.clear()
+                if self._connected is not None:
+                    self._connected.clear()
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # A stop request must end the reader even if what it interrupted (a Redis call,
@@ -168,15 +178,10 @@ class Reader:
             s.last_id = _text(last_id)
             s.seq = int(seq or 0)
         last_id = s.last_id
-        headers = dict(s.spec.headers)
-        headers["Accept"] = "text/event-stream"
-        headers["Cache-Control"] = "no-cache"
-        if last_id:
-            headers["Last-Event-ID"] = last_id
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False
         self.state = "connecting"
-        stream = await self._upstream.open(s.spec.url, headers)
+        stream = await self._upstream.open(s.spec.url, _request_headers(s.spec.headers, last_id))
         self._stream = stream
         try:
             check_response(await stream.head())
@@ -189,9 +194,16 @@ class Reader:
                 last_id,
                 extra={"state": "listening"},
             )
-            self.connected.set()
+            if self._connected is not None:
+                self._connected.set()
             published, latency = self._metrics.events_published, self._metrics.publish_latency
-            while chunk := await stream.read():
+            while True:
+                chunk = stream.take()
+                if chunk is None:
+                    await stream.readable()  # a bare future: no coroutine kept while idle
+                    continue
+                if not chunk:
+                    break
                 received = time.perf_counter()
                 await self._retry_report()
                 events = parser.feed(chunk)
@@ -301,6 +313,15 @@ class Reader:
         self.state = "failed"
         log.warning("session %s: failed permanently: %s", s.sid, reason, extra={"state": "failed"})
         await release_many(self._redis, self._scripts, [(s.keys, s.lease_value)], "failed", reason)
+
+
+def _request_headers(given: Mapping[str, str], last_id: str) -> dict[str, str]:
+    headers = dict(given)
+    headers["Accept"] = "text/event-stream"
+    headers["Cache-Control"] = "no-cache"
+    if last_id:
+        headers["Last-Event-ID"] = last_id
+    return headers
 
 
 def _text(value: Any) -> str:
