@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import zlib
 from collections.abc import Callable
@@ -51,7 +52,9 @@ class Http1Protocol(asyncio.Protocol):
     ``head_deadline`` (a loop time, None: none) ends the exchange with
     :class:`~listenerpool.errors.UpstreamError` unless the head is complete by then;
     ``idle_timeout`` (s) ends it with :class:`UpstreamBroken` after that long without a byte
-    while the reader waits for one.
+    while the reader waits for one. The timer runs in ``timer_context`` (None: a copy of the
+    context at each scheduling, asyncio's default; a copy per timer is memory an idle stream
+    need not keep).
     """
 
     __slots__ = (
@@ -72,6 +75,7 @@ class Http1Protocol(asyncio.Protocol):
         "_paused",
         "_request",
         "_timer",
+        "_timer_context",
         "_waiter",
         "transport",
     )
@@ -83,6 +87,7 @@ class Http1Protocol(asyncio.Protocol):
         head_deadline: float | None,
         head_timeout: float | None,
         idle_timeout: float,
+        timer_context: contextvars.Context | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._request: h11.Request | None = request
@@ -99,6 +104,7 @@ class Http1Protocol(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._idle_timeout = idle_timeout
+        self._timer_context = timer_context
         self._last_data = self._loop.time()
         self._head_timeout = head_timeout
         self._head_deadline = head_deadline
@@ -172,7 +178,7 @@ class Http1Protocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._last_data = self._loop.time()
-        self._timer = self._loop.call_at(self._next_due(), self._tick)
+        self._timer = self._loop.call_at(self._next_due(), self._tick, context=self._timer_context)
         request, self._request = self._request, None
         assert request is not None
         try:
@@ -292,7 +298,7 @@ class Http1Protocol(asyncio.Protocol):
             self._last_data = now  # the reader has bytes to take: not idle
         due = self._next_due()
         if due > now:
-            self._timer = self._loop.call_at(due, self._tick)
+            self._timer = self._loop.call_at(due, self._tick, context=self._timer_context)
             return
         self._fail(
             UpstreamBroken(

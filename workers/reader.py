@@ -59,10 +59,11 @@ Restore = Callable[[HeldSession, int], Awaitable[bool]]
 class Reader:
     """Reads one session's upstream until cancelled, or until the upstream rejects it for good.
 
-    ``run`` returns normally only after a permanent failure (recorded as ``failed`` in the
-    session state, lease released) and raises :class:`NotOwner` when a publish is refused.
-    When Redis has lost the session's keys, ``restore`` (the worker's re-assertion) is asked to
-    write them back before the reader goes on; without it, that too is :class:`NotOwner`.
+    ``run`` returns after a permanent failure (recorded as ``failed`` in the session state,
+    lease released), when a publish is refused (:class:`NotOwner`) and after a bug (the
+    session handed back). When Redis has lost the session's keys, ``restore`` (the worker's
+    re-assertion) is asked to write them back before the reader goes on; without it, that too
+    is :class:`NotOwner`. ``on_exit`` is called with the reader as ``run`` ends, however.
     Every other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
     full-jitter backoff for as long as the task lives.
     """
@@ -78,8 +79,10 @@ class Reader:
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
         restore: Restore | None = None,
+        on_exit: Callable[[Reader], None] | None = None,
     ) -> None:
         self.session = session
+        self._on_exit = on_exit
         self._restore = restore
         self._redis = redis
         self._scripts = scripts
@@ -105,65 +108,83 @@ class Reader:
         return self._connected
 
     async def run(self) -> None:
+        """Read until cancelled; never raises anything else. A refused publish
+        (:class:`NotOwner`) ends it with a warning, a permanent failure with the session
+        ``failed``, and a bug with the session handed back, so that one reader cannot take the
+        worker's others down with it. One frame for all of it: every idle listener keeps it."""
         s = self.session
         attempt = 0
-        while True:
-            delivered = False
-            floor_s: float | None = None
+        try:
+            while True:
+                delivered = False
+                floor_s: float | None = None
+                try:
+                    delivered = await self._listen_once()
+                    error, reason = "upstream closed the stream", ReconnectReason.EOF
+                except (UpstreamRejected, UpstreamNotAllowed) as exc:
+                    await self._fail(str(exc))
+                    return
+                except UpstreamError as exc:
+                    error, reason = str(exc), _status_reason(exc)
+                    floor_s = exc.retry_after
+                except PositionMoved as exc:
+                    # A re-sent publish found its batch applied: a Redis connection error's echo.
+                    error, reason = str(exc), ReconnectReason.REDIS_ERROR
+                except StreamError as exc:
+                    error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
+                except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
+                    error, reason = str(exc), exc.reason
+                except REDIS_ERRORS as exc:
+                    error = f"redis unavailable: {type(exc).__name__}: {exc}"
+                    reason = ReconnectReason.REDIS_ERROR
+                    self._metrics.redis_error["reader"].inc()
+                finally:
+                    if self._connected is not None:
+                        self._connected.clear()
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # A stop request must end the reader even if what it interrupted (a Redis call,
+                    # say) turned the cancellation into an error of its own.
+                    raise asyncio.CancelledError
+                if delivered:
+                    attempt = 0
+                retry_ms = self._retry_ms
+                if floor_s is not None:
+                    retry_ms = max(retry_ms or 0, int(floor_s * 1000))
+                delay = reconnect_delay(
+                    attempt,
+                    base=self._settings.backoff_base,
+                    cap=self._settings.backoff_cap,
+                    server_retry_ms=retry_ms,
+                    rand=self._rand,
+                )
+                attempt += 1
+                self._metrics.reconnects[reason].inc()
+                self._metrics.backoff_seconds.inc(delay)
+                self.state = "backoff"
+                log.info(
+                    "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
+                    s.sid,
+                    error,
+                    delay,
+                    attempt,
+                    extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
+                )
+                await self._report(state="backoff", retries=attempt, last_error=error)
+                await asyncio.sleep(delay)
+
+        except NotOwner as exc:
+            log.warning("session %s: %s; reader stopped", s.sid, exc)
+        except Exception:
+            log.exception("session %s: reader crashed; handing the session back", s.sid)
             try:
-                delivered = await self._listen_once()
-                error, reason = "upstream closed the stream", ReconnectReason.EOF
-            except (UpstreamRejected, UpstreamNotAllowed) as exc:
-                await self._fail(str(exc))
-                return
-            except UpstreamError as exc:
-                error, reason = str(exc), _status_reason(exc)
-                floor_s = exc.retry_after
-            except PositionMoved as exc:
-                # A re-sent publish found its batch applied: a Redis connection error's echo.
-                error, reason = str(exc), ReconnectReason.REDIS_ERROR
-            except StreamError as exc:
-                error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
-            except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
-                error, reason = str(exc), exc.reason
-            except REDIS_ERRORS as exc:
-                error = f"redis unavailable: {type(exc).__name__}: {exc}"
-                reason = ReconnectReason.REDIS_ERROR
-                self._metrics.redis_error["reader"].inc()
-            finally:
-                if self._connected is not None:
-                    self._connected.clear()
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # A stop request must end the reader even if what it interrupted (a Redis call,
-                # say) turned the cancellation into an error of its own.
-                raise asyncio.CancelledError
-            if delivered:
-                attempt = 0
-            retry_ms = self._retry_ms
-            if floor_s is not None:
-                retry_ms = max(retry_ms or 0, int(floor_s * 1000))
-            delay = reconnect_delay(
-                attempt,
-                base=self._settings.backoff_base,
-                cap=self._settings.backoff_cap,
-                server_retry_ms=retry_ms,
-                rand=self._rand,
-            )
-            attempt += 1
-            self._metrics.reconnects[reason].inc()
-            self._metrics.backoff_seconds.inc(delay)
-            self.state = "backoff"
-            log.info(
-                "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
-                s.sid,
-                error,
-                delay,
-                attempt,
-                extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
-            )
-            await self._report(state="backoff", retries=attempt, last_error=error)
-            await asyncio.sleep(delay)
+                held = [(s.keys, s.lease_value)]
+                await release_many(self._redis, self._scripts, held, "handoff", "reader crashed")
+            except Exception as exc:
+                log.warning("session %s: release failed (lease will lapse): %s", s.sid, exc)
+        finally:
+            if self._on_exit is not None:
+                self._on_exit(self)
 
     async def _listen_once(self) -> bool:
         """One connection. Returns whether it delivered any event; raises on every failure."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import os
 import ssl
 from collections.abc import Callable, Mapping
@@ -122,6 +123,9 @@ class UpstreamClient:
         self._idle_timeout = idle_timeout
         self._max_redirects = max_redirects
         self._ssl_context = ssl_context
+        # The streams' timers share one empty context (they log nothing): a worker's streams
+        # all run on its one loop, so it is never entered twice at once.
+        self._timer_context = contextvars.Context()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamClient:
@@ -185,6 +189,7 @@ class UpstreamClient:
                 head_deadline=deadline,
                 head_timeout=self._head_timeout,
                 idle_timeout=self._idle_timeout,
+                timer_context=self._timer_context,
             )
 
         protocol = await self._connect(target, stream)

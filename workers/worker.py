@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from rq import Queue
 from listenerpool import index, keys
 from listenerpool.connections import check_server
 from listenerpool.control import SessionControl
-from listenerpool.errors import InvalidInput, NotOwner
+from listenerpool.errors import InvalidInput
 from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context
 from listenerpool.metrics import WorkerMetrics
@@ -330,26 +331,25 @@ class Worker:
             rand=self._rand,
             metrics=self.metrics,
             restore=self.restore,
+            on_exit=self._reader_ended,
         )
-        task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
+        # The reader's task runs Reader.run itself, no wrapper coroutine: every idle listener
+        # would keep one. Its log fields go into the task's own copy of the context, and
+        # Reader.run raises nothing but CancelledError, so the group never sees a failure.
+        context = contextvars.copy_context()
+        context.run(bind_log_context, session=session.sid, epoch=session.epoch)
+        task = self._tg.create_task(reader.run(), name=f"reader:{session.sid}", context=context)
         self._readers[session.sid] = RunningReader(session, reader, task)
         self._feed.capacity_changed()
 
-    async def _run_reader(self, session: HeldSession, reader: Reader) -> None:
-        bind_log_context(session=session.sid, epoch=session.epoch)  # this task's own context
-        try:
-            await reader.run()
-        except NotOwner as exc:
-            log.warning("session %s: %s; reader stopped", session.sid, exc)
-        except Exception:
-            # A bug must not take the worker (and every other reader) down with it.
-            log.exception("session %s: reader crashed; handing the session back", session.sid)
-            await self._release(session.keys, session.lease_value, "handoff", "reader crashed")
-        finally:
-            running = self._readers.get(session.sid)
-            if running is not None and running.reader is reader:
-                del self._readers[session.sid]
-                self._feed.capacity_changed()
+    def _reader_ended(self, reader: Reader) -> None:
+        """Called by ``reader`` as its run ends, inside its task: whoever awaits the task
+        (a stop, a restart with a new spec) finds the session gone from the readers."""
+        sid = reader.session.sid
+        running = self._readers.get(sid)
+        if running is not None and running.reader is reader:
+            del self._readers[sid]
+            self._feed.capacity_changed()
 
     async def stop_reader(self, sid: str, reason: StopReason) -> None:
         """Stop the reader of ``sid`` (its socket is closed before this returns), then release
