@@ -141,11 +141,7 @@ class Reader:
                 finally:
                     if self._connected is not None:
                         self._connected.clear()
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    # A stop request must end the reader even if what it interrupted (a Redis call,
-                    # say) turned the cancellation into an error of its own.
-                    raise asyncio.CancelledError
+                _end_if_stopping()
                 if delivered:
                     attempt = 0
                 retry_ms = self._retry_ms
@@ -202,6 +198,7 @@ class Reader:
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False
         self.state = "connecting"
+        _end_if_stopping()
         stream = await self._upstream.open(s.spec.url, _request_headers(s.spec.headers, last_id))
         self._stream = stream
         try:
@@ -334,6 +331,16 @@ class Reader:
         self.state = "failed"
         log.warning("session %s: failed permanently: %s", s.sid, reason, extra={"state": "failed"})
         await release_many(self._redis, self._scripts, [(s.keys, s.lease_value)], "failed", reason)
+
+
+def _end_if_stopping() -> None:
+    """Raise CancelledError if the task has a stop request pending. A Redis call can swallow
+    a cancellation (redis-py's wait_for may return the reply instead), or turn it into an error
+    of its own; the stopper cancels again soon, but a fenced reader must not open a connection
+    meanwhile (one did, right after a frozen worker woke, while the new owner's was open)."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError
 
 
 def _request_headers(given: Mapping[str, str], last_id: str) -> dict[str, str]:
