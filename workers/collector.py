@@ -1,10 +1,10 @@
 """Garbage-collector settings for a worker process.
 
-A worker holds thousands of readers, each with an await chain (httpx -> httpcore -> anyio) that
-is alive whenever the collector runs. With CPython's default thresholds (700, 10, 10) the young
-generations are collected dozens of times a second, every pass walks those live chains, and a
-pass of 5-40 ms stalls every reader on the loop. The net growth of tracked objects comes from
-the reference cycles the streams leave behind, so a much larger first threshold makes
+A worker holds thousands of readers, each with a task, its await chain and its connection's
+objects, all alive whenever the collector runs. With CPython's default thresholds (700, 10, 10)
+the young generations are collected dozens of times a second, every pass walks those live
+chains, and a pass of 5-40 ms stalls every reader on the loop. The net growth of tracked objects
+comes from the reference cycles the streams leave behind, so a much larger first threshold makes
 collections rare (about one every 10 s at 1,000 sessions and 1,000 events/s) without letting
 garbage grow unbounded. ``bench/README.md`` has the measurements.
 """

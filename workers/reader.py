@@ -1,22 +1,20 @@
 """One session's upstream reader: connect, parse, publish, back off, and never give up.
 
 The reader owns no task besides the one running :meth:`Reader.run`; stopping it means cancelling
-that task, which closes the HTTP response and its socket on the way out.
+that task, which aborts the upstream connection on the way out. The connection itself is an
+:class:`~workers.http1.Http1Protocol` opened by the worker's
+:class:`~workers.upstream.UpstreamClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any
-
-import httpx
+from typing import Any, Protocol
 
 from listenerpool.backoff import reconnect_delay
 from listenerpool.envelope import envelope_parts
@@ -34,8 +32,10 @@ from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.sse import SSEEvent, SSEParser
+from workers.http1 import Http1Protocol, UpstreamBroken
 from workers.renewal import release_many
 from workers.session import HeldSession
+from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ Restore = Callable[[HeldSession, int], Awaitable[bool]]
 class Reader:
     """Reads one session's upstream until cancelled, or until the upstream rejects it for good.
 
-    ``run`` returns normally only after a permanent failure (recorded as ``failed`` in the
-    session state, lease released) and raises :class:`NotOwner` when a publish is refused.
-    When Redis has lost the session's keys, ``restore`` (the worker's re-assertion) is asked to
-    write them back before the reader goes on; without it, that too is :class:`NotOwner`.
+    ``run`` returns after a permanent failure (recorded as ``failed`` in the session state,
+    lease released), when a publish is refused (:class:`NotOwner`) and after a bug (the
+    session handed back). When Redis has lost the session's keys, ``restore`` (the worker's
+    re-assertion) is asked to write them back before the reader goes on; without it, that too
+    is :class:`NotOwner`. ``on_exit`` is called with the reader as ``run`` ends, however.
     Every other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
     full-jitter backoff for as long as the task lives.
     """
@@ -73,104 +74,113 @@ class Reader:
         *,
         redis: Any,
         scripts: Scripts,
-        http: httpx.AsyncClient,
+        upstream: UpstreamClient,
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
         restore: Restore | None = None,
+        on_exit: Callable[[Reader], None] | None = None,
     ) -> None:
         self.session = session
+        self._on_exit = on_exit
         self._restore = restore
         self._redis = redis
         self._scripts = scripts
-        self._http = http
+        self._upstream = upstream
         self._settings = settings
         self._rand = rand
         self._retry_ms: int | None = None
         self._metrics = metrics if metrics is not None else WorkerMetrics()
-        self.connected = asyncio.Event()
-        self._socket: socket.socket | None = None  # the current upstream connection's
+        self._connected: asyncio.Event | None = None  # made when asked for: few ever are
+        self._stream: Http1Protocol | None = None  # the current upstream connection
         self._unreported: dict[str, str | int] | None = None  # state fields Redis did not take
         self._report_retry_at = 0.0
         #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
         self.state = "connecting"
 
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while the reader listens to an upstream that answered with an event stream."""
+        if self._connected is None:
+            self._connected = asyncio.Event()
+            if self._stream is not None and self.state == "listening":
+                self._connected.set()
+        return self._connected
+
     async def run(self) -> None:
+        """Read until cancelled; never raises anything else. A refused publish
+        (:class:`NotOwner`) ends it with a warning, a permanent failure with the session
+        ``failed``, and a bug with the session handed back, so that one reader cannot take the
+        worker's others down with it. One frame for all of it: every idle listener keeps it."""
         s = self.session
         attempt = 0
-        while True:
-            delivered = False
-            floor_s: float | None = None
+        try:
+            while True:
+                delivered = False
+                floor_s: float | None = None
+                try:
+                    delivered = await self._listen_once()
+                    error, reason = "upstream closed the stream", ReconnectReason.EOF
+                except (UpstreamRejected, UpstreamNotAllowed) as exc:
+                    await self._fail(str(exc))
+                    return
+                except UpstreamError as exc:
+                    error, reason = str(exc), _status_reason(exc)
+                    floor_s = exc.retry_after
+                except PositionMoved as exc:
+                    # A re-sent publish found its batch applied: a Redis connection error's echo.
+                    error, reason = str(exc), ReconnectReason.REDIS_ERROR
+                except StreamError as exc:
+                    error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
+                except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
+                    error, reason = str(exc), exc.reason
+                except REDIS_ERRORS as exc:
+                    error = f"redis unavailable: {type(exc).__name__}: {exc}"
+                    reason = ReconnectReason.REDIS_ERROR
+                    self._metrics.redis_error["reader"].inc()
+                finally:
+                    if self._connected is not None:
+                        self._connected.clear()
+                _end_if_stopping()
+                if delivered:
+                    attempt = 0
+                retry_ms = self._retry_ms
+                if floor_s is not None:
+                    retry_ms = max(retry_ms or 0, int(floor_s * 1000))
+                delay = reconnect_delay(
+                    attempt,
+                    base=self._settings.backoff_base,
+                    cap=self._settings.backoff_cap,
+                    server_retry_ms=retry_ms,
+                    rand=self._rand,
+                )
+                attempt += 1
+                self._metrics.reconnects[reason].inc()
+                self._metrics.backoff_seconds.inc(delay)
+                self.state = "backoff"
+                log.info(
+                    "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
+                    s.sid,
+                    error,
+                    delay,
+                    attempt,
+                    extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
+                )
+                await self._report(state="backoff", retries=attempt, last_error=error)
+                await asyncio.sleep(delay)
+
+        except NotOwner as exc:
+            log.warning("session %s: %s; reader stopped", s.sid, exc)
+        except Exception:
+            log.exception("session %s: reader crashed; handing the session back", s.sid)
             try:
-                delivered = await self._listen_once()
-                error, reason = "upstream closed the stream", ReconnectReason.EOF
-            except (UpstreamRejected, UpstreamNotAllowed) as exc:
-                await self._fail(str(exc))
-                return
-            except UpstreamError as exc:
-                error, reason = str(exc), _status_reason(exc)
-                floor_s = exc.retry_after
-            except PositionMoved as exc:
-                # A re-sent publish found its batch applied: a Redis connection error's echo.
-                error, reason = str(exc), ReconnectReason.REDIS_ERROR
-            except StreamError as exc:
-                error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
-            except httpx.TimeoutException as exc:
-                error = _timeout_reason(exc, self._settings)
-                reason = (
-                    ReconnectReason.IDLE_TIMEOUT
-                    if isinstance(exc, httpx.ReadTimeout)
-                    else ReconnectReason.CONNECT_ERROR
-                )
-            except httpx.TooManyRedirects:
-                limit = self._settings.max_redirects
-                error = f"upstream redirected more than LP_MAX_REDIRECTS={limit} times"
-                reason = ReconnectReason.PROTOCOL_ERROR
-            except httpx.HTTPError as exc:
-                error = f"upstream connection failed: {type(exc).__name__}: {exc}"
-                reason = (
-                    ReconnectReason.PROTOCOL_ERROR
-                    if isinstance(exc, httpx.ProtocolError | httpx.DecodingError)
-                    else ReconnectReason.CONNECT_ERROR
-                )
-            except REDIS_ERRORS as exc:
-                error = f"redis unavailable: {type(exc).__name__}: {exc}"
-                reason = ReconnectReason.REDIS_ERROR
-                self._metrics.redis_error["reader"].inc()
-            finally:
-                self.connected.clear()
-                self._socket = None
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # httpx's connect path (anyio happy eyeballs) can turn our cancellation into
-                # ConnectError; a stop request must still end the reader.
-                raise asyncio.CancelledError
-            if delivered:
-                attempt = 0
-            retry_ms = self._retry_ms
-            if floor_s is not None:
-                retry_ms = max(retry_ms or 0, int(floor_s * 1000))
-            delay = reconnect_delay(
-                attempt,
-                base=self._settings.backoff_base,
-                cap=self._settings.backoff_cap,
-                server_retry_ms=retry_ms,
-                rand=self._rand,
-            )
-            attempt += 1
-            self._metrics.reconnects[reason].inc()
-            self._metrics.backoff_seconds.inc(delay)
-            self.state = "backoff"
-            log.info(
-                "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
-                s.sid,
-                error,
-                delay,
-                attempt,
-                extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
-            )
-            await self._report(state="backoff", retries=attempt, last_error=error)
-            await asyncio.sleep(delay)
+                held = [(s.keys, s.lease_value)]
+                await release_many(self._redis, self._scripts, held, "handoff", "reader crashed")
+            except Exception as exc:
+                log.warning("session %s: release failed (lease will lapse): %s", s.sid, exc)
+        finally:
+            if self._on_exit is not None:
+                self._on_exit(self)
 
     async def _listen_once(self) -> bool:
         """One connection. Returns whether it delivered any event; raises on every failure."""
@@ -185,18 +195,14 @@ class Reader:
             s.last_id = _text(last_id)
             s.seq = int(seq or 0)
         last_id = s.last_id
-        headers = dict(s.spec.headers)
-        headers["Accept"] = "text/event-stream"
-        headers["Cache-Control"] = "no-cache"
-        if last_id:
-            headers["Last-Event-ID"] = last_id
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False
         self.state = "connecting"
-        async with self._http.stream("GET", s.spec.url, headers=headers) as response:
-            network = response.extensions.get("network_stream")
-            self._socket = network.get_extra_info("socket") if network is not None else None
-            check_response(response)
+        _end_if_stopping()
+        stream = await self._upstream.open(s.spec.url, _request_headers(s.spec.headers, last_id))
+        self._stream = stream
+        try:
+            check_response(await stream.head())
             await self._report(state="listening", retries=0, last_error="")
             self.state = "listening"
             log.info(
@@ -206,9 +212,16 @@ class Reader:
                 last_id,
                 extra={"state": "listening"},
             )
-            self.connected.set()
+            if self._connected is not None:
+                self._connected.set()
             published, latency = self._metrics.events_published, self._metrics.publish_latency
-            async for chunk in response.aiter_bytes():
+            while True:
+                chunk = stream.take()
+                if chunk is None:
+                    await stream.readable()  # a bare future: no coroutine kept while idle
+                    continue
+                if not chunk:
+                    break
                 received = time.perf_counter()
                 await self._retry_report()
                 events = parser.feed(chunk)
@@ -223,16 +236,18 @@ class Reader:
                         f"{parser.ignored_lines} lines without any SSE field and no event: "
                         "the upstream is not sending an event stream"
                     )
+        finally:
+            self._stream = None
+            stream.abort()
         return delivered
 
     def sever(self) -> None:
         """Shut the upstream connection down now, before the task unwinds: a busy or just
         woken event loop may take a while to run the cancellation, and a fenced reader's
-        lease is about to be someone else's. The task still closes the socket itself."""
-        sock = self._socket
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed or reset
-                sock.shutdown(socket.SHUT_RDWR)
+        lease is about to be someone else's."""
+        stream = self._stream
+        if stream is not None:
+            stream.abort()
 
     async def _publish(self, events: list[SSEEvent]) -> None:
         s = self.session
@@ -318,13 +333,42 @@ class Reader:
         await release_many(self._redis, self._scripts, [(s.keys, s.lease_value)], "failed", reason)
 
 
+def _end_if_stopping() -> None:
+    """Raise CancelledError if the task has a stop request pending. A Redis call can swallow
+    a cancellation (redis-py's wait_for may return the reply instead), or turn it into an error
+    of its own; the stopper cancels again soon, but a fenced reader must not open a connection
+    meanwhile (one did, right after a frozen worker woke, while the new owner's was open)."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError
+
+
+def _request_headers(given: Mapping[str, str], last_id: str) -> dict[str, str]:
+    headers = dict(given)
+    headers["Accept"] = "text/event-stream"
+    headers["Cache-Control"] = "no-cache"
+    if last_id:
+        headers["Last-Event-ID"] = last_id
+    return headers
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def check_response(response: httpx.Response) -> None:
+class ResponseHead(Protocol):
+    """What :func:`check_response` reads of a response: its status and its headers."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def check_response(response: ResponseHead) -> None:
     """Raise the error a response head other than a 200 event stream means: permanent for
     204 and for 4xx other than 408/429, retryable (with any ``Retry-After``) otherwise."""
     status = response.status_code
@@ -363,11 +407,3 @@ def _status_reason(exc: UpstreamError) -> ReconnectReason:
     if isinstance(exc, UpstreamStatus):
         return ReconnectReason.HTTP_STATUS
     return ReconnectReason.PROTOCOL_ERROR
-
-
-def _timeout_reason(exc: httpx.TimeoutException, settings: Settings) -> str:
-    if isinstance(exc, httpx.ReadTimeout):
-        return f"no bytes from upstream for {settings.idle_timeout:g}s (idle timeout)"
-    if isinstance(exc, httpx.ConnectTimeout):
-        return f"upstream connect timed out after {settings.connect_timeout:g}s"
-    return f"upstream timed out: {type(exc).__name__}"

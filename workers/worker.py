@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import random
@@ -20,14 +21,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import httpx
 import redis.exceptions
 from rq import Queue
 
 from listenerpool import index, keys
 from listenerpool.connections import check_server
 from listenerpool.control import SessionControl
-from listenerpool.errors import InvalidInput, NotOwner
+from listenerpool.errors import InvalidInput
 from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context
 from listenerpool.metrics import WorkerMetrics
@@ -42,7 +42,7 @@ from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, release_many, renew_all
 from workers.restore import reassert_all
 from workers.session import HeldSession
-from workers.transport import StreamTransport
+from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,10 @@ class RunningReader:
     task: asyncio.Task[None]
 
 
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client shared by all readers of a worker.
-
-    The read timeout is the idle timeout: heartbeats count as bytes, so a stream that is
-    silent for that long belongs to a peer that vanished without a FIN.
-    """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.connect_timeout, read=settings.idle_timeout, write=10.0, pool=None
-        ),
-        transport=StreamTransport(allow=settings.allowlist, head_timeout=settings.head_timeout),
-        follow_redirects=settings.max_redirects > 0,
-        max_redirects=settings.max_redirects,
-    )
-
-
 class Worker:
     """A worker process's engine. ``redis`` (asyncio) and ``queue`` (rq, sync client) are
-    owned by the caller; the HTTP client is created and closed here unless given."""
+    owned by the caller; the upstream client (no connections of its own: each reader's
+    stream is its own) is made from the settings unless given."""
 
     def __init__(
         self,
@@ -92,7 +77,7 @@ class Worker:
         redis: Any,
         queue: Queue,
         worker_id: str | None = None,
-        http: httpx.AsyncClient | None = None,
+        upstream: UpstreamClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[float, float], float] = random.uniform,
         metrics: WorkerMetrics | None = None,
@@ -102,8 +87,7 @@ class Worker:
         self._redis = redis
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
-        self._own_http = http is None
-        self._http = http or make_http_client(settings)
+        self._upstream = upstream or UpstreamClient.from_settings(settings)
         self._clock = clock
         self._rand = rand  # backoff jitter source, injectable for deterministic tests
         self._ttl_ms = int(settings.lease_ttl * 1000)
@@ -196,8 +180,6 @@ class Worker:
                     await registry.deregister(self._redis, self.worker_id)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("worker %s: could not deregister: %s", self.worker_id, exc)
-            if self._own_http:
-                await self._http.aclose()
             log.info("worker %s stopped", self.worker_id)
 
     async def _drain(self) -> None:
@@ -344,31 +326,30 @@ class Worker:
             session,
             redis=self._redis,
             scripts=self._scripts,
-            http=self._http,
+            upstream=self._upstream,
             settings=self.settings,
             rand=self._rand,
             metrics=self.metrics,
             restore=self.restore,
+            on_exit=self._reader_ended,
         )
-        task = self._tg.create_task(self._run_reader(session, reader), name=f"reader:{session.sid}")
+        # The reader's task runs Reader.run itself, no wrapper coroutine: every idle listener
+        # would keep one. Its log fields go into the task's own copy of the context, and
+        # Reader.run raises nothing but CancelledError, so the group never sees a failure.
+        context = contextvars.copy_context()
+        context.run(bind_log_context, session=session.sid, epoch=session.epoch)
+        task = self._tg.create_task(reader.run(), name=f"reader:{session.sid}", context=context)
         self._readers[session.sid] = RunningReader(session, reader, task)
         self._feed.capacity_changed()
 
-    async def _run_reader(self, session: HeldSession, reader: Reader) -> None:
-        bind_log_context(session=session.sid, epoch=session.epoch)  # this task's own context
-        try:
-            await reader.run()
-        except NotOwner as exc:
-            log.warning("session %s: %s; reader stopped", session.sid, exc)
-        except Exception:
-            # A bug must not take the worker (and every other reader) down with it.
-            log.exception("session %s: reader crashed; handing the session back", session.sid)
-            await self._release(session.keys, session.lease_value, "handoff", "reader crashed")
-        finally:
-            running = self._readers.get(session.sid)
-            if running is not None and running.reader is reader:
-                del self._readers[session.sid]
-                self._feed.capacity_changed()
+    def _reader_ended(self, reader: Reader) -> None:
+        """Called by ``reader`` as its run ends, inside its task: whoever awaits the task
+        (a stop, a restart with a new spec) finds the session gone from the readers."""
+        sid = reader.session.sid
+        running = self._readers.get(sid)
+        if running is not None and running.reader is reader:
+            del self._readers[sid]
+            self._feed.capacity_changed()
 
     async def stop_reader(self, sid: str, reason: StopReason) -> None:
         """Stop the reader of ``sid`` (its socket is closed before this returns), then release
