@@ -65,6 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+SLOW_RECOVERY = 15.0  # a recovery slower than this is logged with the faults around it
 STEADY_TIMEOUT = 120.0  # a data loss waits this long for every session to have a reader
 # A spec change keeps the session's URL, so the upstream goes on with the same numbering from
 # Last-Event-ID; the request header is what tells which spec a connection was opened with.
@@ -676,6 +677,9 @@ class FaultInjector:
                 clients = self.clients.get(sid, ())
                 if all(c.received and c.received[-1].number > waiting[sid] for c in clients):
                     self.failover[kind].append(now - started)
+                    if now - started > SLOW_RECOVERY:
+                        log.info("%s: %s delivering again after %.1fs (%s)", kind, sid,
+                                 now - started, self.around(now, now - started))  # fmt: skip
                     del waiting[sid]
             if not waiting:
                 self.recovered_all[kind].append(now - started)
