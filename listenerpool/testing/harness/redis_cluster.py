@@ -58,6 +58,20 @@ class NodeInfo:
         return False
 
 
+def start_empty(server: RedisServer) -> None:
+    """Start a killed node with no data. Without persistence a node still keeps the snapshot
+    of its last full sync as a replica (``dump.rdb``, written on load) and would read it back
+    at start: an old state of the data, not none. Its ``nodes.conf`` and log stay."""
+    for entry in Path(server.dir).iterdir():
+        if entry.name in ("nodes.conf", "redis.log"):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    server.start()
+
+
 class ClusterNotReady(RuntimeError):
     """The cluster did not reach the state waited for in time."""
 
@@ -231,10 +245,10 @@ class RedisClusterNodes(Service):
         return replica
 
     def restart(self, port: int, timeout: float = 30.0) -> None:
-        """Start the killed node on ``port`` again (its ``nodes.conf`` kept, its data not: the
-        nodes have no persistence), and wait until the cluster is healthy with it: a former
-        primary whose replica was promoted comes back as that replica's replica."""
-        self.servers[port].start()
+        """Start the killed node on ``port`` again, empty (its ``nodes.conf`` kept), and wait
+        until the cluster is healthy with it: a former primary whose replica was promoted comes
+        back as that replica's replica."""
+        start_empty(self.servers[port])
         self.wait_healthy(timeout)
 
     def lose_shard(self, primary_port: int, timeout: float = 30.0) -> int:
@@ -245,8 +259,8 @@ class RedisClusterNodes(Service):
         replica = self.replica_of(primary_port)
         self.servers[primary_port].kill()
         self.servers[replica].kill()
-        self.servers[primary_port].start()
-        self.servers[replica].start()
+        start_empty(self.servers[primary_port])
+        start_empty(self.servers[replica])
         self.wait_healthy(timeout)
         return replica
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from listenerpool.testing.harness.redis_cluster import HOST, wait_for
+from listenerpool.testing.harness.redis_cluster import HOST, start_empty, wait_for
 from listenerpool.testing.loopthread import Service
 from listenerpool.testing.redis_server import RedisServer, free_port
 
@@ -134,7 +134,7 @@ class RedisSentinels(Service):
         primary = self.primary_port()
         server = self.server_on(port)
         server.extra_args = [*NO_SYNC_DELAY, "--replicaof", HOST, str(primary)]
-        server.start()
+        start_empty(server)
 
         def synced() -> bool:
             with redis.Redis(HOST, port, socket_timeout=1.0) as client:
