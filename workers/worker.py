@@ -292,6 +292,23 @@ class Worker:
             log.warning("lease index not moved for %d adopted sessions: %s", len(sessions), exc)
 
     async def _start_adopted(self, session: HeldSession) -> None:
+        stale = self._readers.get(session.sid)
+        if stale is not None:
+            # Redis let the session be claimed again while this worker still reads it: a
+            # failover to a replica that lacked the lease, or a node restarted from an older
+            # snapshot. The old reader no longer owns it. Left running it would be neither
+            # renewed nor fenced (the registry names the new reader) and the upstream would see
+            # two connections; it is stopped, its socket first, before the new one connects.
+            log.warning(
+                "session %s: adopted again at epoch %d while its reader at epoch %d ran; "
+                "stopping that one first",
+                session.sid,
+                session.epoch,
+                stale.session.epoch,
+                extra=_where(session),
+            )
+            stale.reader.sever()
+            await cancel_until_done(stale.task)
         if session.seq:
             await self._load_recent(session)
         self._start_reader(session)
