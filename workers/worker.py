@@ -522,9 +522,20 @@ class Worker:
         sessions = [r.session for r in self._readers.values()]
         epochs = [s.epoch for s in sessions]
         revs = [s.spec_rev for s in sessions]
+
+        def answered(session: HeldSession, verdict: RenewVerdict) -> None:
+            # Confirmed as each reply comes in, not once the whole round is over: on a cluster
+            # a shard slow to answer (failing over, restarting) would otherwise fence the
+            # readers of every other shard, whose leases Redis did renew. "Spec gone" proves as
+            # much as a renewal (see below).
+            if verdict in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED, RenewVerdict.GONE):
+                session.clock.confirm(sent_at)
+
         try:
             async with asyncio.timeout(deadline):
-                verdicts = await renew_all(self._redis, self._scripts, sessions, self._ttl_ms)
+                verdicts = await renew_all(
+                    self._redis, self._scripts, sessions, self._ttl_ms, answered
+                )
                 await registry.heartbeat(
                     self._redis,
                     self.worker_id,
