@@ -241,12 +241,16 @@ class SlotOwnerConnection(redis.Connection):
         self._owner = owner
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
 
-    def connect(self) -> None:
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        # Every (re)connect goes through here: a pool's checkout (connect()) and the retry of a
+        # command whose connection was dropped (send_packed_command). Resolving only in
+        # connect() sent those retries to the old owner again, so the first call after a
+        # failover or a slot migration failed with every retry.
         if self._sock:
             return
         try:
             self.host, self.port = self._owner.address()
-            super().connect()  # type: ignore[no-untyped-call]
+            super().connect_check_health(*args, **kwargs)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
             self._owner.stale()
             raise

@@ -3,13 +3,13 @@ sessions' lease index entries (see :mod:`listenerpool.index` for the order of th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
 from listenerpool import index
 from listenerpool.keys import SessionKeys
-from listenerpool.scripts import Scripts, call_many
+from listenerpool.scripts import Scripts, Settled, call_many
 from workers.session import HeldSession
 
 BATCH = 1000  # scripts per pipeline flush: bounds one reply's size at 10,000 leases
@@ -30,11 +30,16 @@ class ReleaseVerdict(IntEnum):
 
 
 async def renew_all(
-    redis: Any, scripts: Scripts, sessions: Sequence[HeldSession], ttl_ms: int
+    redis: Any,
+    scripts: Scripts,
+    sessions: Sequence[HeldSession],
+    ttl_ms: int,
+    answered: Callable[[HeldSession, RenewVerdict], None] | None = None,
 ) -> list[RenewVerdict]:
     """Renew every lease in ``sessions``; one verdict per session, in order. The renewed
     sessions' lease deadlines move on afterwards (and their listing entries are put back if
-    Redis lost them).
+    Redis lost them). ``answered``, if given, is told each session's verdict as soon as Redis
+    gave it: on a cluster a slow or failing shard then holds up only its own sessions.
 
     Raises the Redis client's connection/timeout errors when the round cannot complete; the
     caller then leaves its lease clocks unconfirmed, which is what drives self-fencing.
@@ -42,6 +47,7 @@ async def renew_all(
     verdicts: list[RenewVerdict] = []
     for start in range(0, len(sessions), BATCH):
         batch = sessions[start : start + BATCH]
+
         replies = await call_many(
             redis,
             scripts.renew,
@@ -52,6 +58,7 @@ async def renew_all(
                 )
                 for s in batch
             ],
+            _tell(answered, batch),
         )
         round_verdicts = [RenewVerdict(int(r)) for r in replies]
         renewed = {
@@ -62,6 +69,21 @@ async def renew_all(
         await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
         verdicts.extend(round_verdicts)
     return verdicts
+
+
+def _tell(
+    answered: Callable[[HeldSession, RenewVerdict], None] | None, batch: Sequence[HeldSession]
+) -> Settled | None:
+    """The ``settled`` hook of one batch's calls that tells ``answered`` each verdict."""
+    if answered is None:
+        return None
+
+    def settled(positions: Sequence[int], replies: Sequence[Any]) -> None:
+        for position, reply in zip(positions, replies, strict=True):
+            if not isinstance(reply, Exception):
+                answered(batch[position], RenewVerdict(int(reply)))
+
+    return settled
 
 
 async def release_all(

@@ -274,6 +274,23 @@ class Worker:
             log.warning("lease index not moved for %d adopted sessions: %s", len(sessions), exc)
 
     async def _start_adopted(self, session: HeldSession) -> None:
+        stale = self._readers.get(session.sid)
+        if stale is not None:
+            # Redis let the session be claimed again while this worker still reads it: a
+            # failover to a replica that lacked the lease, or a node restarted from an older
+            # snapshot. The old reader no longer owns it. Left running it would be neither
+            # renewed nor fenced (the registry names the new reader) and the upstream would see
+            # two connections; it is stopped, its socket first, before the new one connects.
+            log.warning(
+                "session %s: adopted again at epoch %d while its reader at epoch %d ran; "
+                "stopping that one first",
+                session.sid,
+                session.epoch,
+                stale.session.epoch,
+                extra=_where(session),
+            )
+            stale.reader.sever()
+            await cancel_until_done(stale.task)
         if session.seq:
             await self._load_recent(session)
         self._start_reader(session)
@@ -486,9 +503,20 @@ class Worker:
         sessions = [r.session for r in self._readers.values()]
         epochs = [s.epoch for s in sessions]
         revs = [s.spec_rev for s in sessions]
+
+        def answered(session: HeldSession, verdict: RenewVerdict) -> None:
+            # Confirmed as each reply comes in, not once the whole round is over: on a cluster
+            # a shard slow to answer (failing over, restarting) would otherwise fence the
+            # readers of every other shard, whose leases Redis did renew. "Spec gone" proves as
+            # much as a renewal (see below).
+            if verdict in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED, RenewVerdict.GONE):
+                session.clock.confirm(sent_at)
+
         try:
             async with asyncio.timeout(deadline):
-                verdicts = await renew_all(self._redis, self._scripts, sessions, self._ttl_ms)
+                verdicts = await renew_all(
+                    self._redis, self._scripts, sessions, self._ttl_ms, answered
+                )
                 await registry.heartbeat(
                     self._redis,
                     self.worker_id,

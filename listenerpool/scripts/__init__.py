@@ -10,7 +10,7 @@ same for pipelined calls on any client, a cluster's included.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
 from importlib.resources import files
@@ -79,11 +79,16 @@ class Scripts:
 
 
 Call = tuple[Sequence[Any], Sequence[Any]]  # (keys, args) of one script call
+# Told the calls (by position) whose final replies are in, as they come in.
+Settled = Callable[[Sequence[int], Sequence[Any]], None]
 
 
-async def call_many(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+async def call_many(
+    redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled | None = None
+) -> list[Any]:
     """Run ``script`` once per ``(keys, args)``, pipelined; the replies in order. Raises the
-    first error a call met.
+    first error a call met. ``settled``, if given, is told each reply (errors included) as
+    soon as it is final, before the slowest node has answered.
 
     A server that does not know the script (a replica promoted by a failover: Redis 7 does not
     replicate its script cache) refuses those calls with NOSCRIPT and runs nothing of them; the
@@ -93,15 +98,29 @@ async def call_many(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> l
     their slot and each group is pipelined on one of that node's connections; a call the node
     redirects (a slot in migration or just moved) or that meets a connection error is sent
     again on its own through the cluster client, which follows redirections and failovers.
+    Those are sent concurrently: one after the other, a shard's hundred calls waiting out its
+    failover in turn would hold up the whole round.
     """
     if not calls:
         return []
     run = _on_cluster if isinstance(redis, RedisCluster) else _pipelined
-    replies = await run(redis, script, calls)
+
+    def final(positions: Sequence[int], replies: Sequence[Any]) -> None:
+        # NOSCRIPT is not final: those calls are sent again below.
+        done = [(p, r) for p, r in zip(positions, replies, strict=True)
+                if not isinstance(r, NoScriptError)]  # fmt: skip
+        if settled is not None and done:
+            settled([p for p, _ in done], [r for _, r in done])
+
+    replies = await run(redis, script, calls, final)
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         await redis.script_load(script.script)
-        again = await run(redis, script, [calls[i] for i in missing])
+
+        def final_again(positions: Sequence[int], again: Sequence[Any]) -> None:
+            final([missing[p] for p in positions], again)
+
+        again = await run(redis, script, [calls[i] for i in missing], final_again)
         for i, reply in zip(missing, again, strict=True):
             replies[i] = reply
     for reply in replies:
@@ -110,14 +129,20 @@ async def call_many(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> l
     return replies
 
 
-async def _pipelined(redis: Any, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+async def _pipelined(
+    redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled
+) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         for keys, args in calls:
             await script(keys=keys, args=args, client=pipe)
-        return list(await pipe.execute(raise_on_error=False))
+        replies = list(await pipe.execute(raise_on_error=False))
+    settled(range(len(replies)), replies)
+    return replies
 
 
-async def _on_cluster(redis: RedisCluster, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+async def _on_cluster(
+    redis: RedisCluster, script: AsyncScript, calls: Sequence[Call], settled: Settled
+) -> list[Any]:
     await redis.initialize()
     groups: dict[str, tuple[Any, list[PipelineCommand]]] = {}
     for position, (keys, args) in enumerate(calls):
@@ -134,18 +159,25 @@ async def _on_cluster(redis: RedisCluster, script: AsyncScript, calls: Sequence[
         except (RedisError, OSError) as exc:
             for command in commands:
                 command.result = exc
+        done = []
         for command in commands:
             if isinstance(command.result, _SEND_AGAIN):
                 retry.append(command.position)
+            else:
+                done.append(command.position)
             replies[command.position] = command.result
+        settled(done, [replies[p] for p in done])
 
-    await asyncio.gather(*(run(node, commands) for node, commands in groups.values()))
-    for position in sorted(retry):
+    async def again(position: int) -> None:
         keys, args = calls[position]
         try:
             replies[position] = await redis.evalsha(script.sha, len(keys), *keys, *args)
         except RedisError as exc:
             replies[position] = exc
+        settled([position], [replies[position]])
+
+    await asyncio.gather(*(run(node, commands) for node, commands in groups.values()))
+    await asyncio.gather(*(again(position) for position in sorted(retry)))
     return replies
 
 
@@ -154,4 +186,4 @@ async def _on_cluster(redis: RedisCluster, script: AsyncScript, calls: Sequence[
 _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, ConnectionError, TimeoutError, OSError)
 
 
-__all__ = ["NAMES", "Call", "Scripts", "call_many", "source"]
+__all__ = ["NAMES", "Call", "Scripts", "Settled", "call_many", "source"]

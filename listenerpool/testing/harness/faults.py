@@ -4,17 +4,23 @@
 
 - the fleet lane, one fault at a time (a fault on Redis and one on a worker never overlap, so
   each one's effect can be told apart): worker SIGKILL, SIGSTOP/SIGCONT (paused past its lease),
-  SIGTERM, gateway SIGKILL, Redis restart (append-only file kept), Redis paused, Redis data lost
-  (restarted empty), worker cut off from Redis (its proxy stalls past the lease), a spec change
-  whose 'reconnect' notice is lost (the workers' control channel subscriptions are cut and
-  refused while a few followed sessions are PUT with a new header);
+  SIGTERM, gateway SIGKILL, a spec change whose 'reconnect' notice is lost (the workers'
+  control channel subscriptions are cut and refused while a few followed sessions are PUT with
+  a new header), and the faults of the fleet's Redis topology: on one server a restart (append-
+  only file kept), a pause, a data loss (restarted empty), a worker cut off from Redis (its
+  proxy stalls past the lease); on a Cluster a primary SIGKILLed (its replica promoted, the node
+  started again as a replica), a manual and a forced ``CLUSTER FAILOVER``, followed sessions'
+  slots migrated to another primary, a shard lost whole and started again empty; behind
+  Sentinel the primary SIGKILLed (the replica promoted, the old primary started again as a
+  replica) and a Sentinel SIGKILLed and started again (which kinds apply where:
+  :mod:`~listenerpool.testing.harness.fault_kinds`);
 - the upstream lane: a few sessions' upstream dies without a FIN (``vanish``), or answers 500.
 
 Each lane shuffles its kinds into a bag and injects them at a fixed period, so every kind comes
 up equally often. Every killed process is restarted, every paused one continued, every
-partition healed, so the fleet stays at strength. Failover times are tracked per fault: from
-the fault to each affected session listening again at a higher epoch; for a spec change, from
-the PUT to the upstream's first connection with the new header.
+partition healed, so the fleet stays at strength. Recovery times are tracked per fault (what
+each measures: :mod:`~listenerpool.testing.harness.fault_kinds`); for a spec change, from the
+PUT to the upstream's first connection with the new header.
 """
 
 from __future__ import annotations
@@ -27,15 +33,22 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from listenerpool import keys
 from listenerpool.control import SessionControl
 from listenerpool.shardsub import REDIS_ERRORS
+from listenerpool.testing.harness.fault_kinds import (
+    FLEET_KINDS,
+    KINDS,
+    TRACK_TIMEOUT,
+    UPSTREAM_KINDS,
+)
 from listenerpool.testing.harness.fleet import Fleet, WorkerSlot, tcp_peers
+from listenerpool.testing.harness.followers import Follower
 from listenerpool.testing.harness.history import PausedWindow
 from listenerpool.testing.upstream import SSEUpstream, UpstreamStats
 
@@ -43,6 +56,7 @@ __all__ = [
     "FLEET_KINDS",
     "KINDS",
     "SPEC_HEADER",
+    "TRACK_TIMEOUT",
     "UPSTREAM_KINDS",
     "FaultInjector",
     "stale_specs",
@@ -50,21 +64,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FLEET_KINDS = (
-    "worker_kill",
-    "worker_stop",
-    "worker_term",
-    "gateway_kill",
-    "redis_restart",
-    "redis_pause",
-    "redis_lose_data",
-    "worker_partition",
-    "spec_change_notice_lost",
-)
-UPSTREAM_KINDS = ("upstream_vanish", "upstream_500")
-KINDS = FLEET_KINDS + UPSTREAM_KINDS
-TRACK_TIMEOUT = 60.0  # a session not listening again within this long counts as not recovered
 POLL = 0.2
+SLOW_RECOVERY = 15.0  # a recovery slower than this is logged with the faults around it
 STEADY_TIMEOUT = 120.0  # a data loss waits this long for every session to have a reader
 # A spec change keeps the session's URL, so the upstream goes on with the same numbering from
 # Last-Event-ID; the request header is what tells which spec a connection was opened with.
@@ -106,6 +107,7 @@ class FaultInjector:
         kinds: Sequence[str] = KINDS,
         followed: Sequence[str] = (),
         make_control: Callable[[Any], SessionControl] | None = None,
+        clients: Mapping[str, Sequence[Follower]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.upstream = upstream
@@ -116,24 +118,21 @@ class FaultInjector:
         self.rng = rng
         self.kinds = [k for k in KINDS if k in kinds]
         self.followed = list(followed) or self.sids
+        self.clients = clients or {}  # the clients following each session
         self.control: SessionControl | None = None
         self._put_redis: Any = None
         self._notices: _NoticeLog | None = None
         if "spec_change_notice_lost" in self.kinds:
             if make_control is None:
                 raise ValueError("spec changes need make_control")
-            self._put_redis = aioredis.Redis.from_url(
-                fleet.redis.url,
-                username=SOAK_USER,
-                password="-",
-                socket_timeout=3.0,
-                socket_connect_timeout=3.0,
-            )
+            self._put_redis = fleet.client(username=SOAK_USER, password="-")
             # It records how many workers each notice reached.
             self._notices = _NoticeLog(self._put_redis)
             self.control = make_control(self._notices)
         self.injected: Counter[str] = Counter()
-        self.failover: dict[str, list[float]] = defaultdict(list)
+        self.failover: dict[str, list[float]] = defaultdict(list)  # per session
+        # Per fault whose sessions all recovered: until the last of them did.
+        self.recovered_all: dict[str, list[float]] = defaultdict(list)
         self.not_recovered: Counter[str] = Counter()
         self.paused: list[PausedWindow] = []
         self.not_steady: int = 0  # data-loss faults injected while a session had no reader
@@ -144,6 +143,7 @@ class FaultInjector:
         self.spec_changes = 0  # PUTs with a new spec
         self.notices_missed = 0  # of those, sent on the control channel and heard by no worker
         self.spec_stale_after_ttl = 0  # changed sessions still read on an older spec then
+        self._last_sentinel_failover = 0.0  # monotonic
 
     # -- lanes -------------------------------------------------------------------------------
     async def run(self, duration: float, per_kind: int) -> None:
@@ -197,6 +197,13 @@ class FaultInjector:
             "redis_lose_data": self.redis_lose_data,
             "worker_partition": self.worker_partition,
             "spec_change_notice_lost": self.spec_change_notice_lost,
+            "primary_kill": self.primary_kill,
+            "cluster_failover": lambda: self.cluster_failover(force=False),
+            "cluster_failover_force": lambda: self.cluster_failover(force=True),
+            "slot_migrate": self.slot_migrate,
+            "shard_lost": self.shard_lost,
+            "sentinel_primary_kill": self.sentinel_primary_kill,
+            "sentinel_kill": self.sentinel_kill,
             "upstream_vanish": self.upstream_vanish,
             "upstream_500": self.upstream_500,
         }
@@ -255,10 +262,12 @@ class FaultInjector:
 
     async def worker_partition(self) -> None:
         slot, epochs = await self._busiest_worker()
+        proxy = slot.proxy
+        assert proxy is not None, "only a single Redis puts a proxy before each worker"
         self._track("worker_partition", epochs)
-        await asyncio.to_thread(slot.proxy.set_mode, "stall")
+        await asyncio.to_thread(proxy.set_mode, "stall")
         await asyncio.sleep(self.ttl + 0.5)  # past its leases: it must have fenced itself
-        await asyncio.to_thread(slot.proxy.set_mode, "pass")
+        await asyncio.to_thread(proxy.set_mode, "pass")
 
     async def gateway_kill(self) -> None:
         slot = self.rng.choice(self.fleet.gateways)
@@ -294,13 +303,14 @@ class FaultInjector:
         control channel, so only the renewal backstop can bring the new spec to the readers."""
         assert self.control is not None
         chosen = self.rng.sample(self.followed, max(1, min(SPEC_CHANGES, len(self.followed) // 3)))
-        # Redis forgets its users when it restarts: made again each time.
-        await self._redis_call("ACL", "SETUSER", SOAK_USER, "on", "nopass", "~*", "&*", "+@all")
-        await self._redis_call("ACL", "SETUSER", "default", "resetchannels", *POOL_CHANNELS)
+        # Redis forgets its users when it restarts, and each node has its own: made again each
+        # time, on every data node.
+        await self._acl("SETUSER", SOAK_USER, "on", "nopass", "~*", "&*", "+@all")
+        await self._acl("SETUSER", "default", "resetchannels", *POOL_CHANNELS)
         try:
             await asyncio.gather(*(self._change_spec(sid) for sid in chosen))
         finally:
-            await self._redis_call("ACL", "SETUSER", "default", "allchannels")
+            await self._acl("SETUSER", "default", "allchannels")
         # By a lease ttl after the PUT each old reader has either had a renewal, which reports
         # the new revision, or fenced itself and closed its socket. The lane waits for that (up
         # to that long), so that no other fleet fault restarts the readers meanwhile (a
@@ -325,14 +335,15 @@ class FaultInjector:
                 self.spec_values.get(sid),
             )
 
-    async def _redis_call(self, *args: str) -> Any:
-        """A command on the soak's client, tried again for a while: its pooled connections
-        may be older than a Redis restart."""
+    async def _acl(self, *args: str) -> None:
+        """An ACL command on every data node, tried again for a while: a node may be
+        restarting after the previous fault."""
         deadline = time.monotonic() + PUT_TIMEOUT
         while True:
             try:
-                return await self.redis.execute_command(*args)
-            except REDIS_ERRORS:
+                await asyncio.to_thread(self.fleet.on_every_node, "ACL", *args)
+                return
+            except (*REDIS_ERRORS, OSError):
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(POLL)
@@ -372,6 +383,119 @@ class FaultInjector:
                     self.failover["spec_change_notice_lost"].append(record.opened - put_at)
                     return
             await asyncio.sleep(POLL)
+
+    # -- Redis Cluster faults ----------------------------------------------------------------
+    def _sessions_by_primary(self) -> dict[int, list[str]]:
+        """The sessions on each live primary's slots (blocking: call in a thread)."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        primaries = [n for n in cluster.nodes() if n.role == "primary" and n.slots and not n.failed]
+        out: dict[int, list[str]] = {n.port: [] for n in primaries}
+        for sid in self.sids:
+            slot = key_slot(keys.SessionKeys(sid).spec.encode())
+            owner = next((n.port for n in primaries if n.serves(slot)), None)
+            if owner is not None:
+                out[owner].append(sid)
+        return out
+
+    async def _some_primary(self) -> tuple[int, list[str]]:
+        """A random primary and the sessions on its slots."""
+        by_primary = await asyncio.to_thread(self._sessions_by_primary)
+        port = self.rng.choice(sorted(by_primary))
+        return port, by_primary[port]
+
+    async def primary_kill(self) -> None:
+        """SIGKILL a primary: the cluster promotes its replica (writes it had not replicated are
+        lost; the readers publish them again from the position Redis kept), then the killed
+        node starts again, empty, and comes back as the new primary's replica."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        port, affected = await self._some_primary()
+        before = await self._tops(affected)
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.kill, port)
+        self._track_delivery("primary_kill", before, started)
+        await asyncio.to_thread(cluster.restart, port)
+
+    async def cluster_failover(self, *, force: bool) -> None:
+        """``CLUSTER FAILOVER`` (the primary stops writes until its replica caught up: nothing
+        lost) or ``CLUSTER FAILOVER FORCE`` (the replica takes over at once) on a random
+        primary's replica."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        port, affected = await self._some_primary()
+        before = await self._tops(affected)
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.failover, port, force=force)
+        self._track_delivery("cluster_failover_force" if force else "cluster_failover", before,
+                             started)  # fmt: skip
+
+    async def slot_migrate(self) -> None:
+        """Move the slots of up to 3 followed sessions, each to another primary, while their
+        streams run (MIGRATING/IMPORTING, MIGRATE of their keys, SETSLOT NODE everywhere)."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        by_primary = await asyncio.to_thread(self._sessions_by_primary)
+        owner = {sid: port for port, sids in by_primary.items() for sid in sids}
+        chosen = self.rng.sample(self.followed, min(3, len(self.followed)))
+        slots = {key_slot(keys.SessionKeys(sid).spec.encode()): owner[sid] for sid in chosen}
+        affected = [
+            sid for sid in self.sids if key_slot(keys.SessionKeys(sid).spec.encode()) in slots
+        ]
+        before = await self._tops(affected)
+        started = time.monotonic()
+        for slot, source in slots.items():
+            target = self.rng.choice([p for p in by_primary if p != source])
+            moved = await asyncio.to_thread(cluster.move_slot, slot, target)
+            log.info("slot %d moved from %d to %d with %d keys", slot, source, target, moved)
+        self._track_delivery("slot_migrate", before, started)
+
+    async def shard_lost(self) -> None:
+        """A primary and its replica SIGKILLed and started again empty: the shard's data is
+        gone, as in a Redis data loss for the sessions on its slots. Like ``redis_lose_data``
+        it waits for a steady fleet first and for the re-assertion after."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        if await self._steady(timeout=STEADY_TIMEOUT) is None:
+            self.not_steady += 1
+        port, affected = await self._some_primary()
+        before = await self._tops(affected)
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.lose_shard, port)
+        tracker = self._track_delivery("shard_lost", before, started)
+        if tracker is not None:
+            await asyncio.wait([tracker], timeout=STEADY_TIMEOUT)
+
+    # -- Sentinel faults ---------------------------------------------------------------------
+    async def sentinel_primary_kill(self) -> None:
+        """SIGKILL the primary: the Sentinels promote the replica (writes it had not replicated
+        are lost); the old primary starts again, empty, as the new primary's replica."""
+        sentinels = self.fleet.sentinels
+        assert sentinels is not None
+        # A Sentinel starts no second failover of the same primary name within twice the
+        # failover timeout of the last one: the primary would just stay dead meanwhile.
+        quiet = 2 * sentinels.failover_timeout_ms / 1000 + 0.5
+        await asyncio.sleep(max(0.0, self._last_sentinel_failover + quiet - time.monotonic()))
+        old = await asyncio.to_thread(sentinels.primary_port)
+        before = await self._tops(self.sids)
+        started = time.monotonic()
+        await asyncio.to_thread(sentinels.kill_primary)
+        self._last_sentinel_failover = time.monotonic()
+        self._track_delivery("sentinel_primary_kill", before, started)
+        await asyncio.to_thread(sentinels.restart_as_replica, old)
+
+    async def sentinel_kill(self) -> None:
+        """SIGKILL one Sentinel, started again after a second or two (two of three keep the
+        quorum; a client that asks the dead one asks the next)."""
+        sentinels = self.fleet.sentinels
+        assert sentinels is not None
+        index = self.rng.randrange(len(sentinels.sentinel_ports))
+        before = await self._tops(self.followed)
+        started = time.monotonic()
+        await asyncio.to_thread(sentinels.kill_sentinel, index)
+        self._track_delivery("sentinel_kill", before, started)
+        await asyncio.sleep(self.rng.uniform(1.0, 2.0))
+        await asyncio.to_thread(sentinels.restart_sentinel, index)
 
     # -- upstream faults ---------------------------------------------------------------------
     def _some_sessions(self) -> list[str]:
@@ -499,7 +623,79 @@ class FaultInjector:
                 if state == "listening" and epoch > waiting[sid]:
                     self.failover[kind].append(now - start)
                     del waiting[sid]
+            if not waiting:
+                self.recovered_all[kind].append(now - start)
         self.not_recovered[kind] += len(waiting)
+
+    async def _tops(self, sids: Sequence[str]) -> dict[str, int]:
+        """Per session, the upstream number of the last event its stream holds, read before a
+        fault (tried again for a while: Redis may still recover from the previous one)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return dict(zip(sids, [t for _, t in await self._positions(sids)], strict=True))
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    log.warning("could not read stream positions: %s", exc)
+                    return dict.fromkeys(sids, 0)
+                await asyncio.sleep(POLL)
+
+    async def _positions(self, sids: Sequence[str]) -> list[tuple[str, int]]:
+        """(state, upstream number of the stream's last event) per session."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(f"lp:{{{sid}}}:state", "state")
+                pipe.xrevrange(f"lp:{{{sid}}}:events", count=1)
+            replies = await pipe.execute()
+        return [(_text(replies[i]), _top_number(replies[i + 1])) for i in range(0, len(replies), 2)]
+
+    def _track_delivery(
+        self, kind: str, before: dict[str, int], started: float
+    ) -> asyncio.Task[None] | None:
+        if not before:
+            return None
+        task = asyncio.get_running_loop().create_task(self._follow_delivery(kind, before, started))
+        self._trackers.add(task)
+        task.add_done_callback(self._trackers.discard)
+        return task
+
+    async def _follow_delivery(self, kind: str, before: dict[str, int], started: float) -> None:
+        """Time from ``started`` until each session is listening, its stream holds an event
+        the upstream numbered above ``before[sid]``, and each of its clients received one."""
+        waiting = dict(before)
+        while waiting and time.monotonic() - started < TRACK_TIMEOUT:
+            sids = list(waiting)
+            try:
+                positions = await self._positions(sids)
+            except Exception:
+                await asyncio.sleep(POLL)
+                continue
+            now = time.monotonic()
+            for sid, (state, top) in zip(sids, positions, strict=True):
+                if state != "listening" or top <= waiting[sid]:
+                    continue
+                clients = self.clients.get(sid, ())
+                if all(c.received and c.received[-1].number > waiting[sid] for c in clients):
+                    self.failover[kind].append(now - started)
+                    if now - started > SLOW_RECOVERY:
+                        log.info("%s: %s delivering again after %.1fs (%s)", kind, sid,
+                                 now - started, self.around(now, now - started))  # fmt: skip
+                    del waiting[sid]
+            if not waiting:
+                self.recovered_all[kind].append(now - started)
+                break
+            await asyncio.sleep(POLL)
+        if waiting:
+            log.warning("%s: %d sessions not delivering again within %gs: %s", kind,
+                        len(waiting), TRACK_TIMEOUT, sorted(waiting)[:10])  # fmt: skip
+        self.not_recovered[kind] += len(waiting)
+
+
+def _top_number(entries: Any) -> int:
+    """The upstream's number of an ``XREVRANGE ... COUNT 1`` reply's entry (0 for none)."""
+    if not entries:
+        return 0
+    return SSEUpstream.number_of(_text(entries[0][1].get(b"data")))
 
 
 def stale_specs(stats: UpstreamStats, wanted: str | None) -> list[str | None]:

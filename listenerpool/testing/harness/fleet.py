@@ -1,6 +1,14 @@
-"""A pool on one machine for soak runs: a Redis with an append-only file, worker processes that
-reach it through one fault-injecting TCP proxy each (so one worker can be cut off), and gateway
-processes on fixed ports (so a restarted gateway is found where its clients look for it).
+"""A pool on one machine for soak runs: its Redis, worker processes and gateway processes on
+fixed ports (so a restarted gateway is found where its clients look for it).
+
+The Redis is one of three topologies (``TOPOLOGIES``): ``single``, one server with an
+append-only file that each worker reaches through a fault-injecting TCP proxy of its own (so
+one worker can be cut off); ``cluster``, 3 primaries and 3 replicas
+(:class:`~listenerpool.testing.harness.redis_cluster.RedisClusterNodes`); ``sentinel``, a
+primary, its replica and 3 Sentinels
+(:class:`~listenerpool.testing.harness.redis_sentinel.RedisSentinels`). On the last two the
+workers reach the nodes directly: a cluster client and a Sentinel client connect to the
+addresses the nodes and Sentinels announce, which a proxy in between would not change.
 
 Every process can be killed, paused, stopped and restarted; a slot keeps its place in the fleet
 across restarts (a restarted worker gets a new id, ``w<slot>.<generation>``).
@@ -19,18 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
 from listenerpool.testing.harness.processes import GatewayProcesses, WorkerProcesses
+from listenerpool.testing.harness.redis_cluster import HOST, RedisClusterNodes
+from listenerpool.testing.harness.redis_sentinel import MASTER, RedisSentinels
 from listenerpool.testing.redis_server import RedisServer, free_port
 from listenerpool.testing.tcpproxy import TCPProxy
 
-__all__ = ["Fleet", "GatewaySlot", "WorkerSlot", "tcp_peers"]
+__all__ = ["TOPOLOGIES", "Fleet", "GatewaySlot", "WorkerSlot", "tcp_peers"]
+
+TOPOLOGIES = ("single", "cluster", "sentinel")
+CLIENT_TIMEOUT = 3.0  # the soak's own calls fail rather than hang on a frozen node
 
 
 @dataclass(slots=True)
 class WorkerSlot:
     index: int
-    proxy: TCPProxy
+    proxy: TCPProxy | None  # single Redis only: the worker's own way in, that can be cut
+    direct_url: str = ""  # the pool's URL, where there is no proxy
     generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
     ids: list[str] = field(default_factory=list)  # every id this slot ran, oldest first
@@ -41,6 +60,8 @@ class WorkerSlot:
 
     @property
     def redis_url(self) -> str:
+        if self.proxy is None:
+            return self.direct_url
         return f"redis://127.0.0.1:{self.proxy.port}/0"
 
 
@@ -70,20 +91,98 @@ def tcp_peers(pid: int, remote_port: int) -> set[int]:
 
 
 class Fleet:
-    """``workers`` worker processes and ``gateways`` gateway processes on one Redis.
+    """``workers`` worker processes and ``gateways`` gateway processes on one Redis
+    ``topology`` (see the module's docstring).
 
     ``settings`` go to every child as ``LP_*`` variables. Use :meth:`start` / :meth:`stop`
     (or ``async with``); everything is stopped on exit, paused processes included.
     """
 
     def __init__(
-        self, log_dir: Path, settings: dict[str, Any], *, workers: int = 3, gateways: int = 2
+        self,
+        log_dir: Path,
+        settings: dict[str, Any],
+        *,
+        workers: int = 3,
+        gateways: int = 2,
+        topology: str = "single",
+        sentinel_failover_timeout_ms: int = 5000,
     ) -> None:
-        self.redis = RedisServer(persistent=True)
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown Redis topology {topology!r}; known: {TOPOLOGIES}")
+        self.topology = topology
+        self.cluster: RedisClusterNodes | None = None
+        self.sentinels: RedisSentinels | None = None
+        self._single: RedisServer | None = None
+        if topology == "cluster":
+            self.cluster = RedisClusterNodes(node_timeout_ms=1000)
+            self.url = self.cluster.url
+        elif topology == "sentinel":
+            self.sentinels = RedisSentinels(
+                down_after_ms=1000, failover_timeout_ms=sentinel_failover_timeout_ms
+            )
+            self.url = self.sentinels.url
+        else:
+            self._single = RedisServer(persistent=True)
+            self.url = self._single.url
         self.worker_procs = WorkerProcesses(log_dir, settings)
         self.gateway_procs = GatewayProcesses(log_dir, settings)
-        self.workers = [WorkerSlot(i + 1, TCPProxy(self.redis.port)) for i in range(workers)]
+        self.workers = [
+            WorkerSlot(
+                i + 1,
+                TCPProxy(self._single.port) if self._single is not None else None,
+                direct_url=self.url,
+            )
+            for i in range(workers)
+        ]
         self.gateways = [GatewaySlot(i + 1, free_port()) for i in range(gateways)]
+
+    @property
+    def redis(self) -> RedisServer:
+        """The one server of a ``single`` topology (what its faults restart, pause, empty)."""
+        if self._single is None:
+            raise RuntimeError(f"a {self.topology} fleet has no single Redis server")
+        return self._single
+
+    def client(self, **options: Any) -> Any:
+        """A new asyncio client on the fleet's Redis for the soak's own reads and writes, with
+        timeouts (``options``, e.g. a username, go to its connections)."""
+        timeouts = {
+            "socket_timeout": CLIENT_TIMEOUT,
+            "socket_connect_timeout": CLIENT_TIMEOUT,
+            **options,
+        }
+        if self.cluster is not None:
+            return AsyncRedisCluster(
+                startup_nodes=[ClusterNode(HOST, port) for port in self.cluster.servers],
+                **timeouts,
+            )
+        if self.sentinels is not None:
+            sentinel = AsyncSentinel(
+                [(HOST, port) for port in self.sentinels.sentinel_ports],
+                socket_timeout=CLIENT_TIMEOUT,
+                socket_connect_timeout=CLIENT_TIMEOUT,
+            )
+            return sentinel.master_for(MASTER, **timeouts)
+        return aioredis.Redis.from_url(self.url, **timeouts)
+
+    def data_nodes(self) -> list[int]:
+        """Ports of the live Redis servers that hold data (primaries and replicas)."""
+        if self.cluster is not None:
+            return self.cluster.alive()
+        if self.sentinels is not None:
+            return [
+                s.port
+                for s in self.sentinels.servers()
+                if s.process is not None and s.process.poll() is None
+            ]
+        return [self.redis.port]
+
+    def on_every_node(self, *command: str) -> None:
+        """Run ``command`` on every live data node (ACL changes are per server; blocking)."""
+        for port in self.data_nodes():
+            with redis.Redis(HOST, port, socket_timeout=CLIENT_TIMEOUT) as client:
+                client.execute_command(*command)
 
     async def __aenter__(self) -> Fleet:
         await self.start()
@@ -94,9 +193,15 @@ class Fleet:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.redis.start()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.start)
+        elif self.sentinels is not None:
+            await asyncio.to_thread(self.sentinels.start)
+        else:
+            self.redis.start()
         for slot in self.workers:
-            slot.proxy.start()
+            if slot.proxy is not None:
+                slot.proxy.start()
             self.start_worker(slot)
         await asyncio.gather(*(self.start_gateway(slot) for slot in self.gateways))
 
@@ -104,9 +209,15 @@ class Fleet:
         self.worker_procs.stop_all()
         self.gateway_procs.stop_all()
         for slot in self.workers:
-            with contextlib.suppress(Exception):
-                slot.proxy.stop()
-        self.redis.stop()
+            if slot.proxy is not None:
+                with contextlib.suppress(Exception):
+                    slot.proxy.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        elif self.sentinels is not None:
+            self.sentinels.stop()
+        else:
+            self.redis.stop()
 
     def start_worker(self, slot: WorkerSlot) -> None:
         slot.generation += 1
@@ -117,7 +228,7 @@ class Fleet:
         slot.generation += 1
         name = f"gw{slot.index}.{slot.generation}"
         slot.proc, _ = await asyncio.to_thread(
-            self.gateway_procs.start, self.redis.url, name, port=slot.port
+            self.gateway_procs.start, self.url, name, port=slot.port
         )
 
     # -- faults ------------------------------------------------------------------------------

@@ -205,5 +205,6 @@ def count_overlaps(
                 if len(totals.overlap_problems) < 20:
                     totals.overlap_problems.append(
                         f"{sid}: connection from port {newer.peer_port} opened while the one from "
-                        f"port {older.peer_port} was open{why}"
+                        f"port {older.peer_port} was open (opened {newer.opened - older.opened:.2f}"
+                        f" s before, closed {closed - newer.opened:.2f} s after){why}"
                     )

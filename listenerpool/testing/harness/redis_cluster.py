@@ -58,6 +58,20 @@ class NodeInfo:
         return False
 
 
+def start_empty(server: RedisServer) -> None:
+    """Start a killed node with no data. Without persistence a node still keeps the snapshot
+    of its last full sync as a replica (``dump.rdb``, written on load) and would read it back
+    at start: an old state of the data, not none. Its ``nodes.conf`` and log stay."""
+    for entry in Path(server.dir).iterdir():
+        if entry.name in ("nodes.conf", "redis.log"):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    server.start()
+
+
 class ClusterNotReady(RuntimeError):
     """The cluster did not reach the state waited for in time."""
 
@@ -104,6 +118,8 @@ class RedisClusterNodes(Service):
                     "--cluster-replica-validity-factor", "0",
                     "--cluster-require-full-coverage", "no",
                     "--cluster-allow-reads-when-down", "no",
+                    # A restarted node syncs at once, not after a 5 s wait for more replicas.
+                    "--repl-diskless-sync-delay", "0",
                 ],
             )  # fmt: skip
 
@@ -204,12 +220,13 @@ class RedisClusterNodes(Service):
         wait_for(self.healthy, timeout, "cluster_state:ok on every node with one slot map")
 
     # -- faults ------------------------------------------------------------------------------
-    def failover(self, primary_port: int, timeout: float = 20.0) -> int:
-        """``CLUSTER FAILOVER`` on a replica of ``primary_port``; returns the new primary's port
-        once every node agrees."""
+    def failover(self, primary_port: int, timeout: float = 20.0, *, force: bool = False) -> int:
+        """``CLUSTER FAILOVER`` on a replica of ``primary_port`` (``FORCE``: without the
+        primary's agreement, so writes it had not replicated yet are lost); returns the new
+        primary's port once every node agrees."""
         replica = self.replica_of(primary_port)
         with self.client(replica) as c:
-            c.execute_command("CLUSTER", "FAILOVER")
+            c.execute_command("CLUSTER", "FAILOVER", *(["FORCE"] if force else []))
         wait_for(
             lambda: replica in self.primary_ports() and primary_port not in self.primary_ports(),
             timeout,
@@ -224,6 +241,26 @@ class RedisClusterNodes(Service):
         replica = self.replica_of(port)
         self.servers[port].kill()
         wait_for(lambda: replica in self.primary_ports(), timeout, f"replica {replica} promoted")
+        self.wait_healthy(timeout)
+        return replica
+
+    def restart(self, port: int, timeout: float = 30.0) -> None:
+        """Start the killed node on ``port`` again, empty (its ``nodes.conf`` kept), and wait
+        until the cluster is healthy with it: a former primary whose replica was promoted comes
+        back as that replica's replica."""
+        start_empty(self.servers[port])
+        self.wait_healthy(timeout)
+
+    def lose_shard(self, primary_port: int, timeout: float = 30.0) -> int:
+        """SIGKILL the primary on ``primary_port`` and its replica, then start both again empty
+        (the primary first, so it serves its slots again rather than an empty replica being
+        promoted): the shard's data is gone, its slots served by the same nodes. Returns the
+        replica's port once the cluster is healthy again."""
+        replica = self.replica_of(primary_port)
+        self.servers[primary_port].kill()
+        self.servers[replica].kill()
+        start_empty(self.servers[primary_port])
+        start_empty(self.servers[replica])
         self.wait_healthy(timeout)
         return replica
 

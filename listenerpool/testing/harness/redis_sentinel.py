@@ -10,26 +10,34 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from listenerpool.testing.harness.redis_cluster import HOST, wait_for
+from listenerpool.testing.harness.redis_cluster import HOST, start_empty, wait_for
 from listenerpool.testing.loopthread import Service
 from listenerpool.testing.redis_server import RedisServer, free_port
 
 MASTER = "lp-primary"
+# A replica (re)starting syncs at once instead of after the primary's default 5 s wait for more
+# replicas to share a diskless transfer with.
+NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
 
 
 class RedisSentinels(Service):
     """One primary, one replica, ``sentinels`` Sentinels (quorum 2). ``down_after_ms`` is how
     long the primary may be silent before the Sentinels fail it over."""
 
-    def __init__(self, sentinels: int = 3, down_after_ms: int = 1000) -> None:
+    def __init__(
+        self, sentinels: int = 3, down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+    ) -> None:
         self.root = tempfile.mkdtemp(prefix="lp-sentinel-")
         self.down_after_ms = down_after_ms
-        self.primary = RedisServer()
+        # A Sentinel starts no failover of the same primary within twice this of its last one.
+        self.failover_timeout_ms = failover_timeout_ms
+        self.primary = RedisServer(extra_args=NO_SYNC_DELAY)
         self.replica = RedisServer(
-            extra_args=["--replicaof", HOST, str(self.primary.port)],
+            extra_args=[*NO_SYNC_DELAY, "--replicaof", HOST, str(self.primary.port)],
         )
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -52,19 +60,22 @@ class RedisSentinels(Service):
             raise
 
     def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
+        """Start the Sentinel on ``port``; a restarted one reads the configuration it rewrote
+        itself (the primary it last knew, the other Sentinels)."""
         directory = Path(self.root) / f"sentinel-{port}"
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)
         conf = directory / "sentinel.conf"
-        conf.write_text(
-            f"port {port}\n"
-            f"bind {HOST}\n"
-            f"dir {directory}\n"
-            f"logfile {directory / 'sentinel.log'}\n"
-            f"sentinel monitor {MASTER} {HOST} {self.primary.port} 2\n"
-            f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
-            f"sentinel failover-timeout {MASTER} 5000\n"
-            f"sentinel parallel-syncs {MASTER} 1\n"
-        )
+        if not conf.exists():
+            conf.write_text(
+                f"port {port}\n"
+                f"bind {HOST}\n"
+                f"dir {directory}\n"
+                f"logfile {directory / 'sentinel.log'}\n"
+                f"sentinel monitor {MASTER} {HOST} {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {MASTER} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {MASTER} 1\n"
+            )
         binary = shutil.which("redis-server")
         assert binary is not None
         return subprocess.Popen(
@@ -109,6 +120,61 @@ class RedisSentinels(Service):
         wait_for(promoted, timeout, "the replica promoted by the sentinels")
         return self.primary_port()
 
+    def servers(self) -> list[RedisServer]:
+        """The two data nodes, whichever is primary now."""
+        return [self.primary, self.replica]
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.servers() if s.port == port)
+
+    def restart_as_replica(self, port: int, timeout: float = 30.0) -> None:
+        """Start the killed node on ``port`` again (empty: no persistence) as a replica of the
+        current primary, and wait until it holds the primary's data and the Sentinels list
+        it, so that the next failover has a replica to promote."""
+        primary = self.primary_port()
+        server = self.server_on(port)
+        server.extra_args = [*NO_SYNC_DELAY, "--replicaof", HOST, str(primary)]
+        start_empty(server)
+
+        def synced() -> bool:
+            with redis.Redis(HOST, port, socket_timeout=1.0) as client:
+                info = client.info("replication")
+                if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                    return False
+                if int(info.get("master_port", 0)) != primary:
+                    return False
+            for sentinel in self.sentinel_ports:
+                with redis.Redis(HOST, sentinel, socket_timeout=1.0) as client:
+                    replicas = client.execute_command("SENTINEL", "REPLICAS", MASTER)
+                    if not any(_replica_up(r, port) for r in replicas):
+                        return False
+            return True
+
+        wait_for(synced, timeout, f"node {port} a synced replica the Sentinels know")
+
+    def kill_sentinel(self, index: int) -> None:
+        proc = self.sentinels[index]
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def restart_sentinel(self, index: int, timeout: float = 30.0) -> None:
+        """Start the killed Sentinel ``index`` again; returns once it knows the current primary,
+        a replica and another Sentinel."""
+        port = self.sentinel_ports[index]
+        self.sentinels[index] = self._start_sentinel(port)
+
+        def watching() -> bool:
+            with redis.Redis(HOST, port, socket_timeout=1.0) as client:
+                _, primary = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
+                return (
+                    int(primary) == self.primary_port()
+                    and bool(client.execute_command("SENTINEL", "REPLICAS", MASTER))
+                    and len(client.execute_command("SENTINEL", "SENTINELS", MASTER)) >= 1
+                )
+
+        wait_for(watching, timeout, f"sentinel {port} watching the primary again")
+
     def stop(self) -> None:
         for proc in self.sentinels:
             if proc.poll() is None:
@@ -117,3 +183,23 @@ class RedisSentinels(Service):
         self.replica.stop()
         self.primary.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _replica_up(entry: Any, port: int) -> bool:
+    """Whether one ``SENTINEL REPLICAS`` entry (a dict, or a flat field/value list) is the
+    replica on ``port``, with no down flag and its link to the primary up."""
+    flat = (
+        list(entry.items())
+        if isinstance(entry, dict)
+        else list(zip(entry[::2], entry[1::2], strict=True))
+    )
+    fields = {_text(k): _text(v) for k, v in flat}
+    return (
+        fields.get("port") == str(port)
+        and "down" not in fields.get("flags", "")
+        and fields.get("master-link-status") == "ok"
+    )

@@ -1,10 +1,11 @@
 """A chaos soak: a fleet under random faults while clients follow sessions, then a history
 check of every session (see :mod:`listenerpool.testing.harness.history`).
 
-:func:`run_soak` sets up Redis (append-only file), ``workers`` worker processes (each through
-its own TCP proxy to Redis), ``gateways`` gateway processes, an :class:`SSEUpstream` that
-honours ``Last-Event-ID`` and ``sessions`` sessions on it; the first ``followed`` sessions get
-one client on every gateway. It injects faults for ``duration`` seconds
+:func:`run_soak` sets up Redis (``redis``: one server with an append-only file, each worker
+through its own TCP proxy to it; a Cluster of 3 primaries and 3 replicas; or a primary, its
+replica and 3 Sentinels), ``workers`` worker processes, ``gateways`` gateway processes, an
+:class:`SSEUpstream` that honours ``Last-Event-ID`` and ``sessions`` sessions on it; the first
+``followed`` sessions get one client on every gateway. It injects faults for ``duration`` seconds
 (:class:`~listenerpool.testing.harness.faults.FaultInjector`), lets the fleet settle, ends every
 upstream stream where it is, waits for the stream and the clients to catch up, checks that
 every session's open upstream connection carries its last PUT's spec, checks the histories,
@@ -25,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from listenerpool.connections import listen_queue, sync_redis
 from listenerpool.control import SessionControl
 from listenerpool.settings import load_settings
-from listenerpool.testing.harness.faults import KINDS, SPEC_HEADER, FaultInjector, stale_specs
+from listenerpool.testing.harness.fault_kinds import DATA_LOSS_KINDS, KINDS_FOR, refused_kinds
+from listenerpool.testing.harness.faults import SPEC_HEADER, FaultInjector, stale_specs
 from listenerpool.testing.harness.fleet import Fleet, tcp_peers
 from listenerpool.testing.harness.followers import Follower
 from listenerpool.testing.harness.history import (
@@ -60,9 +60,17 @@ class SoakConfig:
     idle_timeout: float = 5.0
     heartbeat: float = 1.0
     settle_timeout: float = 90.0
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = ()  # () for every kind that applies to ``redis``
     seed: int = 1
     log_dir: Path | None = None
+    redis: str = "single"  # the topology: single, cluster or sentinel
+    # Behind Sentinel: a Sentinel starts no second failover of a primary within twice this.
+    sentinel_failover_timeout_ms: int = 3000
+
+    @property
+    def fault_kinds(self) -> tuple[str, ...]:
+        """The kinds injected: ``kinds``, or every kind that applies to the topology."""
+        return self.kinds or KINDS_FOR[self.redis]
 
     def worker_settings(self) -> dict[str, Any]:
         return {
@@ -97,6 +105,7 @@ class SoakResult:
     spec_notices_missed: int = 0  # spec changes whose notice no worker heard
     spec_stale_after_ttl: int = 0  # spec changes not on the upstream a lease ttl later
     notes: list[str] = field(default_factory=list)
+    recovered_all: dict[str, list[float]] = field(default_factory=dict)  # per fault
 
     def failures(self) -> list[str]:
         """Every column that must be 0 and is not."""
@@ -157,11 +166,19 @@ async def run_soak(config: SoakConfig) -> SoakResult:
 
 class _Soak:
     def __init__(self, config: SoakConfig, log_dir: Path) -> None:
+        refused = refused_kinds(config.redis, config.fault_kinds)
+        if refused:
+            raise ValueError(f"fault kinds {refused} do not apply to a {config.redis} Redis")
         self.config = config
         self.sids = [f"soak-{i}" for i in range(config.sessions)]
         self.followed = self.sids[: config.followed]
         self.fleet = Fleet(
-            log_dir, config.worker_settings(), workers=config.workers, gateways=config.gateways
+            log_dir,
+            config.worker_settings(),
+            workers=config.workers,
+            gateways=config.gateways,
+            topology=config.redis,
+            sentinel_failover_timeout_ms=config.sentinel_failover_timeout_ms,
         )
         self.upstream = SSEUpstream(rate=config.rate, heartbeat=config.heartbeat)
         self.redis: Any = None
@@ -173,9 +190,7 @@ class _Soak:
         self.upstream.start()
         try:
             await self.fleet.start()
-            self.redis = aioredis.Redis.from_url(
-                self.fleet.redis.url, socket_timeout=3.0, socket_connect_timeout=3.0
-            )
+            self.redis = self.fleet.client()
             return await self._run(started)
         finally:
             for follower in self.followers:
@@ -188,7 +203,7 @@ class _Soak:
 
     async def _run(self, started: float) -> SoakResult:
         c = self.config
-        settings = load_settings(redis_url=self.fleet.redis.url, lease_ttl=c.lease_ttl)
+        settings = load_settings(redis_url=self.fleet.url, lease_ttl=c.lease_ttl)
         sync = sync_redis(settings)
         queue = listen_queue(sync, settings)
         control = SessionControl(self.redis, queue, settings)
@@ -217,9 +232,10 @@ class _Soak:
                 lease_ttl=c.lease_ttl,
                 idle_timeout=c.idle_timeout,
                 rng=random.Random(c.seed),
-                kinds=c.kinds,
+                kinds=c.fault_kinds,
                 followed=self.followed,
                 make_control=lambda redis: SessionControl(redis, queue, settings),
+                clients=self._clients(),
             )
             await injector.run(c.duration, c.faults_per_kind)
             log.info("soak: faults over (%s); settling", dict(injector.injected))
@@ -239,6 +255,7 @@ class _Soak:
             totals=totals,
             injected=dict(injector.injected),
             failover=dict(injector.failover),
+            recovered_all=dict(injector.recovered_all),
             not_recovered=dict(injector.not_recovered),
             not_steady=injector.not_steady,
             sessions_dropped=dropped,
@@ -260,6 +277,12 @@ class _Soak:
             ]
             + [f"reader on a stale spec: {why}" for why in stale[:10]],
         )
+
+    def _clients(self) -> dict[str, list[Follower]]:
+        by_sid: dict[str, list[Follower]] = {}
+        for f in self.followers:
+            by_sid.setdefault(f.sid, []).append(f)
+        return by_sid
 
     # -- waiting -----------------------------------------------------------------------------
     async def _wait_workers(self) -> None:
@@ -323,10 +346,8 @@ class _Soak:
         self, highest: dict[str, int], injector: FaultInjector, caught_up: bool
     ) -> tuple[HistoryTotals, int]:
         totals = HistoryTotals()
-        may_drop = injector.injected.get("redis_lose_data", 0) > 0
-        by_sid: dict[str, list[Follower]] = {}
-        for f in self.followers:
-            by_sid.setdefault(f.sid, []).append(f)
+        may_drop = any(injector.injected.get(kind, 0) for kind in DATA_LOSS_KINDS)
+        by_sid = self._clients()
         end = time.monotonic()
         dropped = 0
         for i in range(0, len(self.sids), 10):

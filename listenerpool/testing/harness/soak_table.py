@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from listenerpool.testing.harness.faults import KINDS
+from listenerpool.testing.harness.fault_kinds import KINDS
 from listenerpool.testing.harness.soak import SoakResult, median, percentile
 
 __all__ = ["format_table", "headline"]
@@ -14,13 +14,21 @@ FAILOVER_LABELS = {
     "worker_partition": "failover after worker cut off from Redis → listening elsewhere",
     "redis_lose_data": "Redis data loss → session re-asserted and listening",
     "spec_change_notice_lost": "spec change, control channel cut → upstream read with it",
+    "primary_kill": "primary SIGKILL, replica promoted → listening and delivering",
+    "cluster_failover": "CLUSTER FAILOVER → listening and delivering",
+    "cluster_failover_force": "CLUSTER FAILOVER FORCE → listening and delivering",
+    "slot_migrate": "slot migrated → listening and delivering",
+    "shard_lost": "shard lost, back empty → re-asserted, listening and delivering",
+    "sentinel_primary_kill": "primary SIGKILL, Sentinel promoted → listening and delivering",
+    "sentinel_kill": "Sentinel SIGKILL → listening and delivering",
 }
 
 
 def headline(result: SoakResult) -> str:
     c = result.config
     return (
-        f"chaos soak: {c.duration:g} s of faults ({result.elapsed:.0f} s in all), "
+        f"chaos soak on {c.redis} Redis: {c.duration:g} s of faults "
+        f"({result.elapsed:.0f} s in all), "
         f"{c.gateways} gateways, {c.workers} workers, {c.sessions} sessions at "
         f"{c.rate:g} events/s each; clients follow the first {c.followed} sessions on every "
         f"gateway ({c.followed * c.gateways} clients; the others are checked in Redis only); "
@@ -28,23 +36,29 @@ def headline(result: SoakResult) -> str:
     )
 
 
-def _times(values: list[float]) -> str:
+def _times(values: list[float], per_fault: list[float]) -> str:
     if not values:
         return "—"
-    return (
+    text = (
         f"{median(values):.2f} / {percentile(values, 0.99):.2f} / {max(values):.2f} s "
         f"({len(values)} sessions)"
     )
+    if per_fault:
+        text += (
+            f"; all of a fault's sessions: {median(per_fault):.2f} / "
+            f"{percentile(per_fault, 0.99):.2f} / {max(per_fault):.2f} s ({len(per_fault)} faults)"
+        )
+    return text
 
 
 def format_table(result: SoakResult) -> str:
     t = result.totals
     rows: list[tuple[str, str]] = []
     for kind in KINDS:
-        if kind in result.config.kinds:
+        if kind in result.config.fault_kinds:
             rows.append((f"faults: {kind}", str(result.injected.get(kind, 0))))
     rows.append(("faults: total", str(sum(result.injected.values()))))
-    if "spec_change_notice_lost" in result.config.kinds:
+    if "spec_change_notice_lost" in result.config.fault_kinds:
         rows.append(("spec changes PUT (whose 'reconnect' notice no worker heard)",
                      f"{result.spec_changes} ({result.spec_notices_missed})"))  # fmt: skip
     rows.append(("events emitted by the upstream", f"{t.emitted:,}"))
@@ -75,12 +89,13 @@ def format_table(result: SoakResult) -> str:
     rows.append(("**reset notices to clients**", str(t.resets)))
     rows.append(("**sessions dropped**", str(result.sessions_dropped)))
     for kind, label in FAILOVER_LABELS.items():
-        if kind in result.config.kinds:
-            rows.append((f"{label} p50 / p99 / max", _times(result.failover.get(kind, []))))
+        if kind in result.config.fault_kinds:
+            times = _times(result.failover.get(kind, []), result.recovered_all.get(kind, []))
+            rows.append((f"{label} p50 / p99 / max", times))
     rows.append(
         ("**sessions not listening again within 60 s**", str(sum(result.not_recovered.values())))
     )
-    if "spec_change_notice_lost" in result.config.kinds:
+    if "spec_change_notice_lost" in result.config.fault_kinds:
         rows.append(("**spec changes still read on the old spec a lease ttl after the PUT**",
                      str(result.spec_stale_after_ttl)))  # fmt: skip
     rows.append(("**readers on a stale spec at the end (not the last PUT's)**",
