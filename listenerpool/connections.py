@@ -78,17 +78,25 @@ MAX_REDIS_CONNECTIONS = 64
 # A cluster client cannot make callers wait for a node's connection; it fails them. Its bound
 # is therefore well above what a burst of readers publishing at once on one worker needs.
 MAX_CLUSTER_NODE_CONNECTIONS = 1024
+# A worker's lease client carries one renewal round (a pipeline per node) and the heartbeat at
+# a time, plus the odd retry: a few connections per node are plenty.
+LEASE_CONNECTIONS = 4
 CONNECT_TIMEOUT = 5.0
 
 
-def async_redis(settings: Settings) -> Any:
+def async_redis(settings: Settings, *, max_connections: int | None = None) -> Any:
     """The asyncio client for commands and scripts. Calls that must not hang on a partition
     wrap themselves in deadlines; the connect timeout bounds reconnects. A burst of callers
     (thousands of readers publishing, a ramp of claims) queues for the pool's connections.
 
     On a cluster this is a :class:`redis.asyncio.cluster.RedisCluster` (it follows MOVED/ASK
     redirections and failovers); with Sentinel a client whose connections ask the Sentinels
-    for the current primary each time they (re)connect."""
+    for the current primary each time they (re)connect.
+
+    ``max_connections`` lowers the bound of a single-server or Sentinel client, for a client
+    with one narrow job (a worker's lease renewals). A cluster client keeps its bound: it
+    fails the callers beyond it instead of making them wait, and a renewal round's retries
+    go out concurrently."""
     target = redis_target(settings)
     # A pooled connection left over from before a Redis restart fails once; retry it on a
     # fresh connection instead of failing the caller.
@@ -116,7 +124,7 @@ def async_redis(settings: Settings) -> Any:
         return sentinel.master_for(
             target.master,
             connection_pool_class=BlockingSentinelConnectionPool,
-            max_connections=MAX_REDIS_CONNECTIONS,
+            max_connections=max_connections or MAX_REDIS_CONNECTIONS,
             timeout=None,
             db=target.db,
             username=target.username,
@@ -128,7 +136,7 @@ def async_redis(settings: Settings) -> Any:
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         target.url,
-        max_connections=MAX_REDIS_CONNECTIONS,
+        max_connections=max_connections or MAX_REDIS_CONNECTIONS,
         timeout=None,
         retry=retry,
         retry_on_error=[redis.exceptions.ConnectionError],

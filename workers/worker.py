@@ -68,7 +68,12 @@ class RunningReader:
 class Worker:
     """A worker process's engine. ``redis`` (asyncio) and ``queue`` (rq, sync client) are
     owned by the caller; the upstream client (no connections of its own: each reader's
-    stream is its own) is made from the settings unless given."""
+    stream is its own) is made from the settings unless given.
+
+    ``lease_redis``, also the caller's, carries the lease renewals and the heartbeat on
+    connections of their own, so that no burst of publishes, reports or claims queued for
+    ``redis``'s connections delays a renewal round and fences readers whose leases are fine.
+    Without it they share ``redis``."""
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class Worker:
         *,
         redis: Any,
         queue: Queue,
+        lease_redis: Any | None = None,
         worker_id: str | None = None,
         upstream: UpstreamClient | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -85,6 +91,7 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id or settings.worker_id or registry.default_worker_id()
         self._redis = redis
+        self._lease_redis = lease_redis if lease_redis is not None else redis
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
         self._upstream = upstream or UpstreamClient.from_settings(settings)
@@ -515,10 +522,10 @@ class Worker:
         try:
             async with asyncio.timeout(deadline):
                 verdicts = await renew_all(
-                    self._redis, self._scripts, sessions, self._ttl_ms, answered
+                    self._lease_redis, self._scripts, sessions, self._ttl_ms, answered
                 )
                 await registry.heartbeat(
-                    self._redis,
+                    self._lease_redis,
                     self.worker_id,
                     capacity=self.settings.worker_capacity,
                     load=self.load,

@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any, Final
 
 from listenerpool.cli.embedded import EmbeddedRedis
-from listenerpool.connections import async_redis, listen_queue, sync_redis
+from listenerpool.connections import LEASE_CONNECTIONS, async_redis, listen_queue, sync_redis
 from listenerpool.errors import ListenerPoolError
 from listenerpool.settings import Settings
 from listenerpool.tasks import cancel_until_done
@@ -334,9 +334,12 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
 
     tune_collector()
     redis = async_redis(settings)
+    lease_redis = async_redis(settings, max_connections=LEASE_CONNECTIONS)
     sync = sync_redis(settings)
     try:
-        worker = Worker(settings, redis=redis, queue=listen_queue(sync, settings))
+        worker = Worker(
+            settings, redis=redis, lease_redis=lease_redis, queue=listen_queue(sync, settings)
+        )
         if not settings.metrics_port:
             await worker.run(stop)
             return
@@ -355,6 +358,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             await worker.run(stop)
     finally:
         await redis.aclose()
+        await lease_redis.aclose()
         sync.close()
 
 

@@ -1,0 +1,111 @@
+"""A worker renews its leases over connections of their own.
+
+Readers publish, report and re-assert through the worker's command client, whose callers queue
+for its connections when all are busy. Were the renewals queued behind them, a burst of
+publishes (or a slow reply holding every connection) would leave the lease clocks unconfirmed
+and readers whose leases Redis holds would fence themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from listenerpool import keys
+from listenerpool.connections import LEASE_CONNECTIONS, async_redis
+from listenerpool.testing.redis_server import RedisServer
+from listenerpool.testing.upstream import SSEUpstream
+from tests.conftest import Pool, eventually
+from workers.worker import Worker
+
+TTL = 3.0
+# A lease clock runs out this long after its last confirmed renewal.
+FENCE_AFTER = TTL - TTL / 5
+# Deadlines a loaded machine meets: a few lease TTLs.
+DEADLINE = 5 * TTL
+COMMAND_CONNECTIONS = 4
+
+
+@pytest.fixture
+def quiet_upstream() -> Iterator[SSEUpstream]:
+    """Two events per session, then nothing: no publish waits while the test holds the
+    command connection."""
+    with SSEUpstream(rate=20.0, total=2, heartbeat=0) as server:
+        yield server
+
+
+async def heartbeat_ms(pool: Pool, worker_id: str) -> int:
+    value = await pool.redis.hget(keys.worker_key(worker_id), "heartbeat")
+    return int(value) if value else 0
+
+
+async def test_renewals_go_on_while_every_command_connection_is_busy(
+    redis_server: RedisServer, quiet_upstream: SSEUpstream
+) -> None:
+    pool = Pool(redis_server.url, lease_ttl=TTL)
+    # The worker's command client, whose free connections the test takes from it below (its
+    # control subscription keeps one of them).
+    commands = async_redis(pool.settings, max_connections=COMMAND_CONNECTIONS)
+    leases = async_redis(pool.settings, max_connections=LEASE_CONNECTIONS)
+    worker = Worker(
+        pool.settings, redis=commands, lease_redis=leases, queue=pool.queue, worker_id="w-lease"
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    held: list[Any] = []
+    try:
+        await eventually(worker.ready.is_set, DEADLINE, "worker did not start")
+        sids = [f"lease-conn-{n}" for n in range(3)]
+        for sid in sids:
+            await pool.control.claim(sid, quiet_upstream.url(sid))
+
+        async def all_listening() -> bool:
+            states = await pool.states(sids)
+            if any(s.get("state") != "listening" for s in states.values()):
+                return False
+            return all([len(await pool.stream(sid)) == 2 for sid in sids])
+
+        await eventually(all_listening, DEADLINE, "sessions not listening with their events")
+        readers = {sid: worker.reader(sid) for sid in sids}
+        leases_before = {sid: await pool.redis.get(keys.SessionKeys(sid).lease) for sid in sids}
+
+        # Every connection left: the pool makes a caller wait for one once none is free.
+        while True:
+            try:
+                held.append(await asyncio.wait_for(commands.connection_pool.get_connection(), 1))
+            except TimeoutError:
+                break
+        assert held, "the command client had no free connection to take"
+        busy_since_ms = int(time.time() * 1000)
+
+        # Heartbeats go with each renewal round; one written after every clock would have run
+        # out since the command connection was taken shows the rounds went on.
+        async def renewed_past_fence() -> bool:
+            return await heartbeat_ms(pool, "w-lease") > busy_since_ms + FENCE_AFTER * 1000
+
+        await eventually(
+            renewed_past_fence,
+            DEADLINE,
+            "no renewal round completed while the command connection was busy",
+        )
+        fences = worker.metrics.registry.get_sample_value("listenerpool_self_fences_total")
+        assert not fences, "a reader fenced itself"
+        assert {sid: worker.reader(sid) for sid in sids} == readers, "a reader was replaced"
+        for sid in sids:
+            assert await pool.redis.get(keys.SessionKeys(sid).lease) == leases_before[sid]
+            assert await pool.redis.pttl(keys.SessionKeys(sid).lease) > 0
+    finally:
+        for connection in held:
+            await commands.connection_pool.release(connection)
+        stop.set()
+        done, _ = await asyncio.wait([task], timeout=DEADLINE)
+        if not done:
+            task.cancel()
+        await commands.aclose()
+        await leases.aclose()
+        await pool.aclose()
+        assert done, "worker did not drain"
