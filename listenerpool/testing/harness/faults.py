@@ -55,6 +55,7 @@ from listenerpool.testing.upstream import SSEUpstream, UpstreamStats
 __all__ = [
     "FLEET_KINDS",
     "KINDS",
+    "POOL_CHANNELS",
     "SPEC_HEADER",
     "TRACK_TIMEOUT",
     "UPSTREAM_KINDS",
@@ -77,9 +78,14 @@ PUT_TIMEOUT = 10.0
 # gateways' live channels and a starting process's probe go on. The PUTs come from a user of
 # the soak's own, whose notices are published (to no one). Killing the subscriptions alone
 # (CLIENT KILL TYPE pubsub, however often) lets notices through: the Redis client subscribes
-# again within a few ms.
+# again within a few ms. Sentinels reach the data nodes as that same default user and trade
+# their hello messages on SENTINEL_HELLO: without that channel their pub/sub links are dropped
+# too, each Sentinel counts the primary as down while it connects again, and two at once fail
+# over a primary that is alive (both nodes then take writes, and the pool runs a second reader
+# per session, until the Sentinels make the old primary a replica seconds later).
 SOAK_USER = "lp-soak"
-POOL_CHANNELS = ("&lp:{*", f"&{keys.PROBE_CHANNEL}")
+SENTINEL_HELLO = "__sentinel__:hello"
+POOL_CHANNELS = ("&lp:{*", f"&{keys.PROBE_CHANNEL}", f"&{SENTINEL_HELLO}")
 
 
 def _text(value: Any) -> str:

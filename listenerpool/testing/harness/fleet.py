@@ -111,6 +111,7 @@ class Fleet:
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown Redis topology {topology!r}; known: {TOPOLOGIES}")
         self.topology = topology
+        self.log_dir = log_dir
         self.cluster: RedisClusterNodes | None = None
         self.sentinels: RedisSentinels | None = None
         self._single: RedisServer | None = None
@@ -215,6 +216,8 @@ class Fleet:
         if self.cluster is not None:
             self.cluster.stop()
         elif self.sentinels is not None:
+            with contextlib.suppress(OSError):
+                self.sentinels.save_logs(self.log_dir)
             self.sentinels.stop()
         else:
             self.redis.stop()

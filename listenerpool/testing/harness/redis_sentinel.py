@@ -175,6 +175,14 @@ class RedisSentinels(Service):
 
         wait_for(watching, timeout, f"sentinel {port} watching the primary again")
 
+    def save_logs(self, dest: Path) -> None:
+        """Copy each Sentinel's log to ``dest/sentinel-<port>.log``: the failovers they made
+        (``+sdown``, ``+odown``, ``+switch-master``, ``+convert-to-slave``) and when."""
+        for port in self.sentinel_ports:
+            log = Path(self.root) / f"sentinel-{port}" / "sentinel.log"
+            if log.exists():
+                shutil.copyfile(log, dest / f"sentinel-{port}.log")
+
     def stop(self) -> None:
         for proc in self.sentinels:
             if proc.poll() is None:
