@@ -33,6 +33,7 @@ from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.sse import SSEEvent, SSEParser
 from workers.http1 import Http1Protocol, UpstreamBroken
+from workers.publisher import Publisher
 from workers.renewal import release_many
 from workers.session import HeldSession
 from workers.upstream import UpstreamClient
@@ -74,6 +75,7 @@ class Reader:
         *,
         redis: Any,
         scripts: Scripts,
+        publisher: Publisher,
         upstream: UpstreamClient,
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
@@ -86,6 +88,7 @@ class Reader:
         self._restore = restore
         self._redis = redis
         self._scripts = scripts
+        self._publisher = publisher
         self._upstream = upstream
         self._settings = settings
         self._rand = rand
@@ -264,11 +267,8 @@ class Reader:
             for event in events:
                 head, tail = envelope_parts(epoch, event.type, event.data, event.id)
                 args += [event.type, event.data, event.id, head, tail]
-            seq = int(
-                await self._scripts.publish(
-                    keys=[s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live],
-                    args=args,
-                )
+            seq = await self._publisher.publish(
+                [s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live], args
             )
             if seq >= 0:
                 s.seq, s.last_id = seq, events[-1].id

@@ -37,6 +37,7 @@ from listenerpool.spec import UpstreamSpec
 from listenerpool.tasks import cancel_until_done
 from workers import registry
 from workers.dispatch import JobFeed, ListenJob
+from workers.publisher import Publisher
 from workers.reader import Reader
 from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, release_many, renew_all
@@ -94,6 +95,7 @@ class Worker:
         self._lease_redis = lease_redis if lease_redis is not None else redis
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
+        self._publisher = Publisher(redis, self._scripts)
         self._upstream = upstream or UpstreamClient.from_settings(settings)
         self._clock = clock
         self._rand = rand  # backoff jitter source, injectable for deterministic tests
@@ -154,6 +156,8 @@ class Worker:
                 self._tg = tg
                 feed = tg.create_task(self._feed.run(self._requeue), name="feed")
                 duties = [
+                    # Until every reader stopped (the drain below): they publish through it.
+                    tg.create_task(self._publisher.run(), name="publisher"),
                     tg.create_task(self._renew_loop(), name="renew"),
                     tg.create_task(self._fence_loop(), name="fence"),
                     tg.create_task(self._control_loop(), name="control"),
@@ -350,6 +354,7 @@ class Worker:
             session,
             redis=self._redis,
             scripts=self._scripts,
+            publisher=self._publisher,
             upstream=self._upstream,
             settings=self.settings,
             rand=self._rand,

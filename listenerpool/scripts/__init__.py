@@ -134,7 +134,10 @@ async def _pipelined(
 ) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         for keys, args in calls:
-            await script(keys=keys, args=args, client=pipe)
+            # EVALSHA itself, not the registered script: a pipeline that runs a registered
+            # script first asks the server whether it has it (SCRIPT EXISTS), a round trip of
+            # its own per pipeline. A server without it answers NOSCRIPT, handled above.
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         replies = list(await pipe.execute(raise_on_error=False))
     settled(range(len(replies)), replies)
     return replies

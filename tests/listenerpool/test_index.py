@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis.exceptions
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from rq import Queue
@@ -113,6 +114,20 @@ async def test_every_script_call_touches_one_hash_slot(
         return await original(self, keys=keys, args=args, client=client)
 
     monkeypatch.setattr(AsyncScript, "__call__", recording)
+    # Pipelined calls (listenerpool.scripts.call_many) send EVALSHA themselves.
+    pipelined = Pipeline.execute_command
+
+    def recording_evalsha(self: Pipeline, *args: Any, **options: Any) -> Any:
+        if args and args[0] == "EVALSHA":
+            sha, numkeys = args[1], int(args[2])
+            name = next(
+                n for n in type(control.scripts).__slots__ if getattr(control.scripts, n).sha == sha
+            )
+            keys = args[3 : 3 + numkeys]
+            calls.append((name, [k if isinstance(k, str) else k.decode() for k in keys]))
+        return pipelined(self, *args, **options)
+
+    monkeypatch.setattr(Pipeline, "execute_command", recording_evalsha)
     ttl_ms = int(settings.lease_ttl * 1000)
     held = [await start(control, queue, f"slot-{i}", ttl_ms) for i in range(6)]
     await publish(control, held[0], [("m", "a", "1")])

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -318,18 +319,18 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
     have applied it. The second copy must be refused, and the reader must resume from what
     Redis holds: every upstream event stored once, seq equal to the upstream's numbering."""
     async with running_worker(pool) as worker:
-        real = worker._scripts.publish
+        real = worker._publisher.publish
         calls = 0
 
-        async def re_sent_once(*, keys: list[str], args: list[str | int]) -> object:
+        async def re_sent_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
             nonlocal calls
             calls += 1
-            reply = await real(keys=keys, args=args)
+            reply = await real(keys, args)
             if calls == 5:
-                reply = await real(keys=keys, args=args)  # the re-sent copy's reply wins
+                reply = await real(keys, args)  # the re-sent copy's reply wins
             return reply
 
-        worker._scripts = dataclasses.replace(worker._scripts, publish=re_sent_once)
+        worker._publisher.publish = re_sent_once  # type: ignore[method-assign]
         await pool.control.claim("resent", upstream.url("resent"))
         await eventually(lambda: upstream.stats("resent").connections_total >= 2, 10,
                          "the reader did not reconnect after the refused copy")  # fmt: skip
