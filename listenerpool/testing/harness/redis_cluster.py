@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +25,13 @@ from listenerpool.testing.redis_server import RedisServer
 HOST = "127.0.0.1"
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
+def cluster_port(taken: Collection[int] = ()) -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, and not in ``taken``
+    (ports already chosen for nodes that have not started yet, so not bound either)."""
     for _ in range(1000):
         port = random.randint(20000, 30000)
+        if port in taken:
+            continue
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as sock:
@@ -104,7 +107,7 @@ class RedisClusterNodes(Service):
         self.replicas = replicas
         self.servers: dict[int, RedisServer] = {}
         for i in range(primaries * (1 + replicas)):
-            port = cluster_port()
+            port = cluster_port(taken=self.servers)
             directory = Path(self.root) / f"node-{i}"
             directory.mkdir()
             self.servers[port] = RedisServer(

@@ -1,0 +1,23 @@
+"""The throw-away cluster's nodes get distinct ports."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+
+from listenerpool.testing.harness import redis_cluster
+from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
+
+
+def test_two_nodes_never_draw_the_same_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ports are drawn at random and bound only when the nodes start: two draws of the same
+    # port left a cluster of six with five nodes, which redis-cli refused to create.
+    draws = itertools.chain([24000, 24000, 24000], itertools.count(24001))
+    monkeypatch.setattr(redis_cluster.random, "randint", lambda _a, _b: next(draws))
+    nodes = RedisClusterNodes(primaries=3, replicas=1)
+    try:
+        assert len(nodes.servers) == 6, sorted(nodes.servers)
+    finally:
+        shutil.rmtree(nodes.root, ignore_errors=True)
