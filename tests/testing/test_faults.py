@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from listenerpool.testing.harness.faults import POOL_CHANNELS
-from listenerpool.testing.harness.redis_cluster import HOST
+from listenerpool.testing.harness.redis_cluster import HOST, wait_for
 from listenerpool.testing.harness.redis_sentinel import RedisSentinels
 
 SENTINELS = 3
@@ -35,14 +34,6 @@ def _sentinel_pubsub_links(port: int) -> set[str]:
     }
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(60)
 def test_cutting_the_control_channel_leaves_the_sentinels_links_alone(
     sentinels: RedisSentinels,
@@ -53,7 +44,7 @@ def test_cutting_the_control_channel_leaves_the_sentinels_links_alone(
     over a primary that is alive, so that both nodes take writes for seconds (a second reader
     per session, in a soak run)."""
     ports = [server.port for server in sentinels.servers()]
-    _wait(
+    wait_for(
         lambda: all(len(_sentinel_pubsub_links(port)) == SENTINELS for port in ports),
         20,
         "every Sentinel subscribed on every data node",
@@ -64,7 +55,7 @@ def test_cutting_the_control_channel_leaves_the_sentinels_links_alone(
     pool = redis.Redis(HOST, primary, socket_timeout=2.0, client_name="pool-ctl")
     control = pool.pubsub()
     control.ssubscribe("lp:ctl")
-    _wait(
+    wait_for(
         lambda: any(c["name"] == "pool-ctl" for c in _clients(primary)),
         5,
         "the control subscription open",
@@ -73,7 +64,7 @@ def test_cutting_the_control_channel_leaves_the_sentinels_links_alone(
         for port in ports:
             with redis.Redis(HOST, port, socket_timeout=2.0) as client:
                 client.execute_command("ACL", "SETUSER", "default", "resetchannels", *POOL_CHANNELS)
-        _wait(
+        wait_for(
             lambda: not any(c["name"] == "pool-ctl" for c in _clients(primary)),
             5,
             "the control subscription dropped",
