@@ -662,8 +662,12 @@ class Worker:
             try:
                 # Wake when the next lease lapses rather than up to a period later: a dead
                 # worker's sessions then move within the TTL plus a dispatch, not TTL + period.
-                due_in = await next_due_in(self._redis, self._control)
-            except REDIS_ERRORS:
+                # Bounded like the round itself: a reply that never comes (a cluster node
+                # mid-way through losing its shard) must not stop every failover this
+                # worker would make.
+                async with asyncio.timeout(period):
+                    due_in = await next_due_in(self._redis, self._control)
+            except (*REDIS_ERRORS, TimeoutError):
                 due_in = None
             if due_in is not None:
                 delay = min(delay, due_in + random.uniform(0.0, RECONCILE_WAKE_JITTER))
