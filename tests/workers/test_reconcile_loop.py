@@ -11,6 +11,7 @@ import pytest
 import workers.worker
 from listenerpool.control import SessionControl
 from tests.conftest import Pool, eventually, running_worker
+from workers.reconciler import reconcile_once
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,7 +21,6 @@ async def test_a_next_due_question_that_is_never_answered_does_not_stop_reconcil
 ) -> None:
     asked = asyncio.Event()
     rounds = 0
-    reconcile_once = workers.worker.reconcile_once
 
     async def never_answered(redis: Any, control: SessionControl) -> float | None:
         asked.set()

@@ -33,7 +33,7 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from redis.crc import key_slot
@@ -50,6 +50,7 @@ from listenerpool.testing.harness.fault_kinds import (
 from listenerpool.testing.harness.fleet import Fleet, WorkerSlot, tcp_peers
 from listenerpool.testing.harness.followers import Follower
 from listenerpool.testing.harness.history import PausedWindow
+from listenerpool.testing.harness.redis_cluster import RedisClusterNodes
 from listenerpool.testing.upstream import SSEUpstream, UpstreamStats
 
 __all__ = [
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 POLL = 0.2
 SLOW_RECOVERY = 15.0  # a recovery slower than this is logged with the faults around it
 STEADY_TIMEOUT = 120.0  # a data loss waits this long for every session to have a reader
+CLUSTER_HEALTHY_TIMEOUT = 60.0  # a topology fault waits this long for the previous one to heal
 # A spec change keeps the session's URL, so the upstream goes on with the same numbering from
 # Last-Event-ID; the request header is what tells which spec a connection was opened with.
 SPEC_HEADER = "X-Soak-Spec"
@@ -126,6 +128,11 @@ class FaultInjector:
         self.followed = list(followed) or self.sids
         self.clients = clients or {}  # the clients following each session
         self.control: SessionControl | None = None
+        # Cluster faults change the topology one at a time, each on a healthy cluster: a manual
+        # failover asked of a replica still in its first sync after the previous fault is
+        # dropped by Redis, and a shard lost while another fails over leaves no majority to
+        # elect. Overlapping faults then test the cluster's own limits, not the pool.
+        self._topology = asyncio.Lock()
         self._put_redis: Any = None
         self._notices: _NoticeLog | None = None
         if "spec_change_notice_lost" in self.kinds:
@@ -404,6 +411,15 @@ class FaultInjector:
                 out[owner].append(sid)
         return out
 
+    @contextlib.asynccontextmanager
+    async def _topology_change(self) -> AsyncIterator[RedisClusterNodes]:
+        """The test cluster, held for one topology fault and healthy when it starts."""
+        cluster = self.fleet.cluster
+        assert cluster is not None
+        async with self._topology:
+            await asyncio.to_thread(cluster.wait_healthy, CLUSTER_HEALTHY_TIMEOUT)
+            yield cluster
+
     async def _some_primary(self) -> tuple[int, list[str]]:
         """A random primary and the sessions on its slots."""
         by_primary = await asyncio.to_thread(self._sessions_by_primary)
@@ -414,61 +430,57 @@ class FaultInjector:
         """SIGKILL a primary: the cluster promotes its replica (writes it had not replicated are
         lost; the readers publish them again from the position Redis kept), then the killed
         node starts again, empty, and comes back as the new primary's replica."""
-        cluster = self.fleet.cluster
-        assert cluster is not None
-        port, affected = await self._some_primary()
-        before = await self._tops(affected)
-        started = time.monotonic()
-        await asyncio.to_thread(cluster.kill, port)
-        self._track_delivery("primary_kill", before, started)
-        await asyncio.to_thread(cluster.restart, port)
+        async with self._topology_change() as cluster:
+            port, affected = await self._some_primary()
+            before = await self._tops(affected)
+            started = time.monotonic()
+            await asyncio.to_thread(cluster.kill, port)
+            self._track_delivery("primary_kill", before, started)
+            await asyncio.to_thread(cluster.restart, port)
 
     async def cluster_failover(self, *, force: bool) -> None:
         """``CLUSTER FAILOVER`` (the primary stops writes until its replica caught up: nothing
         lost) or ``CLUSTER FAILOVER FORCE`` (the replica takes over at once) on a random
         primary's replica."""
-        cluster = self.fleet.cluster
-        assert cluster is not None
-        port, affected = await self._some_primary()
-        before = await self._tops(affected)
-        started = time.monotonic()
-        await asyncio.to_thread(cluster.failover, port, force=force)
-        self._track_delivery("cluster_failover_force" if force else "cluster_failover", before,
-                             started)  # fmt: skip
+        async with self._topology_change() as cluster:
+            port, affected = await self._some_primary()
+            before = await self._tops(affected)
+            started = time.monotonic()
+            await asyncio.to_thread(cluster.failover, port, force=force)
+            self._track_delivery("cluster_failover_force" if force else "cluster_failover", before,
+                                 started)  # fmt: skip
 
     async def slot_migrate(self) -> None:
         """Move the slots of up to 3 followed sessions, each to another primary, while their
         streams run (MIGRATING/IMPORTING, MIGRATE of their keys, SETSLOT NODE everywhere)."""
-        cluster = self.fleet.cluster
-        assert cluster is not None
-        by_primary = await asyncio.to_thread(self._sessions_by_primary)
-        owner = {sid: port for port, sids in by_primary.items() for sid in sids}
-        chosen = self.rng.sample(self.followed, min(3, len(self.followed)))
-        slots = {key_slot(keys.SessionKeys(sid).spec.encode()): owner[sid] for sid in chosen}
-        affected = [
-            sid for sid in self.sids if key_slot(keys.SessionKeys(sid).spec.encode()) in slots
-        ]
-        before = await self._tops(affected)
-        started = time.monotonic()
-        for slot, source in slots.items():
-            target = self.rng.choice([p for p in by_primary if p != source])
-            moved = await asyncio.to_thread(cluster.move_slot, slot, target)
-            log.info("slot %d moved from %d to %d with %d keys", slot, source, target, moved)
-        self._track_delivery("slot_migrate", before, started)
+        async with self._topology_change() as cluster:
+            by_primary = await asyncio.to_thread(self._sessions_by_primary)
+            owner = {sid: port for port, sids in by_primary.items() for sid in sids}
+            chosen = self.rng.sample(self.followed, min(3, len(self.followed)))
+            slots = {key_slot(keys.SessionKeys(sid).spec.encode()): owner[sid] for sid in chosen}
+            affected = [
+                sid for sid in self.sids if key_slot(keys.SessionKeys(sid).spec.encode()) in slots
+            ]
+            before = await self._tops(affected)
+            started = time.monotonic()
+            for slot, source in slots.items():
+                target = self.rng.choice([p for p in by_primary if p != source])
+                moved = await asyncio.to_thread(cluster.move_slot, slot, target)
+                log.info("slot %d moved from %d to %d with %d keys", slot, source, target, moved)
+            self._track_delivery("slot_migrate", before, started)
 
     async def shard_lost(self) -> None:
         """A primary and its replica SIGKILLed and started again empty: the shard's data is
         gone, as in a Redis data loss for the sessions on its slots. Like ``redis_lose_data``
         it waits for a steady fleet first and for the re-assertion after."""
-        cluster = self.fleet.cluster
-        assert cluster is not None
-        if await self._steady(timeout=STEADY_TIMEOUT) is None:
-            self.not_steady += 1
-        port, affected = await self._some_primary()
-        before = await self._tops(affected)
-        started = time.monotonic()
-        await asyncio.to_thread(cluster.lose_shard, port)
-        tracker = self._track_delivery("shard_lost", before, started)
+        async with self._topology_change() as cluster:
+            if await self._steady(timeout=STEADY_TIMEOUT) is None:
+                self.not_steady += 1
+            port, affected = await self._some_primary()
+            before = await self._tops(affected)
+            started = time.monotonic()
+            await asyncio.to_thread(cluster.lose_shard, port)
+            tracker = self._track_delivery("shard_lost", before, started)
         if tracker is not None:
             await asyncio.wait([tracker], timeout=STEADY_TIMEOUT)
 
