@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -54,7 +55,7 @@ class FakeCluster:
 @pytest.mark.timeout(30)
 async def test_a_failover_waits_for_the_killed_primary_to_be_back_and_the_cluster_healthy() -> None:
     cluster = FakeCluster()
-    fleet = cast(Fleet, type("FakeFleet", (), {"cluster": cluster})())
+    fleet = cast(Fleet, SimpleNamespace(cluster=cluster))
     injector = FaultInjector(
         fleet,
         cast(SSEUpstream, None),
