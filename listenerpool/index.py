@@ -15,6 +15,13 @@ can only leave an index entry that is stale, never a lease the reconciler cannot
   and only if the entry still has the score it read (``untrack.lua``): a claim made in
   between wrote a later deadline first, and its entry stays.
 
+A bucket can be lost on its own: on a cluster it lives on another shard than most of its
+sessions, and a shard brought back empty takes it while the sessions' keys stay. Each bucket
+therefore has a marker (``lp:{ix.<n>}:intact``); a reconciler that finds one missing scans the
+primaries for every session's spec and re-tracks those of that bucket (:func:`rebuild`), so a
+desired session whose holder stopped meanwhile is not forgotten. Renewals and re-assertions
+put back the entries of sessions still held; only the rebuild finds the others.
+
 Every function takes the asyncio client and its :class:`~listenerpool.scripts.Scripts`.
 """
 
@@ -28,6 +35,10 @@ from typing import Any
 
 from listenerpool import keys
 from listenerpool.scripts import Call, Scripts, call_many
+
+REBUILD_CLAIM_MS = 120_000  # how long one caller owns a lost bucket's rebuild
+REBUILD_SCAN_COUNT = 1000  # keys per SCAN reply
+REBUILD_TRACK_BATCH = 500  # sessions per track round trip
 
 
 class Listing(StrEnum):
@@ -54,6 +65,7 @@ class DueView:
     entries: list[DueEntry]
     next_due_in: float | None
     more: bool  # some bucket had more due entries than the limit
+    lost: list[int]  # buckets whose marker is missing: lost since they were last rebuilt
 
 
 async def track(
@@ -76,22 +88,66 @@ async def track(
 
 
 async def due(redis: Any, scripts: Scripts, *, limit: int) -> DueView:
-    """Up to ``limit`` due entries from each bucket, and the time to the next deadline. Each
-    bucket is judged by the clock of the server that holds it."""
-    calls: list[Call] = [([keys.lease_index(b)], [limit]) for b in range(keys.INDEX_BUCKETS)]
+    """Up to ``limit`` due entries from each bucket, the time to the next deadline, and the
+    buckets that were lost. Each bucket is judged by the clock of the server that holds it."""
+    calls: list[Call] = [
+        ([keys.lease_index(b), keys.index_intact(b)], [limit]) for b in range(keys.INDEX_BUCKETS)
+    ]
     replies = await call_many(redis, scripts.due, calls)
     entries: list[DueEntry] = []
     next_in: float | None = None
     more = False
-    for reply in replies:
-        now_ms, first, *pairs = reply
+    lost: list[int] = []
+    for bucket, reply in enumerate(replies):
+        now_ms, first, marker, *pairs = reply
         if _text(first):
             wait = max(0.0, (float(_text(first)) - int(now_ms)) / 1000)
             next_in = wait if next_in is None else min(next_in, wait)
+        if not _text(marker):
+            lost.append(bucket)
         for i in range(0, len(pairs), 2):
             entries.append(DueEntry(_text(pairs[i]), pairs[i + 1]))
         more = more or (limit > 0 and len(pairs) >= 2 * limit)
-    return DueView(entries, next_in, more)
+    return DueView(entries, next_in, more, lost)
+
+
+async def rebuild(redis: Any, scripts: Scripts, buckets: Sequence[int]) -> int | None:
+    """Re-track every session of the lost ``buckets``: their lease deadlines due now (the
+    reconciler then claims those nobody holds and re-tracks the others at their lease's
+    remaining time) and their listing entries if missing.
+
+    Scans every primary for specs, O(keys in Redis): it runs once per bucket lost. Buckets
+    another caller is rebuilding are left to it (the marker reads ``rebuilding`` for
+    ``REBUILD_CLAIM_MS``, so a caller that dies half-way leaves the rebuild to the next).
+    A bucket lost again during the rebuild keeps its marker missing and is rebuilt again.
+    Returns how many sessions were re-tracked; None when every bucket was another's.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        for bucket in buckets:
+            pipe.set(keys.index_intact(bucket), "rebuilding", nx=True, px=REBUILD_CLAIM_MS)
+        mine = [b for b, ok in zip(buckets, await pipe.execute(), strict=True) if ok]
+    if not mine:
+        return None
+    wanted = set(mine)
+    found: dict[str, int | None] = {}
+    tracked = 0
+    # A cluster client scans every primary in turn; SCAN may return a key twice, which only
+    # writes the same entry again.
+    async for key in redis.scan_iter(match=keys.SPEC_PATTERN, count=REBUILD_SCAN_COUNT):
+        sid = keys.session_of_spec(key)
+        if sid is not None and keys.index_bucket(sid) in wanted:
+            found[sid] = 0
+        if len(found) >= REBUILD_TRACK_BATCH:
+            await track(redis, scripts, found, listing=Listing.ENSURE)
+            tracked += len(found)
+            found = {}
+    await track(redis, scripts, found, listing=Listing.ENSURE)
+    tracked += len(found)
+    async with redis.pipeline(transaction=False) as pipe:
+        for bucket in mine:
+            pipe.set(keys.index_intact(bucket), "intact", xx=True)
+        await pipe.execute()
+    return tracked
 
 
 async def untrack(redis: Any, scripts: Scripts, entries: Sequence[DueEntry]) -> int:

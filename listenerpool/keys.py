@@ -18,6 +18,7 @@ SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # The session indexes are split into this many buckets so that a million sessions do not all
 # land on one cluster shard. Fixed: changing it strands the entries of the old buckets.
 INDEX_BUCKETS = 16
+SPEC_PATTERN = "lp:{*}:spec"  # SCAN match for every session's spec (rebuilding an index)
 WORKERS = "lp:workers"  # sorted set: worker id -> heartbeat deadline (ms)
 CONTROL_CHANNEL = "lp:ctl"  # sharded pub/sub: cancel and reconnect notices to workers
 PROBE_CHANNEL = "lp:probe"  # sharded pub/sub, never followed: a start-up check of the server
@@ -37,6 +38,12 @@ def sessions_index(bucket: int) -> str:
 def lease_index(bucket: int) -> str:
     """Sorted set: sid -> lease deadline (ms), read by the reconciler."""
     return f"lp:{{ix.{bucket}}}:leases"
+
+
+def index_intact(bucket: int) -> str:
+    """String ``rebuilding`` or ``intact``; missing once the bucket was lost (a cluster shard
+    brought back empty, a Redis restarted without its data), until a reconciler rebuilt it."""
+    return f"lp:{{ix.{bucket}}}:intact"
 
 
 def check_session_id(sid: str) -> str:
@@ -77,6 +84,14 @@ class SessionKeys:
         self.bucket = index_bucket(sid)
         self.lease_index = lease_index(self.bucket)
         self.sessions_index = sessions_index(self.bucket)
+
+
+def session_of_spec(key: bytes | str) -> str | None:
+    """The session id of a spec key found by ``SPEC_PATTERN``; None for a key the pool did not
+    write (the pattern also matches ids the session id rule refuses)."""
+    text = key.decode() if isinstance(key, bytes) else key
+    sid = text[len("lp:{") : -len("}:spec")]
+    return sid if SESSION_ID_PATTERN.fullmatch(sid) else None
 
 
 def worker_key(worker_id: str) -> str:

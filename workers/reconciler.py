@@ -1,7 +1,8 @@
 """Re-claim desired sessions whose lease lapsed. Costs O(expired leases), not O(sessions): lease
 deadlines live in sorted sets (one per index bucket, spread over a cluster's shards) and only
 their expired ranges are read. The same sets say when the next lease is due, so a reconciler
-can wake then instead of up to a period later."""
+can wake then instead of up to a period later. A bucket lost on its own (a cluster shard
+brought back empty) is rebuilt from the specs first (:func:`listenerpool.index.rebuild`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
     Returns how many sessions this call claimed.
     """
     claimed = 0
-    for _ in range(MAX_ROUNDS):
+    for round_ in range(MAX_ROUNDS):
         view = await index.due(redis, control.scripts, limit=limit)
+        if view.lost and round_ == 0:
+            await _rebuild(redis, control, view.lost)
+            view = await index.due(redis, control.scripts, limit=limit)
         seen = {}
         foreign = []
         for entry in view.entries:
@@ -50,6 +54,23 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
 
 
 async def next_due_in(redis: Any, control: SessionControl) -> float | None:
-    """Seconds until the earliest lease deadline (0 when one is already due), by the clock of
-    the Redis holding it; None when no lease is tracked. One pipelined round trip."""
-    return (await index.due(redis, control.scripts, limit=0)).next_due_in
+    """Seconds until the earliest lease deadline (0 when one is already due, or a bucket was
+    lost and needs rebuilding), by the clock of the Redis holding it; None when no lease is
+    tracked. One pipelined round trip."""
+    view = await index.due(redis, control.scripts, limit=0)
+    return 0.0 if view.lost else view.next_due_in
+
+
+async def _rebuild(redis: Any, control: SessionControl, lost: list[int]) -> None:
+    tracked = await index.rebuild(redis, control.scripts, lost)
+    if tracked is None:
+        return  # another reconciler is rebuilding them
+    # A Redis that starts empty has no markers either; only a rebuild that found sessions
+    # says something was lost.
+    log.log(
+        logging.WARNING if tracked else logging.DEBUG,
+        "index buckets %s had no marker: re-tracked %d sessions found in Redis",
+        lost,
+        tracked,
+        extra={"state": "index-rebuilt"},
+    )

@@ -55,6 +55,7 @@ def test_buckets_are_stable_and_spread_sessions_evenly() -> None:
 def test_each_bucket_is_one_slot_and_the_buckets_spread_over_slots() -> None:
     for bucket in range(keys.INDEX_BUCKETS):
         assert slot(keys.lease_index(bucket)) == slot(keys.sessions_index(bucket))
+        assert slot(keys.lease_index(bucket)) == slot(keys.index_intact(bucket))
     slots = {slot(keys.lease_index(b)) for b in range(keys.INDEX_BUCKETS)}
     assert len(slots) == keys.INDEX_BUCKETS
     # On a 3-primary cluster's even split, the buckets land on every primary.
@@ -180,3 +181,87 @@ async def test_a_reasserted_lease_is_never_left_without_its_index_entry(
     for s in held:
         assert await fake_redis.exists(s.keys.lease), "the write-back did not run"
         assert await fake_redis.zscore(s.keys.lease_index, s.sid) is not None, s.sid
+
+
+async def lose_bucket(redis: Any, bucket: int) -> None:
+    """What a cluster shard brought back empty does to a bucket it held."""
+    await redis.delete(
+        keys.lease_index(bucket), keys.sessions_index(bucket), keys.index_intact(bucket)
+    )
+
+
+async def test_a_session_whose_index_bucket_was_lost_is_claimed_again(
+    fake_redis: Any, control: SessionControl, queue: Queue, settings: Settings
+) -> None:
+    """The bucket sits on another shard than the session's keys. That shard comes back empty,
+    and meanwhile the session's reader stopped (it fenced while the shard was away): the spec
+    wants a reader, no lease is left, and no renewal will write the entry back."""
+    ttl_ms = int(settings.lease_ttl * 1000)
+    orphan = await start(control, queue, "orphan-1", ttl_ms)
+    held = await start(control, queue, "held-1", ttl_ms)
+    assert orphan.keys.bucket != held.keys.bucket
+    assert await reconcile_once(fake_redis, control) == 0  # the markers are written now
+    await lose_bucket(fake_redis, orphan.keys.bucket)
+    await fake_redis.delete(orphan.keys.lease)
+    await fake_redis.set("lp:{not/a session}:spec", "never written by the pool")
+
+    assert await reconcile_once(fake_redis, control) == 1
+    assert [args[:1] for args in job_args(queue)] == [["orphan-1"]]
+    assert await fake_redis.zscore(orphan.keys.lease_index, "orphan-1") is not None
+    assert await fake_redis.zscore(orphan.keys.sessions_index, "orphan-1") is not None
+    assert await fake_redis.get(keys.index_intact(orphan.keys.bucket)) == b"intact"
+    # Only the lost bucket was scanned for: the held session's entry kept its deadline.
+    view = await index.due(fake_redis, control.scripts, limit=10)
+    assert view.lost == [] and [e.sid for e in view.entries] == []
+
+
+async def test_a_fresh_redis_marks_every_bucket_intact_and_claims_nothing(
+    fake_redis: Any, control: SessionControl
+) -> None:
+    assert (await index.due(fake_redis, control.scripts, limit=0)).lost == list(
+        range(keys.INDEX_BUCKETS)
+    )
+    assert await reconcile_once(fake_redis, control) == 0
+    for bucket in range(keys.INDEX_BUCKETS):
+        assert await fake_redis.get(keys.index_intact(bucket)) == b"intact"
+
+
+async def test_a_bucket_another_reconciler_is_rebuilding_is_left_to_it(
+    fake_redis: Any, control: SessionControl, queue: Queue, settings: Settings
+) -> None:
+    ttl_ms = int(settings.lease_ttl * 1000)
+    orphan = await start(control, queue, "orphan-2", ttl_ms)
+    await reconcile_once(fake_redis, control)
+    await lose_bucket(fake_redis, orphan.keys.bucket)
+    await fake_redis.delete(orphan.keys.lease)
+    await fake_redis.set(keys.index_intact(orphan.keys.bucket), "rebuilding", px=60_000)
+    assert await index.rebuild(fake_redis, control.scripts, [orphan.keys.bucket]) is None
+    assert await fake_redis.zscore(orphan.keys.lease_index, "orphan-2") is None
+    # Its owner died half-way: once the claim on the rebuild lapses, the next one does it.
+    await fake_redis.delete(keys.index_intact(orphan.keys.bucket))
+    assert await index.rebuild(fake_redis, control.scripts, [orphan.keys.bucket]) == 1
+    assert await reconcile_once(fake_redis, control) == 1
+
+
+async def test_a_bucket_lost_again_during_its_rebuild_stays_marked_lost(
+    fake_redis: Any,
+    control: SessionControl,
+    queue: Queue,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ttl_ms = int(settings.lease_ttl * 1000)
+    orphan = await start(control, queue, "orphan-3", ttl_ms)
+    await reconcile_once(fake_redis, control)
+    bucket = orphan.keys.bucket
+    await lose_bucket(fake_redis, bucket)
+    real_track = index.track
+
+    async def lost_again_after(*args: Any, **kwargs: Any) -> None:
+        await real_track(*args, **kwargs)
+        await lose_bucket(fake_redis, bucket)
+
+    monkeypatch.setattr(index, "track", lost_again_after)
+    await index.rebuild(fake_redis, control.scripts, [bucket])
+    monkeypatch.undo()
+    assert (await index.due(fake_redis, control.scripts, limit=0)).lost == [bucket]

@@ -14,7 +14,7 @@ from listenerpool.connections import listen_queue
 from listenerpool.control import SessionControl
 from tests.conftest import fast_settings
 from workers.collector import THRESHOLDS, tune_collector
-from workers.reconciler import next_due_in
+from workers.reconciler import next_due_in, reconcile_once
 
 
 async def redis_now_ms(redis: Any) -> int:
@@ -35,12 +35,22 @@ async def deadlines(redis: Any, entries: dict[str, int]) -> None:
 
 
 async def test_next_due_in_is_none_without_leases(fake_redis: Any, control: SessionControl) -> None:
+    await reconcile_once(fake_redis, control)  # marks the (empty) buckets intact
     assert await next_due_in(fake_redis, control) is None
+
+
+async def test_next_due_in_is_zero_while_a_bucket_is_lost(
+    fake_redis: Any, control: SessionControl
+) -> None:
+    await reconcile_once(fake_redis, control)
+    await fake_redis.delete(keys.index_intact(3))
+    assert await next_due_in(fake_redis, control) == 0.0
 
 
 async def test_next_due_in_is_the_earliest_deadline_of_all_buckets(
     fake_redis: Any, control: SessionControl
 ) -> None:
+    await reconcile_once(fake_redis, control)  # marks the (empty) buckets intact
     now = await redis_now_ms(fake_redis)
     sids = [f"s{i}" for i in range(40)]
     assert len({keys.index_bucket(sid) for sid in sids}) > 4
