@@ -198,10 +198,14 @@ class RedisClusterNodes(Service):
         return next(n.port for n in nodes if n.primary == primary_id and not n.failed)
 
     def healthy(self) -> bool:
-        """Every live node says ``cluster_state:ok``, all 16384 slots are served, the live
-        nodes agree on who serves what, and every live replica is in sync with its primary."""
+        """Every live node says ``cluster_state:ok``, all 16384 slots are served, every live
+        replica is in sync with its primary, and the live nodes agree on who serves what and
+        who replicates whom, with no live node seen as failed and none a primary without
+        slots (a demoted primary that has not yet turned into its successor's replica: a
+        fault that picks a shard's replica then would find none, or the wrong one)."""
+        alive = set(self.alive())
         views = set()
-        for port in self.alive():
+        for port in alive:
             with self.client(port) as c:
                 info = c.execute_command("CLUSTER", "INFO").decode()
                 if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
@@ -209,18 +213,22 @@ class RedisClusterNodes(Service):
                 replication = c.info("replication")
                 if replication["role"] == "slave" and replication.get("master_link_status") != "up":
                     return False
-            view = tuple(
-                sorted(
-                    (n.port, n.slots)
-                    for n in self.nodes(port)
-                    if n.role == "primary" and n.slots and not n.failed
+            nodes = [n for n in self.nodes(port) if n.port in alive]
+            if any(n.failed or (n.role == "primary" and not n.slots) for n in nodes):
+                return False
+            port_of = {n.id: n.port for n in nodes}
+            views.add(
+                tuple(
+                    sorted(
+                        (n.port, n.slots if n.role == "primary" else (), port_of.get(n.primary))
+                        for n in nodes
+                    )
                 )
             )
-            views.add(view)
         return len(views) == 1
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        wait_for(self.healthy, timeout, "cluster_state:ok on every node with one slot map")
+        wait_for(self.healthy, timeout, "cluster_state:ok on every node with one map of the nodes")
 
     # -- faults ------------------------------------------------------------------------------
     def failover(self, primary_port: int, timeout: float = 20.0, *, force: bool = False) -> int:
