@@ -78,6 +78,14 @@ def test_overlaps_are_told_apart_from_a_paused_holder() -> None:
     assert t.paused_close_after_wake == [0.5]
 
 
+def test_a_connection_the_kernel_completed_for_a_frozen_process_is_the_freeze() -> None:
+    # The process began connecting just before SIGSTOP; the upstream accepted just after it.
+    paused = [PausedWindow(stopped=1, resumed=4.5, ports=frozenset({10}))]
+    t = HistoryTotals()
+    count_overlaps(t, "s", [record(1.02, 4.8, 10), record(4, None, 11)], paused, end=9)
+    assert (t.overlaps, t.overlaps_paused) == (0, 1)
+
+
 def test_a_frozen_holder_that_closes_late_after_waking_is_a_plain_overlap() -> None:
     paused = [PausedWindow(stopped=1, resumed=4.5, ports=frozenset({10}))]
     # Closed 2 s after SIGCONT, the newer connection opened after the wake: still the freeze.

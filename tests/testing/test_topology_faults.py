@@ -1,17 +1,21 @@
 """The soak's cluster faults change the topology one at a time, each on a healthy cluster: a
 manual failover asked of a replica still syncing after the previous fault is dropped by Redis,
-and the soak then failed on the cluster's limits instead of testing the pool."""
+and the soak then failed on the cluster's limits instead of testing the pool. And a SIGSTOPped
+worker's upstream connections are listed while it is frozen, so the overlaps it causes are
+told apart from the pool's."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from listenerpool.testing.harness import faults as faults_module
 from listenerpool.testing.harness.faults import FaultInjector
 from listenerpool.testing.harness.fleet import Fleet
 from listenerpool.testing.upstream import SSEUpstream
@@ -88,3 +92,47 @@ async def test_a_failover_waits_for_the_killed_primary_to_be_back_and_the_cluste
         "healthy?",
         "failover",
     ]
+
+
+class FrozenWorkerFleet:
+    """A worker that reconnects upstream until it is SIGSTOPped: its ports at each moment."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.port = 40000
+
+    def signal(self, proc: Any, signum: int) -> None:
+        self.frozen = signum == signal.SIGSTOP
+
+    def ports(self, pid: int, remote_port: int) -> set[int]:
+        listed = {self.port}
+        if not self.frozen:
+            self.port += 1  # a reconnect right after the listing, before any signal
+        return listed
+
+
+async def test_a_stopped_workers_connections_are_listed_once_it_is_frozen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fleet = FrozenWorkerFleet()
+    monkeypatch.setattr(faults_module, "tcp_peers", fleet.ports)
+    injector = FaultInjector(
+        cast(Fleet, fleet),
+        cast(SSEUpstream, SimpleNamespace(port=1)),
+        None,
+        [],
+        lease_ttl=0.3,
+        idle_timeout=3.0,
+        rng=random.Random(0),
+        kinds=["worker_stop"],
+    )
+    slot = SimpleNamespace(proc=SimpleNamespace(pid=1), worker_id="w")
+
+    async def busiest() -> tuple[Any, dict[str, int]]:
+        return slot, {}
+
+    injector._busiest_worker = busiest  # type: ignore[method-assign]
+    await asyncio.wait_for(injector.worker_stop(), 10)
+    [window] = injector.paused
+    # What the frozen process held, not what it held just before.
+    assert window.ports == frozenset({fleet.port})

@@ -256,9 +256,11 @@ class FaultInjector:
         slot, epochs = await self._busiest_worker()
         assert slot.proc is not None
         self._track("worker_stop", epochs)
-        ports = await asyncio.to_thread(tcp_peers, slot.proc.pid, self.upstream.port)
         stopped = time.monotonic()
         self.fleet.signal(slot.proc, signal.SIGSTOP)
+        # Its connections are listed once it is frozen: listed before, a reconnect made between
+        # the listing and the signal went unnoticed and its overlap counted as the pool's.
+        ports = await asyncio.to_thread(tcp_peers, slot.proc.pid, self.upstream.port)
         await asyncio.sleep(self.ttl + 0.5)  # it wakes after its leases expired
         self.fleet.signal(slot.proc, signal.SIGCONT)
         self.paused.append(PausedWindow(stopped, time.monotonic(), frozenset(ports)))

@@ -78,7 +78,8 @@ class GatewaySlot:
 
 
 def tcp_peers(pid: int, remote_port: int) -> set[int]:
-    """Local ports of the process's established TCP connections to ``remote_port``."""
+    """Local ports of the process's TCP connections to ``remote_port``, established or being
+    set up (the kernel completes a connect a frozen process asked for)."""
     try:
         conns = psutil.Process(pid).net_connections(kind="tcp")
     except psutil.Error:
@@ -86,7 +87,9 @@ def tcp_peers(pid: int, remote_port: int) -> set[int]:
     return {
         c.laddr.port
         for c in conns
-        if c.raddr and c.raddr.port == remote_port and c.status == psutil.CONN_ESTABLISHED
+        if c.raddr
+        and c.raddr.port == remote_port
+        and c.status in (psutil.CONN_ESTABLISHED, psutil.CONN_SYN_SENT)
     }
 
 

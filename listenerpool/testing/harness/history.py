@@ -40,7 +40,7 @@ class StoredEntry:
 @dataclass(frozen=True, slots=True)
 class PausedWindow:
     """A process was SIGSTOPped from ``stopped`` to ``resumed`` (monotonic) while holding
-    upstream connections from ``ports`` (its local ports)."""
+    upstream connections from ``ports`` (its local ports, listed while it was frozen)."""
 
     stopped: float
     resumed: float
@@ -184,14 +184,17 @@ def count_overlaps(
         for newer in ordered[i + 1 :]:
             if newer.opened >= closed:
                 break
-            # The older connection was open in a process when it was frozen, and the newer one
-            # came after the freeze: the frozen process could not close it before it woke.
+            # The older connection was open in a process when it was frozen (its port listed
+            # while it was; the upstream may accept it just after the signal, the kernel
+            # completing a connect the process began), and the newer one came after the
+            # freeze: the frozen process could not close it before it woke.
             window = next(
                 (
                     w
                     for w in paused
                     if older.peer_port in w.ports
-                    and older.opened <= w.stopped <= newer.opened
+                    and older.opened <= w.resumed
+                    and w.stopped <= newer.opened
                     and closed - w.resumed <= wake_bound
                 ),
                 None,
