@@ -7,6 +7,7 @@ Every wait is a condition polled against a deadline; nothing sleeps a fixed time
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import socket
@@ -103,6 +104,8 @@ class RedisClusterNodes(Service):
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli is not on PATH")
         self.root = tempfile.mkdtemp(prefix="lp-cluster-")
+        self.node_timeout = node_timeout_ms / 1000
+        self._last_promotion = -math.inf  # monotonic time the last failover ended
         self.primaries = primaries
         self.replicas = replicas
         self.servers: dict[int, RedisServer] = {}
@@ -236,6 +239,7 @@ class RedisClusterNodes(Service):
         primary's agreement, so writes it had not replicated yet are lost); returns the new
         primary's port once every node agrees."""
         replica = self.replica_of(primary_port)
+        self._wait_for_votes()
         with self.client(replica) as c:
             c.execute_command("CLUSTER", "FAILOVER", *(["FORCE"] if force else []))
         wait_for(
@@ -243,15 +247,25 @@ class RedisClusterNodes(Service):
             timeout,
             f"replica {replica} promoted",
         )
+        self._last_promotion = time.monotonic()
         self.wait_healthy(timeout)
         return replica
+
+    def _wait_for_votes(self) -> None:
+        """Sleep until the primaries will vote again. A primary refuses its vote about a shard's
+        primary within twice the node timeout of its last vote about it, and a manual failover
+        that gets no votes is dropped after 5 s: a shard failed over twice in quick succession
+        then stays as it was."""
+        time.sleep(max(0.0, self._last_promotion + 2 * self.node_timeout + 0.5 - time.monotonic()))
 
     def kill(self, port: int, timeout: float = 20.0) -> int:
         """SIGKILL the primary on ``port``; returns its replica's port once it is promoted and
         the cluster is healthy again (without the killed node)."""
         replica = self.replica_of(port)
+        self._wait_for_votes()
         self.servers[port].kill()
         wait_for(lambda: replica in self.primary_ports(), timeout, f"replica {replica} promoted")
+        self._last_promotion = time.monotonic()
         self.wait_healthy(timeout)
         return replica
 
