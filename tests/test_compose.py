@@ -100,7 +100,9 @@ class ComposeStack:
         if args[0] == "python":
             args[0] = sys.executable
         if args[0] == "redis-cli":
-            args += ["-p", str(self.ports[name])]
+            # Options go before the command: after it they are the command's arguments, and
+            # the check would ask whatever Redis listens on the default port instead.
+            args[1:1] = ["-p", str(self.ports[name])]
         return subprocess.run(args, capture_output=True, timeout=10).returncode == 0
 
     def stop(self) -> None:
