@@ -90,7 +90,8 @@ def session_of_spec(key: bytes | str) -> str | None:
     """The session id of a spec key found by ``SPEC_PATTERN``; None for a key the pool did not
     write (the pattern also matches ids the session id rule refuses)."""
     text = key.decode() if isinstance(key, bytes) else key
-    sid = text[len("lp:{") : -len("}:spec")]
+    prefix, suffix = SPEC_PATTERN.split("*")
+    sid = text.removeprefix(prefix).removesuffix(suffix)
     return sid if SESSION_ID_PATTERN.fullmatch(sid) else None
 
 

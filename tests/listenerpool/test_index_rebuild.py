@@ -7,6 +7,7 @@ from redis.crc import key_slot
 
 from listenerpool import keys
 from tests.conftest import BACKENDS, Pool
+from tests.listenerpool.test_index import lose_bucket
 from workers.reconciler import reconcile_once
 
 BUCKET = 5
@@ -25,9 +26,7 @@ async def test_a_lost_bucket_is_rebuilt_from_the_specs_wherever_they_live(pool: 
         job.delete()
 
     # The bucket's shard comes back empty; meanwhile every claim's lease lapsed unadopted.
-    await pool.redis.delete(keys.lease_index(BUCKET))
-    await pool.redis.delete(keys.sessions_index(BUCKET))
-    await pool.redis.delete(keys.index_intact(BUCKET))
+    await lose_bucket(pool.redis, BUCKET)
     for sid in sids:
         await pool.redis.delete(keys.SessionKeys(sid).lease)
 

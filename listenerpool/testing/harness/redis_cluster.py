@@ -2,7 +2,9 @@
 loopback ports, joined with ``redis-cli --cluster create``), for tests that fail over primaries
 and move hash slots under a running pool.
 
-Every wait is a condition polled against a deadline; nothing sleeps a fixed time.
+Every wait is a condition polled against a deadline, but one: before a promotion it sleeps
+out Redis's rule against a second vote about a shard within twice the node timeout, which
+no command reports.
 """
 
 from __future__ import annotations
