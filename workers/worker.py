@@ -380,6 +380,11 @@ class Worker:
             del self._readers[sid]
             self._feed.capacity_changed()
 
+    def _holds(self, session: HeldSession) -> bool:
+        """Whether ``session`` (this lease of it, not merely its id) has a running reader."""
+        running = self._readers.get(session.sid)
+        return running is not None and running.session is session
+
     async def stop_reader(self, sid: str, reason: StopReason) -> None:
         """Stop the reader of ``sid`` (its socket is closed before this returns), then release
         or hand over its lease as ``reason`` demands. Unknown sessions are ignored."""
@@ -498,17 +503,28 @@ class Worker:
     # -- duties ------------------------------------------------------------------------------
     async def _renew_loop(self) -> None:
         interval = self.settings.renew_interval
-        while True:
-            sent_at = self._clock()
-            # A reply is worth waiting for until the clocks it would confirm run out anyway:
-            # cut off sooner (a loaded machine, a busy Redis), a round Redis may well apply
-            # confirms nothing, and readers fence on leases that were in fact renewed.
-            renewed = await self._renew_round(sent_at, deadline=self.settings.fence_after)
-            # A failed round is retried soon rather than a whole interval later: after a Redis
-            # restart the next round is what keeps the lease clocks (and, after a data loss,
-            # the right to re-assert) from running out.
-            pause = interval if renewed else interval / RENEW_RETRY_DIVISOR
-            await asyncio.sleep(max(0.0, sent_at + pause - self._clock()))
+        async with asyncio.TaskGroup() as rounds:
+            while True:
+                sent_at = self._clock()
+                # A reply is worth waiting for until the clocks it would confirm run out
+                # anyway: cut off sooner (a loaded machine, a busy Redis), a round Redis may
+                # well apply confirms nothing, and readers fence on leases that were renewed.
+                this_round = rounds.create_task(
+                    self._renew_round(sent_at, deadline=self.settings.fence_after)
+                )
+                # The next round does not wait for this one beyond the interval: on a cluster
+                # one shard slow to answer (failing over, lost) can hold a round up for the
+                # whole deadline, and the clocks it confirmed at its send time would run out
+                # as it ends, before a next round sent only then could confirm anything. Each
+                # round ends by its deadline, so at most fence_after / interval + 1 overlap.
+                next_at = sent_at + interval
+                await asyncio.wait([this_round], timeout=max(0.0, next_at - self._clock()))
+                # A failed round is retried soon rather than a whole interval later: after a
+                # Redis restart the next round is what keeps the lease clocks (and, after a
+                # data loss, the right to re-assert) from running out.
+                failed = this_round.done() and not this_round.result()
+                pause = interval / RENEW_RETRY_DIVISOR if failed else interval
+                await asyncio.sleep(max(0.0, sent_at + pause - self._clock()))
 
     async def _renew_round(self, sent_at: float, *, deadline: float) -> bool:
         """One renewal round for every reader; False when it could not complete."""
@@ -549,7 +565,9 @@ class Worker:
             self.metrics.lease_renew_failures.inc()
             log.exception("lease renewal round failed")
             return False
-        self._last_heartbeat = sent_at
+        # Rounds overlap when one is slow: an older one may end after a newer one.
+        if self._last_heartbeat is None or sent_at > self._last_heartbeat:
+            self._last_heartbeat = sent_at
         gone = [
             (s, epoch)
             for s, epoch, verdict in zip(sessions, epochs, verdicts, strict=True)
@@ -563,21 +581,25 @@ class Worker:
         refused = await self._restore_after_loss(gone) if gone else set()
         stops = []
         for session, epoch, rev, verdict in zip(sessions, epochs, revs, verdicts, strict=True):
-            if verdict is RenewVerdict.RENEWED:
+            if verdict in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED):
                 session.clock.confirm(sent_at)
-            elif verdict is RenewVerdict.SPEC_CHANGED:
+            if not self._holds(session):
+                # Stopped since the round was sent, and maybe held again under a new lease:
+                # this verdict is about the old one.
+                continue
+            if verdict is RenewVerdict.SPEC_CHANGED:
                 # The 'reconnect' notice was lost (or is still on its way): the renewal is
                 # what makes a changed spec reach the reader within an interval regardless.
-                session.clock.confirm(sent_at)
-                # Unless the notice already restarted it with the new spec meanwhile.
-                if session.spec_rev == rev and session.sid in self._readers:
+                # Unless the notice (or an earlier round) restarted it with the new spec.
+                if session.spec_rev == rev:
                     stops.append(self.stop_reader(session.sid, StopReason.RECONNECT))
             elif verdict is RenewVerdict.CANCELLED:
                 stops.append(self.stop_reader(session.sid, StopReason.CANCELLED))
             elif verdict is RenewVerdict.GONE:
                 if session.sid in refused:
                     stops.append(self.stop_reader(session.sid, StopReason.LOST))
-            elif session.epoch == epoch:  # else re-asserted meanwhile by its reader
+            elif verdict is RenewVerdict.LOST and session.epoch == epoch:
+                # (A different epoch: re-asserted meanwhile by its reader.)
                 stops.append(self.stop_reader(session.sid, StopReason.LOST))
         if stops:
             await asyncio.gather(*stops)

@@ -6,7 +6,10 @@ clocks were confirmed only once the whole round was over, one shard answering la
 over, restarting after losing its data) left every reader of the worker unconfirmed, and the
 readers of the healthy shards fenced themselves on leases Redis had renewed (the cluster soak's
 shard_lost fenced whole workers, and sessions whose shard had lost its data were lost with
-their readers).
+their readers). And a round held up longer than a reader waits for it (a shard frozen, or
+lost and brought back empty) must not hold up the next round: the clocks it confirmed at its
+send time run out as it ends, and only a round sent meanwhile keeps the healthy shards' readers
+going.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ FENCE_AFTER = TTL - TTL / 5
 # Longer than a reader waits for a renewal (so that a round held up by the paused shard fences
 # every reader it would have confirmed only at its end), shorter than the lease itself (so the
 # paused shard's own leases are still there when it answers again).
-PAUSE = FENCE_AFTER + 0.6
+PAUSE_WITHIN_A_ROUND = FENCE_AFTER + 0.6
+# Longer than the round sent during the pause waits for its replies (it gives up, as a round
+# sent during a shard's loss does): the healthy shards' clocks it confirmed at its send time
+# run out as it ends, and only a round sent meanwhile can have confirmed them since.
+PAUSE_BEYOND_A_ROUND = INTERVAL + FENCE_AFTER + 1.0
 
 
 async def last_heartbeat(pool: Pool, worker_id: str) -> bytes | None:
@@ -44,8 +51,15 @@ def cluster() -> Iterator[RedisClusterNodes]:
         yield nodes
 
 
+@pytest.mark.parametrize(
+    "pause",
+    [
+        pytest.param(PAUSE_WITHIN_A_ROUND, id="within-a-round"),
+        pytest.param(PAUSE_BEYOND_A_ROUND, id="beyond-a-round"),
+    ],
+)
 async def test_a_shard_slow_to_answer_holds_up_only_its_own_sessions_renewals(
-    cluster: RedisClusterNodes, upstream: SSEUpstream
+    cluster: RedisClusterNodes, upstream: SSEUpstream, pause: float
 ) -> None:
     by_primary = sessions_on_every_primary(cluster, 2)
     slow = sorted(by_primary)[0]
@@ -72,7 +86,7 @@ async def test_a_shard_slow_to_answer_holds_up_only_its_own_sessions_renewals(
                 await asyncio.sleep(0.005)
             cluster.servers[slow].pause()
             try:
-                await asyncio.sleep(PAUSE)  # the fault's length, not a wait for anything
+                await asyncio.sleep(pause)  # the fault's length, not a wait for anything
             finally:
                 cluster.servers[slow].resume()
 
