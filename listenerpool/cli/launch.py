@@ -329,10 +329,14 @@ async def _serve_uvicorn(server: Any, settings: Settings) -> None:
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
     """A worker until ``stop`` is set, with its status port when ``LP_METRICS_PORT`` is set."""
     from workers.collector import tune_collector
+    from workers.open_files import fit_capacity
     from workers.status_server import StatusServer
     from workers.worker import Worker
 
     tune_collector()
+    capacity = fit_capacity(settings.worker_capacity)
+    if capacity != settings.worker_capacity:
+        settings = settings.model_copy(update={"worker_capacity": capacity})
     redis = async_redis(settings)
     lease_redis = async_redis(settings, max_connections=LEASE_CONNECTIONS)
     sync = sync_redis(settings)
