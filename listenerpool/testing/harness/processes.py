@@ -96,7 +96,7 @@ class GatewayProcesses(ChildProcesses):
         name: str,
         *,
         port: int | None = None,
-        timeout: float = 20.0,
+        timeout: float = 60.0,
         **settings: Any,
     ) -> tuple[subprocess.Popen[bytes], str]:
         """Start a gateway (on ``port``, default a free one); returns the process and its base
