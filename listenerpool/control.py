@@ -202,7 +202,18 @@ class SessionControl:
 
         Returns the sessions this call claimed, with their new epochs.
         """
+        claimed, _ = await self.reclaim_keeping(sids, seen, keep=0)
+        return claimed
+
+    async def reclaim_keeping(
+        self, sids: Sequence[str], seen: Mapping[str, index.DueEntry] | None, *, keep: int
+    ) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
+        """:meth:`reclaim_many`, where the caller (a worker with room) keeps up to ``keep`` of
+        the sessions claimed to adopt itself: their jobs ``(sid, token, epoch)`` are returned
+        instead of enqueued, which saves the queue's round trips. A kept job the caller fails
+        to adopt is lost like a job nobody took: its lease lapses and it is claimed again."""
         claimed: dict[str, int] = {}
+        kept: list[tuple[str, str, int]] = []
         for start in range(0, len(sids), RECLAIM_BATCH):
             batch = [
                 (keys.SessionKeys(sid), secrets.token_hex(8))
@@ -232,11 +243,13 @@ class SessionControl:
                         stale.append(seen[k.sid])
                 else:
                     dues[k.sid] = int(due_ms)
-            await self.enqueue_many(jobs)
+            room = max(0, keep - len(kept))
+            kept += jobs[:room]
+            await self.enqueue_many(jobs[room:])
             await index.track(self._redis, self._scripts, dues)
             if stale:
                 await index.untrack(self._redis, self._scripts, stale)
-        return claimed
+        return claimed, kept
 
     async def enqueue(self, sid: str, token: str, epoch: int) -> None:
         await self.enqueue_many([(sid, token, epoch)])

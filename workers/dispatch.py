@@ -158,8 +158,9 @@ class JobFeed:
         self._capacity_changed.set()
 
     async def run(self, on_stop_job: Callable[[ListenJob], Awaitable[None]]) -> None:
-        """Take jobs until stopped. A job read after the stop request goes to ``on_stop_job``
-        (the worker re-enqueues it), so none is lost to a shutdown race."""
+        """Take jobs until stopped. A job read after the stop request, or beyond the spare
+        capacity left when the read returns, goes to ``on_stop_job`` (the worker re-enqueues
+        it), so none is lost to a shutdown race."""
         loop = asyncio.get_running_loop()
         next_sweep = loop.time()
         while not self._stopping.is_set():
@@ -187,10 +188,13 @@ class JobFeed:
                 continue
             if not jobs:
                 continue
-            if self._stopping.is_set():
-                await asyncio.gather(*(on_stop_job(job) for job in jobs))
-            else:
-                await self._handle(jobs)
+            # The room may have been taken while the read waited (the worker's reconciler
+            # adopts what it re-claims): what no longer fits goes back for another worker.
+            fits = 0 if self._stopping.is_set() else max(0, self._spare_capacity())
+            if jobs[fits:]:
+                await asyncio.gather(*(on_stop_job(job) for job in jobs[fits:]))
+            if jobs[:fits]:
+                await self._handle(jobs[:fits])
 
     async def _pause(self, seconds: float) -> None:
         try:

@@ -7,10 +7,12 @@ brought back empty) is rebuilt from the specs first (:func:`listenerpool.index.r
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from listenerpool import index, keys
 from listenerpool.control import SessionControl
+from workers.dispatch import ListenJob
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +20,18 @@ BATCH = 500  # entries per bucket per round
 MAX_ROUNDS = 20  # bounds one call; whatever is left is due again next period
 
 
-async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BATCH) -> int:
+async def reconcile_once(
+    redis: Any,
+    control: SessionControl,
+    *,
+    limit: int = BATCH,
+    room: Callable[[], int] = lambda: 0,
+    adopt: Callable[[list[ListenJob]], Awaitable[None]] | None = None,
+) -> int:
     """Claim (and enqueue) every session whose lease deadline has passed, ``limit`` per bucket
-    at a time; drop the entries of sessions no longer desired.
+    at a time; drop the entries of sessions no longer desired. With ``adopt``, the calling
+    worker adopts up to ``room()`` of the sessions it claims itself instead of enqueueing them
+    (a failover then costs no queue round trips for them).
 
     Safe to run on every worker at once: the claim script lets exactly one caller win.
     Returns how many sessions this call claimed.
@@ -39,7 +50,8 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
             else:  # never written by us; it would otherwise be retried forever
                 foreign.append(entry)
         await index.drop_foreign(redis, foreign)
-        won = await control.reclaim_many(list(seen), seen)
+        keep = max(0, room()) if adopt is not None else 0
+        won, kept = await control.reclaim_keeping(list(seen), seen, keep=keep)
         for sid, epoch in won.items():
             log.info(
                 "session %s: lease had lapsed; re-claimed at epoch %d",
@@ -48,6 +60,8 @@ async def reconcile_once(redis: Any, control: SessionControl, *, limit: int = BA
                 extra={"session": sid, "epoch": epoch, "state": "reclaimed"},
             )
         claimed += len(won)
+        if kept and adopt is not None:
+            await adopt([ListenJob(sid, token, epoch) for sid, token, epoch in kept])
         if not view.more:
             break
     return claimed

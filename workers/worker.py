@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -31,6 +31,7 @@ from listenerpool.errors import InvalidInput
 from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context
 from listenerpool.metrics import WorkerMetrics
+from listenerpool.scripts import call_many
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
 from listenerpool.spec import UpstreamSpec
@@ -112,6 +113,8 @@ class Worker:
         self.metrics.watch_listeners(self._listener_states)
         self._last_heartbeat: float | None = None  # monotonic time of the last confirmed round
         self._draining = False
+        self._adopting = 0  # jobs taken whose adoption is under way
+        self._reconciling = asyncio.Lock()  # held by a reconcile round
 
     # -- public view -------------------------------------------------------------------------
     @property
@@ -161,8 +164,8 @@ class Worker:
                     tg.create_task(self._renew_loop(), name="renew"),
                     tg.create_task(self._fence_loop(), name="fence"),
                     tg.create_task(self._control_loop(), name="control"),
-                    tg.create_task(self._reconcile_loop(), name="reconcile"),
                 ]
+                reconciler = tg.create_task(self._reconcile_loop(), name="reconcile")
                 self.ready.set()
                 log.info(
                     "worker %s up: capacity %d, lease ttl %gs",
@@ -182,6 +185,10 @@ class Worker:
                         "job feed did not stop within %gs; draining", self.settings.lease_ttl
                     )
                     await cancel_until_done(feed)
+                # A reconcile round under way finishes first: the sessions it adopts are
+                # drained with the rest. None starts after.
+                async with self._reconciling:
+                    await cancel_until_done(reconciler)
                 await self._drain()
                 await asyncio.gather(*(cancel_until_done(task) for task in duties))
         finally:
@@ -215,41 +222,78 @@ class Worker:
 
     # -- jobs --------------------------------------------------------------------------------
     def _spare_capacity(self) -> int:
-        return self.settings.worker_capacity - len(self._readers)
+        """Room for more sessions: the job feed and the reconciler may both be adopting."""
+        if self._draining:
+            return 0
+        return self.settings.worker_capacity - len(self._readers) - self._adopting
 
     async def _adopt_many(self, jobs: list[ListenJob]) -> None:
         """Adopt a batch of jobs, move the adopted sessions' lease index entries to their
         lease deadlines, then start their readers."""
-        taken = await asyncio.gather(*(self._adopt(job) for job in jobs))
-        sessions = [session for session in taken if session is not None]
-        if not sessions:
-            return
-        await self._track_adopted(sessions)
-        await asyncio.gather(*(self._start_adopted(session) for session in sessions))
-
-    async def _adopt(self, job: ListenJob) -> HeldSession | None:
-        """Take the lease a job names; None when the job is stale, cancelled or broken."""
+        self._adopting += len(jobs)
         try:
-            k = keys.SessionKeys(job.sid)
-        except InvalidInput:
-            log.warning("dropping listen job with invalid session id %r", job.sid)
-            return None
-        where = {"session": job.sid, "epoch": job.epoch}
-        lease_value = f"{self.worker_id}:{job.token}"
+            sessions = await self._adopt(jobs)
+            if not sessions:
+                return
+            await self._track_adopted(sessions)
+            await asyncio.gather(*(self._start_adopted(session) for session in sessions))
+        finally:
+            self._adopting -= len(jobs)
+            self._feed.capacity_changed()
+
+    async def _adopt(self, jobs: list[ListenJob]) -> list[HeldSession]:
+        """Take the leases the jobs name, in one pipelined round (one per node on a cluster);
+        the sessions now held. A job that is stale, cancelled or broken is dropped."""
+        wanted: list[tuple[ListenJob, keys.SessionKeys]] = []
+        for job in jobs:
+            try:
+                wanted.append((job, keys.SessionKeys(job.sid)))
+            except InvalidInput:
+                log.warning("dropping listen job with invalid session id %r", job.sid)
+        if not wanted:
+            return []
+        replies: dict[int, Any] = {}
+
+        def settled(positions: Sequence[int], answers: Sequence[Any]) -> None:
+            replies.update(zip(positions, answers, strict=True))
+
+        calls = [
+            (
+                [k.spec, k.lease, k.cancel, k.state],
+                [job.token, job.epoch, self.worker_id, self._ttl_ms],
+            )
+            for job, k in wanted
+        ]
         sent_at = self._clock()
         try:
-            reply = await self._scripts.adopt(
-                keys=[k.spec, k.lease, k.cancel, k.state],
-                args=[job.token, job.epoch, self.worker_id, self._ttl_ms],
-            )
+            await call_many(self._redis, self._scripts.adopt, calls, settled)
         except REDIS_ERRORS as exc:
-            # The lease was never ours; it lapses and the reconciler claims it again.
+            # Those not answered were never ours; their leases lapse and the reconciler
+            # claims them again. Those answered are adopted as usual.
             self.metrics.redis_error["adopt"].inc()
-            log.warning("session %s: adopt failed: %s", job.sid, exc, extra=where)
-            return None
+            failed = sum(
+                isinstance(replies.get(i), (Exception, type(None))) for i in range(len(wanted))
+            )
+            log.warning("adopt failed for %d of %d sessions: %s", failed, len(wanted), exc)
+        held = []
+        for i, (job, k) in enumerate(wanted):
+            reply = replies.get(i)
+            if reply is None or isinstance(reply, Exception):
+                continue
+            session = await self._held_from(job, k, reply, sent_at)
+            if session is not None:
+                held.append(session)
+        return held
+
+    async def _held_from(
+        self, job: ListenJob, k: keys.SessionKeys, reply: Any, sent_at: float
+    ) -> HeldSession | None:
+        """The session an adopt reply gives this worker; None when the job was dropped."""
+        where = {"session": job.sid, "epoch": job.epoch}
         if int(reply[0]) != 1:
             log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]), extra=where)
             return None
+        lease_value = f"{self.worker_id}:{job.token}"
         url, headers_json = _text(reply[1]), _text(reply[2])
         last_id, seq = _text(reply[3]), int(_text(reply[4]) or 0)
         spec_rev = int(_text(reply[5]) or 0)
@@ -695,8 +739,15 @@ class Worker:
                 delay = min(delay, due_in + random.uniform(0.0, RECONCILE_WAKE_JITTER))
             await asyncio.sleep(max(delay, RECONCILE_MIN_SLEEP))
             try:
-                async with asyncio.timeout(period * 3):
-                    claimed = await reconcile_once(self._redis, self._control)
+                async with self._reconciling, asyncio.timeout(period * 3):
+                    # Sessions it re-claims, this worker adopts while it has room: no queue
+                    # round trips between a lapsed lease and its new reader.
+                    claimed = await reconcile_once(
+                        self._redis,
+                        self._control,
+                        room=self._spare_capacity,
+                        adopt=self._adopt_many,
+                    )
                 self.metrics.failovers.inc(claimed)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 self.metrics.redis_error["reconcile"].inc()

@@ -1,5 +1,6 @@
-"""The worker's reconcile loop keeps running when Redis never answers the question of when the
-next lease lapses (a cluster node caught between losing its shard and being given it back)."""
+"""The worker's reconcile loop: it keeps running when Redis never answers the question of when
+the next lease lapses (a cluster node caught between losing its shard and being given it back),
+and the sessions it re-claims it adopts itself while it has room, without the queue."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 
 import workers.worker
+from listenerpool import index, keys
 from listenerpool.control import SessionControl
+from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, running_worker
 from workers.reconciler import reconcile_once
 
@@ -27,10 +30,10 @@ async def test_a_next_due_question_that_is_never_answered_does_not_stop_reconcil
         await asyncio.Event().wait()  # a reply that never comes
         return None
 
-    async def counted(redis: Any, control: SessionControl) -> int:
+    async def counted(redis: Any, control: SessionControl, **options: Any) -> int:
         nonlocal rounds
         rounds += 1
-        return await reconcile_once(redis, control)
+        return await reconcile_once(redis, control, **options)
 
     monkeypatch.setattr(workers.worker, "next_due_in", never_answered)
     monkeypatch.setattr(workers.worker, "reconcile_once", counted)
@@ -40,3 +43,58 @@ async def test_a_next_due_question_that_is_never_answered_does_not_stop_reconcil
             lambda: rounds >= 2, 20, "reconcile rounds stopped behind an unanswered question"
         )
         assert worker.ready.is_set()
+
+
+async def lapsed(pool: Pool, upstream: SSEUpstream, sids: list[str]) -> None:
+    """Desired sessions whose leases lapsed with no job queued: what a dead worker leaves."""
+    for sid in sids:
+        await pool.control.claim(sid, upstream.url(sid))
+    pool.queue.empty()
+    await pool.redis.delete(*(keys.SessionKeys(sid).lease for sid in sids))
+    await index.track(pool.redis, pool.control.scripts, dict.fromkeys(sids, 0))
+
+
+def recording_enqueues(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    enqueued: list[str] = []
+    enqueue_many = SessionControl.enqueue_many
+
+    async def recorded(self: SessionControl, jobs: Any) -> None:
+        enqueued.extend(sid for sid, _, _ in jobs)
+        await enqueue_many(self, jobs)
+
+    monkeypatch.setattr(SessionControl, "enqueue_many", recorded)
+    return enqueued
+
+
+async def test_sessions_a_worker_reclaims_it_adopts_itself_without_a_queued_job(
+    pool: Pool, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sids = [f"direct-{n}" for n in range(5)]
+    await lapsed(pool, upstream, sids)
+    enqueued = recording_enqueues(monkeypatch)
+    async with running_worker(pool, "w-direct") as worker:
+
+        def all_listening() -> bool:
+            readers = [worker.reader(sid) for sid in sids]
+            return all(r is not None and r.connected.is_set() for r in readers)
+
+        await eventually(all_listening, 20, "the re-claimed sessions did not all start")
+        epochs = {sid: r.session.epoch for sid in sids if (r := worker.reader(sid))}
+        assert epochs == dict.fromkeys(sids, 2), "held under the reconciler's claim"
+        assert enqueued == [], "a session the worker adopted itself went through the queue"
+
+
+async def test_what_a_reclaiming_worker_has_no_room_for_goes_to_the_queue(
+    pool: Pool, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sids = [f"full-{n}" for n in range(3)]
+    await lapsed(pool, upstream, sids)
+    enqueued = recording_enqueues(monkeypatch)
+    async with running_worker(pool, "w-full", worker_capacity=1) as worker:
+        await eventually(lambda: worker.load == 1, 20, "the worker adopted none itself")
+        # Its job feed may take a queued job before the reconciler's adoption fills the room:
+        # it puts that one back.
+        await eventually(lambda: pool.queue.count == 2, 20, "the two left over are not queued")
+        held = worker.held_sessions()
+        assert worker.load == 1, "a worker holds no more than its capacity"
+        assert sorted(held + sorted(set(enqueued))) == sids, (held, enqueued)

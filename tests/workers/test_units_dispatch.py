@@ -1,7 +1,8 @@
-"""workers.dispatch.take_job and take_queued on fakeredis."""
+"""workers.dispatch.take_job, take_queued and the job feed on fakeredis."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -11,7 +12,14 @@ from rq.job import Job
 from listenerpool.connections import listen_queue
 from listenerpool.control import LISTEN_JOB, SessionControl
 from tests.conftest import fast_settings
-from workers.dispatch import ListenJob, sweep_intermediate, take_job, take_jobs, take_queued
+from workers.dispatch import (
+    JobFeed,
+    ListenJob,
+    sweep_intermediate,
+    take_job,
+    take_jobs,
+    take_queued,
+)
 
 SETTINGS = fast_settings()
 
@@ -120,3 +128,27 @@ def test_take_queued_drops_malformed_and_expired_jobs(queue: Queue) -> None:
     assert take_queued(queue, 10) == [ListenJob("s3", "tok", 3)]
     for job_id in (bad.id, gone.id, "good"):
         assert leftovers(queue, job_id) == {"queued": 0, "intermediate": 0, "job hash": 0}
+
+
+async def test_jobs_read_beyond_the_room_left_when_the_read_returns_go_back(
+    control: SessionControl, queue: Queue
+) -> None:
+    # The room is 3 when the feed asks and 1 once the jobs are read (the worker's reconciler
+    # adopted two meanwhile): one job is handled, the other two go back.
+    await control.enqueue_many([(f"s{i}", f"tok{i}", 1) for i in range(3)])
+    rooms = iter([3, 1])
+    handled: list[ListenJob] = []
+    back: list[ListenJob] = []
+    feed: JobFeed
+
+    async def handle(jobs: list[ListenJob]) -> None:
+        handled.extend(jobs)
+        feed.stop()
+
+    async def put_back(job: ListenJob) -> None:
+        back.append(job)
+
+    feed = JobFeed(queue, handle, lambda: next(rooms, 0))
+    await asyncio.wait_for(feed.run(put_back), 10)
+    assert [job.sid for job in handled] == ["s0"]
+    assert [job.sid for job in back] == ["s1", "s2"]
