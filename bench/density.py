@@ -11,9 +11,13 @@ file descriptor limit holds):
    ``listening``; the worker's RSS growth per listener, the bring-up time and, after ``--hold``
    seconds, whether all N are still listening in a live worker.
 
-Its own ``redis-server`` runs on a free port and the upstream (:class:`SSEUpstream` with no
-events and a heartbeat every 15 s, i.e. idle streams) runs in a separate child process, so the
-measured processes hold nothing but what is measured. Figures come last, one per line::
+Its own ``redis-server`` runs on a free port and the upstreams (:class:`SSEUpstream` with no
+events and a heartbeat every 15 s, i.e. idle streams) run in child processes of their own, one
+per 10,000 connections, each on its own loopback address (127.0.0.1, 127.0.0.2, ...: one
+destination has about 28,000 ephemeral ports), so the measured processes hold nothing but what
+is measured. One process holds N sockets, so N is bounded by the hard limit of open files: the
+bench raises it where it may (root with CAP_SYS_RESOURCE) and reports a size above it as not
+measured, with the limit. Figures come last, one per line::
 
     rss_per_listener_ratio_10000: 4.1x (target <= 4x vs bare asyncio sockets) FAIL
 
@@ -22,6 +26,7 @@ breaks (a child does not start, Redis fails, ...). Every child is stopped on exi
 included, and dies with the bench even if the bench is killed (``PR_SET_PDEATHSIG``).
 
     .venv/bin/python bench/density.py --sizes 1000,10000 --hold 10
+    .venv/bin/python bench/density.py --sizes 19000,50000 --hold 600 --bringup-timeout 600
 """
 
 from __future__ import annotations
@@ -42,29 +47,31 @@ from typing import TYPE_CHECKING
 # bench/ is sys.path[0] when this file runs as a script. Standard library only at import time:
 # the bare-socket child must stay lean.
 import rig
-from rig_upstreams import HEARTBEAT, UpstreamProcess
+from rig_upstreams import CONNECTIONS_PER_UPSTREAM, HEARTBEAT, UpstreamSpread, spread_index
 
 if TYPE_CHECKING:
     import psutil
 
 WORKER_ID = "bench-w1"
 LEASE_TTL = 10.0
+RESERVED_FILES = 256  # a measured process's own files besides its N sockets (as the worker's)
 TARGET_RATIO = 4.0
 
 
 # ============================================================================================
 # The bare-socket child (run as `density.py _bare`): stdlib only.
 # ============================================================================================
-def bare_child(port: int, count: int, prefix: str, batch: int) -> int:
+def bare_child(targets: str, count: int, prefix: str, batch: int) -> int:
     """Print ``ready`` (imports done), wait for ``go``, open ``count`` connections, print
     ``up OPENED FAILED``, then hold them until stdin says anything or closes."""
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
-    return asyncio.run(_hold_bare(port, count, prefix, batch))
+    hosts = [(host, int(port)) for host, _, port in (t.rpartition(":") for t in targets.split(","))]
+    return asyncio.run(_hold_bare(hosts, count, prefix, batch))
 
 
-async def _hold_bare(port: int, count: int, prefix: str, batch: int) -> int:
+async def _hold_bare(hosts: list[tuple[str, int]], count: int, prefix: str, batch: int) -> int:
     loop = asyncio.get_running_loop()
     release: asyncio.Future[None] = loop.create_future()
 
@@ -80,10 +87,12 @@ async def _hold_bare(port: int, count: int, prefix: str, batch: int) -> int:
         readers: list[asyncio.Task[None]] = []
 
         async def open_one(i: int) -> None:
+            sid = f"{prefix}{i}"
+            host, port = hosts[spread_index(sid, len(hosts))]  # the pool's reader's upstream
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection(host, port)
                 writer.write(
-                    f"GET /events/{prefix}{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"GET /events/{sid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                     "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n".encode()
                 )
                 await writer.drain()
@@ -137,15 +146,13 @@ class BareResult:
         return (self.rss_after - self.rss_before) / max(self.opened, 1)
 
 
-def run_bare(
-    children: rig.Children, upstream: UpstreamProcess, size: int, batch: int
-) -> BareResult:
+def run_bare(children: rig.Children, upstream: UpstreamSpread, size: int, batch: int) -> BareResult:
     import psutil
 
     prefix = f"bare-{size}-"
     proc = children.spawn(
         [
-            sys.executable, __file__, "_bare", "--port", str(upstream.port),
+            sys.executable, __file__, "_bare", "--targets", upstream.targets(),
             "--count", str(size), "--prefix", prefix, "--batch", str(batch),
         ]
     )  # fmt: skip
@@ -206,7 +213,7 @@ class PoolResult:
 
 def run_pool(
     children: rig.Children,
-    upstream: UpstreamProcess,
+    upstream: UpstreamSpread,
     redis_url: str,
     size: int,
     opts: argparse.Namespace,
@@ -238,7 +245,7 @@ async def _drive_pool(
     result: PoolResult,
     process: psutil.Process,
     proc: subprocess.Popen[bytes],
-    upstream: UpstreamProcess,
+    upstream: UpstreamSpread,
     redis_url: str,
     opts: argparse.Namespace,
 ) -> None:
@@ -418,7 +425,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = rig.bench_parser(__doc__)
     sub = parser.add_subparsers(dest="child")  # internal: the bare-socket child
     bare = sub.add_parser("_bare")
-    bare.add_argument("--port", type=int, required=True)
+    bare.add_argument("--targets", required=True, help="host:port,... (UpstreamSpread)")
     bare.add_argument("--count", type=int, required=True)
     bare.add_argument("--prefix", required=True)
     bare.add_argument("--batch", type=int, default=64)
@@ -441,6 +448,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lease-ttl", type=float, default=LEASE_TTL, help="LP_LEASE_TTL of worker and claims (10)"
     )
     parser.add_argument("--target-ratio", type=float, default=TARGET_RATIO, help="(4)")
+    parser.add_argument(
+        "--per-upstream",
+        type=int,
+        default=CONNECTIONS_PER_UPSTREAM,
+        help="connections per upstream process and loopback address (10000)",
+    )
     parser.add_argument("--log-dir", default="", help="keep worker logs here (default: temp)")
     return parser.parse_args(argv)
 
@@ -457,19 +470,24 @@ def sizes_of(text: str) -> list[int]:
 
 def run(opts: argparse.Namespace) -> int:
     sizes = sizes_of(opts.sizes)
-    rig.check_fd_limit(max(sizes), "connections")
+    # Each size is held by one process (the bare child, then the worker): as many sockets as
+    # N, and the files of its own. Children inherit the limits raised here.
+    hard = rig.raise_fd_limit(max(sizes) + RESERVED_FILES)
+    measured = [n for n in sizes if n + RESERVED_FILES <= hard]
     machine = rig.machine_line()
     print(
         f"density bench: sizes {sizes}, hold {opts.hold:g}s, lease ttl {opts.lease_ttl:g}s, "
-        f"{machine}",
+        f"open files {hard}, {machine}",
         flush=True,
     )
     rows: list[tuple[BareResult, PoolResult]] = []
     with rig.Rig(opts.log_dir, "lp-density-") as bench:
         server = bench.redis()
-        upstream = UpstreamProcess(bench.children, opts.heartbeat)
-        print(f"redis {server.url}, upstream 127.0.0.1:{upstream.port}", flush=True)
-        for size in sizes:
+        upstream = UpstreamSpread(
+            bench.children, max(measured, default=1), opts.heartbeat, per_upstream=opts.per_upstream
+        )
+        print(f"redis {server.url}, upstreams {upstream.targets()}", flush=True)
+        for size in measured:
             print(f"N={size}: bare asyncio sockets", flush=True)
             bare = run_bare(bench.children, upstream, size, opts.batch)
             print(f"  bare {size}: {rig.kib(bare.per_conn)} KB/conn", flush=True)
@@ -478,6 +496,17 @@ def run(opts: argparse.Namespace) -> int:
             print(f"  pool {size}: {rig.kib(pool.per_listener)} KB/listener", flush=True)
             rows.append((bare, pool))
         print_report(rows, opts, machine)
+        for size in sizes:
+            if size not in measured:
+                rig.figure(
+                    f"hold_{size}",
+                    f"not measured: {size} sockets in one process need about "
+                    f"{size + RESERVED_FILES} open files and the hard limit here is {hard} "
+                    "(raising it takes privileges this run lacks: run the bench as root with "
+                    "CAP_SYS_RESOURCE, or under a higher ulimit -Hn)",
+                    "target all",
+                    False,
+                )
         if not opts.log_dir:
             print("(worker logs were in a temporary directory; keep them with --log-dir)")
     return 0
@@ -486,7 +515,7 @@ def run(opts: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.child == "_bare":
-        return bare_child(opts.port, opts.count, opts.prefix, opts.batch)
+        return bare_child(opts.targets, opts.count, opts.prefix, opts.batch)
     return rig.run_guarded(run, opts)
 
 

@@ -240,6 +240,20 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
 
 
+def raise_fd_limit(needed: int) -> int:
+    """Raise this process's limits of open files (soft and hard) to ``needed`` where it may
+    (as root with CAP_SYS_RESOURCE, up to fs.nr_open), so that the children it starts inherit
+    them; returns the hard limit in force."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        return needed if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+    except (ValueError, OSError):
+        return hard
+    return needed
+
+
 def check_fd_limit(needed: int, what: str) -> None:
     """A run that would hit the fd hard limit half-way breaks at once instead."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

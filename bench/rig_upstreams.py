@@ -11,15 +11,18 @@ processes hold nothing but what is measured.
   after ``Last-Event-ID``. It prints ``port N`` and answers ``count PREFIX`` on stdin with three
   numbers: open connections in total, open ones of sessions starting with PREFIX, and how many
   connections those sessions ever opened. It exits on ``quit`` or EOF (the bench is gone).
+  ``--host`` picks its loopback address; :class:`UpstreamSpread` runs several, one per address.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 
 # bench/ is sys.path[0] when a bench or this file runs as a script.
@@ -148,13 +151,13 @@ class FirehoseProcess:
 # ============================================================================================
 # The test upstream
 # ============================================================================================
-def upstream_child(heartbeat: float, rate: float) -> int:
+def upstream_child(heartbeat: float, rate: float, host: str) -> int:
     from listenerpool.testing.upstream import SSEUpstream
 
     if rate > 0:
-        upstream = SSEUpstream(rate=rate, heartbeat=heartbeat)
-    else:
-        upstream = SSEUpstream(total=0, heartbeat=heartbeat)  # no events: heartbeats only
+        upstream = SSEUpstream(rate=rate, heartbeat=heartbeat, host=host)
+    else:  # no events: heartbeats only
+        upstream = SSEUpstream(total=0, heartbeat=heartbeat, host=host)
     upstream.start()
     print(f"port {upstream.port}", flush=True)
     try:
@@ -178,17 +181,24 @@ def upstream_child(heartbeat: float, rate: float) -> int:
 class UpstreamProcess:
     """The test upstream in its own process: idle streams, or ``rate`` events/s each."""
 
-    def __init__(self, children: Children, heartbeat: float = HEARTBEAT, rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        children: Children,
+        heartbeat: float = HEARTBEAT,
+        rate: float = 0.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
         self.proc, self.port = children.spawn_server(
             [
                 sys.executable, __file__, "_upstream", "--heartbeat", str(heartbeat),
-                "--rate", str(rate),
+                "--rate", str(rate), "--host", host,
             ],
             "upstream",
         )  # fmt: skip
 
     def url(self, sid: str) -> str:
-        return f"http://127.0.0.1:{self.port}/events/{sid}"
+        return f"http://{self.host}:{self.port}/events/{sid}"
 
     def count(self, prefix: str) -> tuple[int, int, int]:
         """(open connections, open ones of ``prefix*`` sessions, ever opened by them)."""
@@ -205,6 +215,57 @@ class UpstreamProcess:
             time.sleep(0.2)
 
 
+class UpstreamSpread:
+    """Test upstreams on several loopback addresses (127.0.0.1, 127.0.0.2, ...), each in its
+    own process, for more connections than one process may open files for or than one
+    destination has ephemeral ports (about 28,000 for 32768-60999): each address is a
+    destination of its own. A session's upstream follows from its name (:func:`spread_index`),
+    so the bare-socket child finds the same one."""
+
+    def __init__(
+        self,
+        children: Children,
+        connections: int,
+        heartbeat: float = HEARTBEAT,
+        rate: float = 0.0,
+        per_upstream: int = 0,
+    ) -> None:
+        count = max(1, math.ceil(connections / (per_upstream or CONNECTIONS_PER_UPSTREAM)))
+        self.upstreams = [
+            UpstreamProcess(children, heartbeat, rate, host=f"127.0.0.{n + 1}")
+            for n in range(count)
+        ]
+
+    def url(self, sid: str) -> str:
+        return self.upstreams[spread_index(sid, len(self.upstreams))].url(sid)
+
+    def targets(self) -> str:
+        """``host:port,host:port...``, in order: the bare-socket child's ``--targets``."""
+        return ",".join(f"{u.host}:{u.port}" for u in self.upstreams)
+
+    def count(self, prefix: str) -> tuple[int, int, int]:
+        """:meth:`UpstreamProcess.count` summed over the upstreams."""
+        counts = [u.count(prefix) for u in self.upstreams]
+        return (
+            sum(c[0] for c in counts),
+            sum(c[1] for c in counts),
+            sum(c[2] for c in counts),
+        )
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        for upstream in self.upstreams:
+            upstream.wait_idle(timeout)
+
+
+# Below a process's usual open-file limit (20,000 here) and a destination's ephemeral ports.
+CONNECTIONS_PER_UPSTREAM = 10_000
+
+
+def spread_index(sid: str, count: int) -> int:
+    """Which of ``count`` spread upstreams serves ``sid`` (stable across processes)."""
+    return zlib.crc32(sid.encode()) % count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="child", required=True)
@@ -215,10 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("_upstream")
     up.add_argument("--heartbeat", type=float, default=HEARTBEAT)
     up.add_argument("--rate", type=float, default=0.0, help="events/s per stream (0: idle)")
+    up.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     opts = parser.parse_args(argv)
     if opts.child == "_firehose":
         return firehose_child(opts.rate, opts.chunk, opts.payload_bytes)
-    return upstream_child(opts.heartbeat, opts.rate)
+    return upstream_child(opts.heartbeat, opts.rate, opts.host)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""bench/density.py end to end at a tiny size: the bare sockets and the pool's readers reach
+the same upstreams spread over several loopback addresses, and a size no process here may open
+files for is reported as not measured, with the limit, instead of breaking the run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Above the highest fs.nr_open Linux accepts (just under 2**31): no privilege lets one process
+# open this many files.
+UNREACHABLE = 2**31
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "bench/density.py", "--sizes", f"45,{UNREACHABLE}", "--hold", "1",
+            "--per-upstream", "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    [upstreams] = [line for line in lines if line.startswith("redis ")]
+    # 45 connections, 20 per upstream: three upstreams, each on its own address.
+    assert all(f"127.0.0.{n}:" in upstreams for n in (1, 2, 3)), upstreams
+    assert "bare: 45 open, 0 failed, upstream saw 45" in result.stdout
+    assert "hold_45: 45/45 listening" in result.stdout
+    [beyond] = [line for line in lines if line.startswith(f"hold_{UNREACHABLE}:")]
+    assert "not measured" in beyond and "hard limit here is" in beyond and beyond.endswith("FAIL")
