@@ -53,6 +53,9 @@ class ReconnectReason(StrEnum):
     # (a chunked body cut short included)
     EOF = "eof"  # the upstream closed the stream
     REDIS_ERROR = "redis_error"  # Redis unreachable while reading or publishing
+    # The lease's renewal not confirmed in time (a frozen or cut-off worker): no connection
+    # is opened until one is, and the worker fences the reader meanwhile.
+    LEASE_UNCONFIRMED = "lease_unconfirmed"
 
 
 class Transport(StrEnum):

@@ -37,9 +37,7 @@ async def test_no_event_is_lost_duplicated_or_reordered_under_random_faults() ->
     assert result.spec_notices_missed > 0, "every spec change's notice reached a worker"
 
 
-# The Cluster variant runs with --run-slow only: one of its runs in nine did not end within
-# the test's time limit (docs/reliability.md), and until that is explained it stays out of CI.
-@pytest.mark.parametrize("topology", [pytest.param("cluster", marks=pytest.mark.slow), "sentinel"])
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
 async def test_the_soak_holds_on_a_redis_cluster_and_behind_sentinel(topology: str) -> None:
     """The same soak on a Cluster (3 primaries, 3 replicas: primaries killed and failed over,
     slots migrated, a shard lost whole) and behind Sentinel (the primary killed, a Sentinel

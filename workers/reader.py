@@ -82,8 +82,10 @@ class Reader:
         metrics: WorkerMetrics | None = None,
         restore: Restore | None = None,
         on_exit: Callable[[Reader], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
+        self._clock = clock
         self._on_exit = on_exit
         self._restore = restore
         self._redis = redis
@@ -202,7 +204,9 @@ class Reader:
         delivered = False
         self.state = "connecting"
         _end_if_stopping()
-        stream = await self._upstream.open(s.spec.url, _request_headers(s.spec.headers, last_id))
+        stream = await self._upstream.open(
+            s.spec.url, _request_headers(s.spec.headers, last_id), before_connect=self._may_connect
+        )
         self._stream = stream
         try:
             check_response(await stream.head())
@@ -243,6 +247,17 @@ class Reader:
             self._stream = None
             stream.abort()
         return delivered
+
+    def _may_connect(self) -> None:
+        """Refuse a connection once the lease clock ran out. The worker fences such a reader,
+        but a process woken from a freeze runs the I/O that was ready (the reply this reader
+        awaited) before its fence loop's timer: this reader would connect while the session's
+        new owner, whom the lapsed lease let in, reads it too."""
+        if self.session.clock.must_fence(self._clock()):
+            raise UpstreamBroken(
+                "no lease renewal confirmed within LP_LEASE_TTL - LP_LEASE_MARGIN; not connecting",
+                ReconnectReason.LEASE_UNCONFIRMED,
+            )
 
     def sever(self) -> None:
         """Shut the upstream connection down now, before the task unwinds: a busy or just

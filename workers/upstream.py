@@ -137,9 +137,17 @@ class UpstreamClient:
             max_redirects=settings.max_redirects,
         )
 
-    async def open(self, url: str, headers: Mapping[str, str]) -> Http1Protocol:
+    async def open(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        before_connect: Callable[[], None] | None = None,
+    ) -> Http1Protocol:
         """GET ``url`` with ``headers``; the stream returned has its head (any status; a
         redirect only when redirects are not followed). The caller aborts it when done.
+        ``before_connect`` is called right before each connection attempt (every address,
+        every redirect hop), nothing awaited in between: what it raises stops the attempt.
 
         Raises :class:`~workers.http1.UpstreamBroken` (connect, timeout, protocol, too many
         redirects), :class:`~listenerpool.errors.UpstreamError` (head deadline) and
@@ -149,7 +157,7 @@ class UpstreamClient:
         sent = request_headers(target, headers)
         hops = 0
         while True:
-            stream = await self._exchange(target, sent)
+            stream = await self._exchange(target, sent, before_connect)
             head = await stream.head()
             location = head.headers.get("location")
             if (
@@ -169,7 +177,9 @@ class UpstreamClient:
             sent = redirect_headers(target, following, sent)
             target = following
 
-    async def _exchange(self, target: Target, headers: Headers) -> Http1Protocol:
+    async def _exchange(
+        self, target: Target, headers: Headers, before_connect: Callable[[], None] | None
+    ) -> Http1Protocol:
         loop = asyncio.get_running_loop()
         deadline = None if self._head_timeout is None else loop.time() + self._head_timeout
         try:
@@ -192,7 +202,7 @@ class UpstreamClient:
                 timer_context=self._timer_context,
             )
 
-        protocol = await self._connect(target, stream)
+        protocol = await self._connect(target, stream, before_connect)
         try:
             await protocol.head()
         except BaseException:
@@ -200,7 +210,12 @@ class UpstreamClient:
             raise
         return protocol
 
-    async def _connect(self, target: Target, stream: Callable[[], Http1Protocol]) -> Http1Protocol:
+    async def _connect(
+        self,
+        target: Target,
+        stream: Callable[[], Http1Protocol],
+        before_connect: Callable[[], None] | None,
+    ) -> Http1Protocol:
         loop = asyncio.get_running_loop()
         timed_out = UpstreamBroken(
             f"upstream connect timed out after {self._connect_timeout:g}s",
@@ -216,6 +231,8 @@ class UpstreamClient:
         tls = self._context() if target.scheme == "https" else None
         last: UpstreamBroken | None = None
         for address in allowed_addresses(self._allow, target.host, addresses):
+            if before_connect is not None:
+                before_connect()
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     _, protocol = await loop.create_connection(

@@ -271,9 +271,8 @@ class Worker:
             # Those not answered were never ours; their leases lapse and the reconciler
             # claims them again. Those answered are adopted as usual.
             self.metrics.redis_error["adopt"].inc()
-            failed = sum(
-                isinstance(replies.get(i), (Exception, type(None))) for i in range(len(wanted))
-            )
+            answered = sum(not isinstance(reply, Exception) for reply in replies.values())
+            failed = len(wanted) - answered
             log.warning("adopt failed for %d of %d sessions: %s", failed, len(wanted), exc)
         held = []
         for i, (job, k) in enumerate(wanted):
@@ -405,6 +404,7 @@ class Worker:
             metrics=self.metrics,
             restore=self.restore,
             on_exit=self._reader_ended,
+            clock=self._clock,
         )
         # The reader's task runs Reader.run itself, no wrapper coroutine: every idle listener
         # would keep one. Its log fields go into the task's own copy of the context, and

@@ -18,10 +18,18 @@ import redis.exceptions
 
 import workers.worker as worker_module
 from listenerpool.keys import SessionKeys
+from listenerpool.lease import LeaseClock
+from listenerpool.metrics import ReconnectReason, WorkerMetrics
+from listenerpool.spec import UpstreamSpec
+from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.redis_server import RedisServer, free_port
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, fast_settings, running_worker
+from workers.publisher import Publisher
+from workers.reader import Reader
 from workers.renewal import RenewVerdict
+from workers.session import HeldSession
+from workers.upstream import UpstreamClient
 from workers.worker import StopReason
 
 pytestmark = pytest.mark.timeout(60)
@@ -458,3 +466,69 @@ async def test_a_reassertion_slower_than_the_lease_clock_left_still_keeps_the_re
             assert upstream.stats("slow-restore").max_concurrent == 1
     finally:
         await pool.aclose()
+
+
+class ClockRunsOutOnRead:
+    """The worker's Redis client, whose first ``hmget`` (the reader's read of its resume
+    point) returns only after the lease clock ran out: as when the process froze while the
+    reply was on its way and its loop, woken, runs that ready reply before the fence timer."""
+
+    def __init__(self, redis: Any, now: list[float], to: float) -> None:
+        self._redis = redis
+        self._now = now
+        self._to = to
+        self.read = asyncio.Event()
+
+    async def hmget(self, *args: Any) -> Any:
+        reply = await self._redis.hmget(*args)
+        if not self.read.is_set():
+            self._now[0] = self._to
+            self.read.set()
+        return reply
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+
+async def test_a_reader_whose_lease_clock_ran_out_opens_no_connection(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    """A lease that lapsed is the next owner's: the reader whose renewals were not confirmed
+    in time must not connect, even before the fence loop gets to stop it. Once a renewal
+    confirms the lease again, it connects."""
+    sid = "ran-out"
+    claimed = await pool.control.claim(sid, upstream.url(sid))
+    settings = pool.settings
+    now = [1000.0]
+    clock = LeaseClock(confirmed_at=now[0], fence_after=settings.fence_after)
+    session = HeldSession(
+        SessionKeys(sid), "t", claimed.epoch, "w:t", UpstreamSpec(upstream.url(sid)), clock
+    )
+    redis = ClockRunsOutOnRead(pool.redis, now, to=now[0] + settings.fence_after)
+    metrics = WorkerMetrics()
+    reader = Reader(
+        session,
+        redis=redis,
+        scripts=pool.control.scripts,
+        publisher=Publisher(pool.redis, pool.control.scripts),
+        upstream=UpstreamClient.from_settings(settings),
+        settings=settings,
+        metrics=metrics,
+        rand=lambda low, high: 0.05,
+        clock=lambda: now[0],
+    )
+    task = asyncio.create_task(reader.run())
+    try:
+        refused = metrics.reconnects[ReconnectReason.LEASE_UNCONFIRMED]
+        await eventually(
+            lambda: refused._value.get() >= 2 or upstream.stats(sid).connections_total > 0,
+            DEADLINE,
+            "no attempt to connect",
+        )
+        assert upstream.stats(sid).connections_total == 0, "connected on a run-out lease"
+        clock.confirm(now[0])  # a renewal round confirms the lease again
+        await eventually(
+            lambda: upstream.stats(sid).connections_total == 1, DEADLINE, "never connected"
+        )
+    finally:
+        await cancel_until_done(task)
