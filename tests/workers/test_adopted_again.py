@@ -24,6 +24,11 @@ TTL = 30.0  # renewal rounds 10 s apart: no renewal stops the old reader during 
 SID = "again"
 
 
+def listening(worker: Worker) -> bool:
+    reader = worker.reader(SID)
+    return reader is not None and reader.connected.is_set()
+
+
 async def test_a_session_adopted_again_by_its_own_worker_stops_the_old_reader_first(
     redis_server: RedisServer, upstream: SSEUpstream
 ) -> None:
@@ -35,11 +40,7 @@ async def test_a_session_adopted_again_by_its_own_worker_stops_the_old_reader_fi
         async with running_worker(pool, "w-again", lease_ttl=TTL) as worker:
             await pool.control.claim(SID, upstream.url(SID))
 
-            def listening() -> bool:
-                reader = worker.reader(SID)
-                return reader is not None and reader.connected.is_set()
-
-            await eventually(listening, 10, "the session was not adopted")
+            await eventually(lambda: listening(worker), 10, "the session was not adopted")
             first = worker.reader(SID)
             # What a failover that lost the adoption leaves: the spec, and no lease.
             await pool.redis.delete(keys.SessionKeys(SID).lease)
@@ -128,11 +129,7 @@ async def test_a_renewal_answered_after_the_session_was_adopted_again_leaves_the
         await eventually(worker.ready.is_set, 10, "worker did not start")
         await pool.control.claim(SID, upstream.url(SID))
 
-        def listening() -> bool:
-            reader = worker.reader(SID)
-            return reader is not None and reader.connected.is_set()
-
-        await eventually(listening, 10, "the session was not adopted")
+        await eventually(lambda: listening(worker), 10, "the session was not adopted")
         first = worker.reader(SID)
         leases.open.clear()
         await asyncio.wait_for(leases.waiting.wait(), 3 * ttl)  # a round holds the old lease
