@@ -701,6 +701,30 @@ async def test_renew_all_returns_verdicts_in_order(
     assert await renew_all(fake_redis, control.scripts, [], ttl_ms) == []
 
 
+async def test_a_renewal_round_is_flushed_a_hundred_scripts_at_a_time(
+    control: SessionControl,
+    queue: Queue,
+    fake_redis: Any,
+    ttl_ms: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each flush is built and its replies parsed on the worker's loop, which its readers
+    share: a round of many leases goes out in small pipelines so that no event waits long."""
+    flushes: list[int] = []
+    real_call_many = renewal.call_many
+
+    async def counted(redis: Any, script: Any, calls: Any, settled: Any = None) -> list[Any]:
+        if script is control.scripts.renew:
+            flushes.append(len(calls))
+        return await real_call_many(redis, script, calls, settled)
+
+    monkeypatch.setattr(renewal, "call_many", counted)
+    sessions = [await start(control, queue, f"s{i}", ttl_ms) for i in range(250)]
+    verdicts = await renew_all(fake_redis, control.scripts, sessions, ttl_ms)
+    assert verdicts == [RenewVerdict.RENEWED] * 250
+    assert flushes == [100, 100, 50]
+
+
 async def test_renew_all_keeps_order_across_batches(
     control: SessionControl,
     queue: Queue,
