@@ -192,13 +192,17 @@ class Reader:
         s = self.session
         # The resume point is read from Redis, not from memory: a publish whose reply was lost
         # may still have been applied, and Redis alone knows -- unless Redis lost the state
-        # (every held session's state names its epoch), when memory is all there is.
-        last_id, seq, epoch = await self._redis.hmget(s.keys.state, "last_id", "seq", "epoch")
-        if epoch is None:
-            await self._restore_or_stop(s.epoch)
+        # (every held session's state names its epoch), when memory is all there is. Right
+        # after the adoption, which read it with the lease, no such publish can exist.
+        if s.position_fresh:
+            s.position_fresh = False
         else:
-            s.last_id = _text(last_id)
-            s.seq = int(seq or 0)
+            last_id, seq, epoch = await self._redis.hmget(s.keys.state, "last_id", "seq", "epoch")
+            if epoch is None:
+                await self._restore_or_stop(s.epoch)
+            else:
+                s.last_id = _text(last_id)
+                s.seq = int(seq or 0)
         last_id = s.last_id
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False

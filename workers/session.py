@@ -29,7 +29,9 @@ class HeldSession:
     re-assertion writes back after Redis lost its data, together with ``recent``: the last
     events published (up to ``LP_RESTORE_EVENTS``; None until the first publish, so idle
     sessions cost nothing), put back into the history so that clients a little behind at the
-    moment of the loss still find them.
+    moment of the loss still find them. ``position_fresh``: ``seq`` and ``last_id`` were just
+    read by the adoption, in the script that took the lease (no publish can have moved them
+    since), so the reader's first connection need not read them again.
     """
 
     keys: SessionKeys
@@ -43,6 +45,7 @@ class HeldSession:
     phase: str = "connecting"
     recent: deque[RecentEvent] | None = None
     spec_rev: int = 0
+    position_fresh: bool = False
 
     def remember(
         self, first_seq: int, epoch: int, events: list[tuple[str, str, str]], keep: int

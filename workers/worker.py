@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 RECONCILE_WAKE_JITTER = 0.1  # s after a lease deadline; spreads a fleet's reconcilers
 RECONCILE_MIN_SLEEP = 0.05  # s between rounds, however many leases are due
 RENEW_RETRY_DIVISOR = 5  # a failed renewal round is retried after interval / this
+RECENT_BATCH = 100  # history reads per pipeline when a batch of sessions is adopted
 
 
 class StopReason(StrEnum):
@@ -236,6 +237,7 @@ class Worker:
             if not sessions:
                 return
             await self._track_adopted(sessions)
+            await self._load_recent(sessions)
             await asyncio.gather(*(self._start_adopted(session) for session in sessions))
         finally:
             self._adopting -= len(jobs)
@@ -312,6 +314,7 @@ class Worker:
             seq=seq,
             last_id=last_id,
             spec_rev=spec_rev,
+            position_fresh=True,
         )
 
     async def _track_adopted(self, sessions: list[HeldSession]) -> None:
@@ -345,8 +348,6 @@ class Worker:
             )
             stale.reader.sever()
             await cancel_until_done(stale.task)
-        if session.seq:
-            await self._load_recent(session)
         self._start_reader(session)
         log.info(
             "session %s: reader started at epoch %d",
@@ -355,28 +356,30 @@ class Worker:
             extra={**_where(session), "state": "connecting"},
         )
 
-    async def _load_recent(self, session: HeldSession) -> None:
-        """Start the session's memory of recent events from its history, so that what a
+    async def _load_recent(self, sessions: list[HeldSession]) -> None:
+        """Start each session's memory of recent events from its history, so that what a
         re-assertion after a Redis data loss writes back reaches past this worker's take-over
-        (clients a little behind then still find their events)."""
+        (clients a little behind then still find their events). One pipeline per
+        ``RECENT_BATCH`` sessions (per node on a cluster), not a round trip each."""
         keep = self.settings.restore_events
         if keep <= 0:
             return
-        try:
-            entries = await self._redis.xrevrange(session.keys.events, count=keep)
-        except REDIS_ERRORS as exc:
-            log.debug("session %s: recent history not loaded: %s", session.sid, exc)
-            return
-        for _, fields in reversed(entries):
-            f = {_text(name): _text(value) for name, value in fields.items()}
+        with_history = [s for s in sessions if s.seq]
+        for start in range(0, len(with_history), RECENT_BATCH):
+            batch = with_history[start : start + RECENT_BATCH]
             try:
-                seq, epoch = int(f["seq"]), int(f["epoch"])
-            except (KeyError, ValueError):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for session in batch:
+                        pipe.xrevrange(session.keys.events, count=keep)
+                    replies = await pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as exc:
+                log.debug("recent history of %d sessions not loaded: %s", len(batch), exc)
                 continue
-            if seq <= session.seq:
-                session.remember(
-                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
-                )
+            for session, entries in zip(batch, replies, strict=True):
+                if isinstance(entries, Exception):
+                    log.debug("session %s: recent history not loaded: %s", session.sid, entries)
+                    continue
+                _remember_history(session, entries, keep)
 
     async def _requeue(self, job: ListenJob) -> None:
         """A job read while stopping goes back on the queue for another worker."""
@@ -774,6 +777,20 @@ def _where(session: HeldSession) -> dict[str, object]:
 def _retrieve(fut: asyncio.Future[bool]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _remember_history(session: HeldSession, entries: Any, keep: int) -> None:
+    """Remember the events of ``entries`` (XREVRANGE, newest first) up to the session's seq."""
+    for _, fields in reversed(entries):
+        f = {_text(name): _text(value) for name, value in fields.items()}
+        try:
+            seq, epoch = int(f["seq"]), int(f["epoch"])
+        except (KeyError, ValueError):
+            continue
+        if seq <= session.seq:
+            session.remember(
+                seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
+            )
 
 
 def _text(value: Any) -> str:

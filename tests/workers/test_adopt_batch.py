@@ -64,3 +64,73 @@ async def test_queued_jobs_are_adopted_in_a_round_trip_per_batch_taken(
         )
     finally:
         await pool.aclose()
+
+
+class ReadSends:
+    """Counts the packets this process's asyncio Redis connections send that read sessions'
+    histories (XREVRANGE) or positions (HMGET of a state hash), and the reads in them, beside
+    those carrying adopt.lua calls."""
+
+    def __init__(self, adopt_sha: str) -> None:
+        self.adopt = AdoptSends(adopt_sha)
+        self.history_packets = 0
+        self.history_reads = 0
+        self.position_reads = 0
+
+    def wrap(self, send: Any) -> Any:
+        counted_adopts = self.adopt.wrap(send)
+
+        async def counted(connection: Connection, command: Any, *args: Any, **kwargs: Any) -> Any:
+            parts = [command] if isinstance(command, bytes | bytearray | memoryview) else command
+            packet = b"".join(bytes(part) for part in parts)
+            # As commands (RESP bulk strings), not as words in a script being loaded.
+            reads = packet.count(b"$9\r\nXREVRANGE\r\n")
+            if reads:
+                self.history_packets += 1
+                self.history_reads += reads
+            if b":state" in packet:
+                self.position_reads += packet.count(b"$5\r\nHMGET\r\n")
+            return await counted_adopts(connection, command, *args, **kwargs)
+
+        return counted
+
+
+async def test_a_take_over_reads_histories_in_batches_and_no_positions(
+    redis_server: RedisServer, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker taking sessions over reads their recent histories (what a re-assertion after a
+    data loss writes back) a batch per round trip, and its readers connect without reading
+    their positions again: the adoption read them together with the lease."""
+    pool = Pool(redis_server.url)
+    try:
+        sids = [f"over-{n}" for n in range(SESSIONS)]
+        for sid in sids:
+            await pool.control.claim(sid, upstream.url(sid))
+        async with running_worker(pool, "w-first", worker_capacity=SESSIONS):
+
+            async def all_published() -> bool:
+                states = await pool.states(sids)
+                return all(int(states[sid].get("seq", 0)) > 0 for sid in sids)
+
+            await eventually(all_published, 30, "the sessions did not all publish")
+        # Drained: every session handed back, due for the next worker.
+        sends = ReadSends(pool.control.scripts.adopt.sha)
+        monkeypatch.setattr(
+            Connection, "send_packed_command", sends.wrap(Connection.send_packed_command)
+        )
+        async with running_worker(pool, "w-second", worker_capacity=SESSIONS) as worker:
+
+            def all_listening() -> bool:
+                readers = [worker.reader(sid) for sid in sids]
+                return all(r is not None and r.connected.is_set() for r in readers)
+
+            await eventually(all_listening, 30, "the sessions were not all taken over")
+            assert sends.adopt.calls == SESSIONS
+            assert sends.history_reads == SESSIONS, "one history read per session"
+            assert sends.history_packets <= sends.adopt.packets, (
+                f"{sends.history_packets} packets of history reads for "
+                f"{sends.adopt.packets} of adopts"
+            )
+            assert sends.position_reads == 0
+    finally:
+        await pool.aclose()
