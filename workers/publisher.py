@@ -7,6 +7,9 @@ that came in while that round trip was on its way, and so on: one send and one r
 for all busy sessions of a pass, instead of a round trip per session. Each reader has at most
 one call waiting (it waits for the reply before it publishes again), so a session's batches
 go out in order; fencing and the expected-seq check stay in the script.
+
+A second instance batches the readers' state reports (``report.lua``) the same way: a worker
+taking thousands of sessions over at once reports each one ``listening``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
+from redis.commands.core import AsyncScript
 
 from listenerpool.scripts import Call, Scripts, call_many
 
@@ -29,12 +33,12 @@ class PublisherStopped(redis.exceptions.ConnectionError):
 
 
 class Publisher:
-    """Batches the ``publish.lua`` calls of every reader of one worker; run :meth:`run` as a
-    task for as long as readers publish."""
+    """Batches the ``publish.lua`` calls (or those of ``script``) of every reader of one
+    worker; run :meth:`run` as a task for as long as readers call it."""
 
-    def __init__(self, redis: Any, scripts: Scripts) -> None:
+    def __init__(self, redis: Any, scripts: Scripts, *, script: AsyncScript | None = None) -> None:
         self._redis = redis
-        self._scripts = scripts
+        self._script = script if script is not None else scripts.publish
         self._waiting: list[tuple[Call, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._stopped = False
@@ -42,8 +46,8 @@ class Publisher:
         self.rounds = 0
         self.calls = 0
 
-    async def publish(self, keys: Sequence[str], args: Sequence[str | int]) -> int:
-        """Run ``publish.lua`` with ``keys`` and ``args`` in the next round; its reply.
+    async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> int:
+        """Run the script with ``keys`` and ``args`` in the next round; its reply.
 
         Raises what the call met (a Redis connection or timeout error, a script error), or
         :class:`PublisherStopped`. A caller cancelled before the round goes out is left out
@@ -97,7 +101,7 @@ class Publisher:
         self.rounds += 1
         self.calls += len(batch)
         try:
-            await call_many(self._redis, self._scripts.publish, [c for c, _ in batch], settled)
+            await call_many(self._redis, self._script, [c for c, _ in batch], settled)
         except Exception as exc:  # handed to the callers: it is their calls' error
             # Errors of single calls were settled above; a round that failed as a whole (the
             # connection lost, say) fails every call it left without a reply.

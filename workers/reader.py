@@ -76,6 +76,7 @@ class Reader:
         redis: Any,
         scripts: Scripts,
         publisher: Publisher,
+        reporter: Publisher,
         upstream: UpstreamClient,
         settings: Settings,
         rand: Callable[[float, float], float] = random.uniform,
@@ -91,6 +92,7 @@ class Reader:
         self._redis = redis
         self._scripts = scripts
         self._publisher = publisher
+        self._reporter = reporter  # the worker's batcher of report.lua calls
         self._upstream = upstream
         self._settings = settings
         self._rand = rand
@@ -286,7 +288,7 @@ class Reader:
             for event in events:
                 head, tail = envelope_parts(epoch, event.type, event.data, event.id)
                 args += [event.type, event.data, event.id, head, tail]
-            seq = await self._publisher.publish(
+            seq = await self._publisher.call(
                 [s.keys.lease, s.keys.spec, s.keys.state, s.keys.events, s.keys.live], args
             )
             if seq >= 0:
@@ -324,7 +326,7 @@ class Reader:
         for name, value in fields.items():
             args += [name, value]
         try:
-            written = int(await self._scripts.report(keys=[s.keys.lease, s.keys.state], args=args))
+            written = await self._reporter.call([s.keys.lease, s.keys.state], args)
         except REDIS_ERRORS as exc:
             self._metrics.redis_error["reader"].inc()
             log.debug("session %s: state not recorded: %s", s.sid, exc)

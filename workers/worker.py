@@ -98,6 +98,7 @@ class Worker:
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
         self._publisher = Publisher(redis, self._scripts)
+        self._reporter = Publisher(redis, self._scripts, script=self._scripts.report)
         self._upstream = upstream or UpstreamClient.from_settings(settings)
         self._clock = clock
         self._rand = rand  # backoff jitter source, injectable for deterministic tests
@@ -162,6 +163,7 @@ class Worker:
                 duties = [
                     # Until every reader stopped (the drain below): they publish through it.
                     tg.create_task(self._publisher.run(), name="publisher"),
+                    tg.create_task(self._reporter.run(), name="reporter"),
                     tg.create_task(self._renew_loop(), name="renew"),
                     tg.create_task(self._fence_loop(), name="fence"),
                     tg.create_task(self._control_loop(), name="control"),
@@ -401,6 +403,7 @@ class Worker:
             redis=self._redis,
             scripts=self._scripts,
             publisher=self._publisher,
+            reporter=self._reporter,
             upstream=self._upstream,
             settings=self.settings,
             rand=self._rand,

@@ -56,9 +56,7 @@ async def test_the_calls_of_many_readers_go_out_in_one_round_each_with_its_own_r
         await hold(fake_redis, sid)
     sizes = {f"pub-{n}": n % 3 + 1 for n in range(100)}
 
-    replies = await asyncio.gather(
-        *(running.publish(*call(sid, size)) for sid, size in sizes.items())
-    )
+    replies = await asyncio.gather(*(running.call(*call(sid, size)) for sid, size in sizes.items()))
 
     assert (running.rounds, running.calls) == (1, 100)
     expected = [size if sid in held else -2 for sid, size in sizes.items()]  # -2: spec gone
@@ -76,10 +74,10 @@ async def test_one_sessions_batches_are_applied_in_order(
     await hold(fake_redis, "pub-order")
     seq = 0
     for size in (2, 1, 3):
-        seq = await running.publish(*call("pub-order", size, expected_seq=seq))
+        seq = await running.call(*call("pub-order", size, expected_seq=seq))
     assert seq == 6
     # A batch sent again after its reply was lost is refused (-3), not applied twice.
-    assert await running.publish(*call("pub-order", 3, expected_seq=3)) == -3
+    assert await running.call(*call("pub-order", 3, expected_seq=3)) == -3
     assert running.rounds == 4
 
 
@@ -87,12 +85,12 @@ async def test_a_reader_cancelled_before_the_round_is_left_out_of_it(
     fake_redis: Any, running: Publisher
 ) -> None:
     await hold(fake_redis, "pub-cancel")
-    caller = asyncio.create_task(running.publish(*call("pub-cancel", 1)))
+    caller = asyncio.create_task(running.call(*call("pub-cancel", 1)))
     await asyncio.sleep(0)  # one loop step: the call is waiting, the round not yet sent
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
-    assert await running.publish(*call("pub-cancel", 2)) == 2
+    assert await running.call(*call("pub-cancel", 2)) == 2
     assert running.calls == 1
     assert await fake_redis.xlen(SessionKeys("pub-cancel").events) == 2
 
@@ -108,14 +106,14 @@ async def test_a_call_waiting_on_a_silent_redis_fails_when_the_publisher_stops()
     publisher = Publisher(client, Scripts.register(client))
     task = asyncio.create_task(publisher.run())
     try:
-        caller = asyncio.create_task(publisher.publish(*call("pub-silent", 1)))
+        caller = asyncio.create_task(publisher.call(*call("pub-silent", 1)))
         await eventually(lambda: publisher.rounds == 1, 5, "the round was not sent")
         assert not caller.done(), "Redis never answered, yet the call ended"
         await asyncio.wait_for(cancel_until_done(task), 5)
         with pytest.raises(PublisherStopped):
             await asyncio.wait_for(caller, 5)
         with pytest.raises(PublisherStopped):
-            await publisher.publish(*call("pub-silent", 1))
+            await publisher.call(*call("pub-silent", 1))
     finally:
         await cancel_until_done(task)
         await client.aclose(close_connection_pool=True)
@@ -130,13 +128,13 @@ async def test_a_round_that_fails_as_a_whole_fails_each_of_its_calls() -> None:
     try:
         server.connected = False  # every command now fails with a connection error
         replies = await asyncio.gather(
-            *(publisher.publish(*call(f"pub-down-{n}", 1)) for n in range(5)),
+            *(publisher.call(*call(f"pub-down-{n}", 1)) for n in range(5)),
             return_exceptions=True,
         )
         assert all(isinstance(r, aioredis.ConnectionError) for r in replies), replies
         server.connected = True
         await hold(client, "pub-down-0")
-        assert await publisher.publish(*call("pub-down-0", 1)) == 1
+        assert await publisher.call(*call("pub-down-0", 1)) == 1
     finally:
         await cancel_until_done(task)
         await client.aclose()

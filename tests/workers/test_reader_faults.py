@@ -6,7 +6,6 @@ An in-process worker on a private redis-server; the test upstream runs in a thre
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -327,7 +326,7 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
     have applied it. The second copy must be refused, and the reader must resume from what
     Redis holds: every upstream event stored once, seq equal to the upstream's numbering."""
     async with running_worker(pool) as worker:
-        real = worker._publisher.publish
+        real = worker._publisher.call
         calls = 0
 
         async def re_sent_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
@@ -338,7 +337,7 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
                 reply = await real(keys, args)  # the re-sent copy's reply wins
             return reply
 
-        worker._publisher.publish = re_sent_once  # type: ignore[method-assign]
+        worker._publisher.call = re_sent_once  # type: ignore[method-assign]
         await pool.control.claim("resent", upstream.url("resent"))
         await eventually(lambda: upstream.stats("resent").connections_total >= 2, 10,
                          "the reader did not reconnect after the refused copy")  # fmt: skip
@@ -382,19 +381,19 @@ async def test_a_state_report_redis_did_not_take_is_sent_again(
     write-back then records the state from before), the state must not stay stale while the
     reader listens."""
     async with running_worker(pool) as worker:
-        real = worker._scripts.report
+        real = worker._reporter.call
         failures = 0
 
-        async def fails_once(*, keys: list[str], args: list[str | int]) -> object:
+        async def fails_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
             nonlocal failures
             if failures == 0 and "listening" in args:
                 failures += 1
                 if how == "refused":
                     return 0
                 raise redis.exceptions.ConnectionError("Redis is restarting")
-            return await real(keys=keys, args=args)
+            return await real(keys, args)
 
-        worker._scripts = dataclasses.replace(worker._scripts, report=fails_once)
+        worker._reporter.call = fails_once  # type: ignore[method-assign]
         await pool.control.claim("unreported", upstream.url("unreported"))
         await eventually(lambda: failures == 1, DEADLINE, "the listening report was never made")
         await wait_state(pool, "unreported", "listening")
@@ -506,11 +505,15 @@ async def test_a_reader_whose_lease_clock_ran_out_opens_no_connection(
     )
     redis = ClockRunsOutOnRead(pool.redis, now, to=now[0] + settings.fence_after)
     metrics = WorkerMetrics()
+    scripts = pool.control.scripts
+    reporter = Publisher(pool.redis, scripts, script=scripts.report)
+    reporting = asyncio.create_task(reporter.run())
     reader = Reader(
         session,
         redis=redis,
-        scripts=pool.control.scripts,
-        publisher=Publisher(pool.redis, pool.control.scripts),
+        scripts=scripts,
+        publisher=Publisher(pool.redis, scripts),
+        reporter=reporter,
         upstream=UpstreamClient.from_settings(settings),
         settings=settings,
         metrics=metrics,
@@ -532,3 +535,4 @@ async def test_a_reader_whose_lease_clock_ran_out_opens_no_connection(
         )
     finally:
         await cancel_until_done(task)
+        await cancel_until_done(reporting)

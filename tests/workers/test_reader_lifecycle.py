@@ -19,14 +19,14 @@ async def test_a_reader_that_crashes_hands_its_session_back_and_the_worker_goes_
     pool: Pool, upstream: SSEUpstream
 ) -> None:
     async with running_worker(pool) as worker:
-        real = worker._publisher.publish
+        real = worker._publisher.call
 
         async def broken_for_one(keys: Sequence[str], args: Sequence[str | int]) -> int:
             if "lp:{crash}:lease" in keys:
                 raise RuntimeError("a bug in the publish path")
             return await real(keys, args)
 
-        worker._publisher.publish = broken_for_one  # type: ignore[method-assign]
+        worker._publisher.call = broken_for_one  # type: ignore[method-assign]
         await pool.control.claim("crash", upstream.url("crash"))
         await pool.control.claim("fine", upstream.url("fine"))
 
