@@ -12,6 +12,7 @@ from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, running_worker
 from workers.dispatch import TAKE_BATCH
+from workers.worker import Worker
 
 SESSIONS = 2 * TAKE_BATCH
 
@@ -35,35 +36,6 @@ class AdoptSends:
             return await send(connection, command, *args, **kwargs)
 
         return counted
-
-
-async def test_queued_jobs_are_adopted_in_a_round_trip_per_batch_taken(
-    redis_server: RedisServer, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pool = Pool(redis_server.url)
-    try:
-        sids = [f"batch-{n}" for n in range(SESSIONS)]
-        for sid in sids:  # queued before any worker runs: the worker finds them all waiting
-            await pool.control.claim(sid, upstream.url(sid))
-        sends = AdoptSends(pool.control.scripts.adopt.sha)
-        monkeypatch.setattr(
-            Connection, "send_packed_command", sends.wrap(Connection.send_packed_command)
-        )
-        async with running_worker(pool, "w-batch", worker_capacity=SESSIONS) as worker:
-
-            def all_listening() -> bool:
-                readers = [worker.reader(sid) for sid in sids]
-                return all(r is not None and r.connected.is_set() for r in readers)
-
-            await eventually(all_listening, 30, "the sessions did not all start")
-        assert sends.calls == SESSIONS, "one adopt per job"
-        # TAKE_BATCH jobs per take: two takes, two round trips (NOSCRIPT adds none here: the
-        # worker loads its scripts at start).
-        assert sends.packets <= SESSIONS // TAKE_BATCH, (
-            f"{sends.packets} packets for {SESSIONS} adopts"
-        )
-    finally:
-        await pool.aclose()
 
 
 class ReadSends:
@@ -95,6 +67,45 @@ class ReadSends:
         return counted
 
 
+def count_sends(monkeypatch: pytest.MonkeyPatch, counter: AdoptSends | ReadSends) -> None:
+    """Have ``counter`` see every packet this process's asyncio Redis connections send."""
+    monkeypatch.setattr(
+        Connection, "send_packed_command", counter.wrap(Connection.send_packed_command)
+    )
+
+
+async def all_listening(worker: Worker, sids: list[str], message: str) -> None:
+    """Wait until every session in ``sids`` has a reader of ``worker`` listening."""
+
+    def listening() -> bool:
+        readers = [worker.reader(sid) for sid in sids]
+        return all(r is not None and r.connected.is_set() for r in readers)
+
+    await eventually(listening, 30, message)
+
+
+async def test_queued_jobs_are_adopted_in_a_round_trip_per_batch_taken(
+    redis_server: RedisServer, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = Pool(redis_server.url)
+    try:
+        sids = [f"batch-{n}" for n in range(SESSIONS)]
+        for sid in sids:  # queued before any worker runs: the worker finds them all waiting
+            await pool.control.claim(sid, upstream.url(sid))
+        sends = AdoptSends(pool.control.scripts.adopt.sha)
+        count_sends(monkeypatch, sends)
+        async with running_worker(pool, "w-batch", worker_capacity=SESSIONS) as worker:
+            await all_listening(worker, sids, "the sessions did not all start")
+        assert sends.calls == SESSIONS, "one adopt per job"
+        # TAKE_BATCH jobs per take: two takes, two round trips (NOSCRIPT adds none here: the
+        # worker loads its scripts at start).
+        assert sends.packets <= SESSIONS // TAKE_BATCH, (
+            f"{sends.packets} packets for {SESSIONS} adopts"
+        )
+    finally:
+        await pool.aclose()
+
+
 async def test_a_take_over_reads_histories_in_batches_and_no_positions(
     redis_server: RedisServer, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,16 +126,9 @@ async def test_a_take_over_reads_histories_in_batches_and_no_positions(
             await eventually(all_published, 30, "the sessions did not all publish")
         # Drained: every session handed back, due for the next worker.
         sends = ReadSends(pool.control.scripts.adopt.sha)
-        monkeypatch.setattr(
-            Connection, "send_packed_command", sends.wrap(Connection.send_packed_command)
-        )
+        count_sends(monkeypatch, sends)
         async with running_worker(pool, "w-second", worker_capacity=SESSIONS) as worker:
-
-            def all_listening() -> bool:
-                readers = [worker.reader(sid) for sid in sids]
-                return all(r is not None and r.connected.is_set() for r in readers)
-
-            await eventually(all_listening, 30, "the sessions were not all taken over")
+            await all_listening(worker, sids, "the sessions were not all taken over")
             assert sends.adopt.calls == SESSIONS
             assert sends.history_reads == SESSIONS, "one history read per session"
             assert sends.history_packets <= sends.adopt.packets, (
