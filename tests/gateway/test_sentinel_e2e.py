@@ -33,7 +33,7 @@ BEFORE_KILL = 300
 
 @pytest.fixture
 def sentinels() -> Iterator[RedisSentinels]:
-    with RedisSentinels(down_after_ms=1000) as group:
+    with RedisSentinels() as group:
         yield group
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -9,14 +10,14 @@ import redis
 
 from listenerpool.testing.harness.faults import POOL_CHANNELS
 from listenerpool.testing.harness.redis_cluster import HOST, wait_for
-from listenerpool.testing.harness.redis_sentinel import RedisSentinels
+from listenerpool.testing.harness.redis_sentinel import MASTER, RedisSentinels
 
 SENTINELS = 3
 
 
 @pytest.fixture
 def sentinels() -> Iterator[RedisSentinels]:
-    with RedisSentinels(sentinels=SENTINELS, down_after_ms=1000) as group:
+    with RedisSentinels(sentinels=SENTINELS) as group:
         yield group
 
 
@@ -79,3 +80,45 @@ def test_cutting_the_control_channel_leaves_the_sentinels_links_alone(
         for port in ports:
             with redis.Redis(HOST, port, socket_timeout=2.0) as client:
                 client.execute_command("ACL", "SETUSER", "default", "allchannels")
+
+
+PAUSE_S = 1.5  # longer than a loaded host delayed a primary's replies in a soak run
+
+
+@pytest.mark.timeout(60)
+def test_a_primary_silent_for_a_loaded_moment_is_not_failed_over(
+    sentinels: RedisSentinels,
+) -> None:
+    """On a loaded 2-core host a primary's replies came more than a second late, just after
+    its promotion: Sentinels that then count it as down fail over a primary that is alive, and
+    it keeps taking writes on the connections it has until they turn it into a replica (two
+    primaries for seconds: two workers each holding the same leases)."""
+    primary = sentinels.primary_port()
+    watchers = [redis.Redis(HOST, port, socket_timeout=2.0) for port in sentinels.sentinel_ports]
+    events = [watcher.pubsub() for watcher in watchers]
+    try:
+        for channel in events:
+            channel.subscribe("+sdown")
+            assert channel.get_message(timeout=2.0) is not None, "not subscribed"
+        server = sentinels.server_on(primary)
+        server.pause()
+        try:
+            time.sleep(PAUSE_S)  # the fault itself: a primary that does not answer meanwhile
+        finally:
+            server.resume()
+        resumed = time.monotonic()
+
+        def pinged_since_resumed() -> bool:
+            since_ms = (time.monotonic() - resumed) * 1000
+            return all(
+                int(w.sentinel_master(MASTER)["last-ok-ping-reply"]) < since_ms for w in watchers
+            )
+
+        wait_for(pinged_since_resumed, 10, "every Sentinel answered by the primary again")
+        downs = [m["data"] for channel in events for m in iter(channel.get_message, None)]
+        assert downs == [], f"the Sentinels counted the primary as down: {downs}"
+        assert sentinels.primary_port() == primary
+    finally:
+        for channel, watcher in zip(events, watchers, strict=True):
+            channel.close()
+            watcher.close()

@@ -122,9 +122,7 @@ class Fleet:
             self.cluster = RedisClusterNodes(node_timeout_ms=1000)
             self.url = self.cluster.url
         elif topology == "sentinel":
-            self.sentinels = RedisSentinels(
-                down_after_ms=1000, failover_timeout_ms=sentinel_failover_timeout_ms
-            )
+            self.sentinels = RedisSentinels(failover_timeout_ms=sentinel_failover_timeout_ms)
             self.url = self.sentinels.url
         else:
             self._single = RedisServer(persistent=True)

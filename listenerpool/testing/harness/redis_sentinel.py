@@ -22,6 +22,11 @@ MASTER = "lp-primary"
 # A replica (re)starting syncs at once instead of after the primary's default 5 s wait for more
 # replicas to share a diskless transfer with.
 NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
+# How long a primary may be silent before the Sentinels fail it over. At 1 s a loaded 2-core
+# host delayed a just-promoted primary's replies past it: the Sentinels failed it over again,
+# to the node restarted empty a second before, and the old one kept taking writes on the
+# connections it had for 10 s (two primaries: two workers each holding the same leases).
+DOWN_AFTER_MS = 3000
 
 
 class RedisSentinels(Service):
@@ -29,7 +34,10 @@ class RedisSentinels(Service):
     long the primary may be silent before the Sentinels fail it over."""
 
     def __init__(
-        self, sentinels: int = 3, down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+        self,
+        sentinels: int = 3,
+        down_after_ms: int = DOWN_AFTER_MS,
+        failover_timeout_ms: int = 5000,
     ) -> None:
         self.root = tempfile.mkdtemp(prefix="lp-sentinel-")
         self.down_after_ms = down_after_ms
