@@ -203,6 +203,11 @@ class Reader:
             if epoch is None:
                 await self._restore_or_stop(s.epoch)
             else:
+                if int(seq or 0) > s.seq:
+                    # Published without its reply reaching us (lost, or this reader's
+                    # predecessor stopped while waiting for it): remember those events too, or
+                    # a re-assertion after a data loss would write the history back without them.
+                    await self._remember_applied(int(seq or 0))
                 s.last_id = _text(last_id)
                 s.seq = int(seq or 0)
         last_id = s.last_id
@@ -253,6 +258,16 @@ class Reader:
             self._stream = None
             stream.abort()
         return delivered
+
+    async def _remember_applied(self, seq: int) -> None:
+        """Add the events Redis holds above ``session.seq`` up to ``seq`` to the session's
+        memory of recent events, from the history."""
+        s = self.session
+        keep = self._settings.restore_events
+        if keep <= 0:
+            return
+        entries = await self._redis.xrevrange(s.keys.events, count=min(seq - s.seq, keep))
+        s.remember_history(entries, keep, after=s.seq, upto=seq)
 
     def _may_connect(self) -> None:
         """Refuse a connection once the lease clock ran out. The worker fences such a reader,

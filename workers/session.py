@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from listenerpool.keys import SessionKeys
 from listenerpool.lease import LeaseClock
@@ -61,3 +61,21 @@ class HeldSession:
     @property
     def sid(self) -> str:
         return self.keys.sid
+
+    def remember_history(self, entries: Any, keep: int, *, after: int, upto: int) -> None:
+        """Remember the events of a history read (``XREVRANGE``: newest first) whose seq is
+        above ``after`` and at most ``upto``."""
+        for _, fields in reversed(entries):
+            f = {_text(name): _text(value) for name, value in fields.items()}
+            try:
+                seq, epoch = int(f["seq"]), int(f["epoch"])
+            except (KeyError, ValueError):
+                continue
+            if after < seq <= upto:
+                self.remember(
+                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
+                )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

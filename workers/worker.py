@@ -381,7 +381,7 @@ class Worker:
                 if isinstance(entries, Exception):
                     log.debug("session %s: recent history not loaded: %s", session.sid, entries)
                     continue
-                _remember_history(session, entries, keep)
+                session.remember_history(entries, keep, after=0, upto=session.seq)
 
     async def _requeue(self, job: ListenJob) -> None:
         """A job read while stopping goes back on the queue for another worker."""
@@ -780,20 +780,6 @@ def _where(session: HeldSession) -> dict[str, object]:
 def _retrieve(fut: asyncio.Future[bool]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _remember_history(session: HeldSession, entries: Any, keep: int) -> None:
-    """Remember the events of ``entries`` (XREVRANGE, newest first) up to the session's seq."""
-    for _, fields in reversed(entries):
-        f = {_text(name): _text(value) for name, value in fields.items()}
-        try:
-            seq, epoch = int(f["seq"]), int(f["epoch"])
-        except (KeyError, ValueError):
-            continue
-        if seq <= session.seq:
-            session.remember(
-                seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
-            )
 
 
 def _text(value: Any) -> str:

@@ -353,6 +353,37 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
         assert resumed_after is not None and int(resumed_after) >= 5, resumed_after
 
 
+async def test_a_publish_whose_reply_was_lost_is_remembered_for_a_write_back(
+    pool: Pool, upstream: SSEUpstream
+) -> None:
+    """A reader remembers the events it published, for a re-assertion to write back after
+    Redis loses its data. One whose reply never came (a connection error, or a reader stopped
+    while waiting) was applied all the same: the next connection finds Redis ahead of the
+    reader's memory, and must fill the gap from the history, or a write-back would lack it."""
+    async with running_worker(pool) as worker:
+        real = worker._publisher.call
+        calls = 0
+
+        async def reply_lost_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
+            nonlocal calls
+            calls += 1
+            reply = await real(keys, args)
+            if calls == 5:
+                raise redis.exceptions.ConnectionError("the reply was lost")
+            return reply
+
+        worker._publisher.call = reply_lost_once  # type: ignore[method-assign]
+        await pool.control.claim("unreplied", upstream.url("unreplied"))
+        await eventually(lambda: upstream.stats("unreplied").connections_total >= 2, DEADLINE,
+                         "the reader did not reconnect after the lost reply")  # fmt: skip
+        await wait_events(pool, "unreplied", 30)
+        running = worker.reader("unreplied")
+        assert running is not None
+        session = running.session
+        remembered = [event.seq for event in session.recent or ()]
+        assert remembered == list(range(remembered[0], session.seq + 1)), remembered
+
+
 async def test_a_stopped_reader_sends_its_fin_before_the_loop_runs_again(
     pool: Pool, upstream: SSEUpstream
 ) -> None:
