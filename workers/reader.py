@@ -203,13 +203,14 @@ class Reader:
             if epoch is None:
                 await self._restore_or_stop(s.epoch)
             else:
-                if int(seq or 0) > s.seq:
+                applied = int(seq or 0)
+                if applied > s.seq:
                     # Published without its reply reaching us (lost, or this reader's
                     # predecessor stopped while waiting for it): remember those events too, or
                     # a re-assertion after a data loss would write the history back without them.
-                    await self._remember_applied(int(seq or 0))
+                    await self._remember_applied(applied)
                 s.last_id = _text(last_id)
-                s.seq = int(seq or 0)
+                s.seq = applied
         last_id = s.last_id
         parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
         delivered = False

@@ -103,7 +103,15 @@ def test_a_primary_silent_for_a_loaded_moment_is_not_failed_over(
         server = sentinels.server_on(primary)
         server.pause()
         try:
-            time.sleep(PAUSE_S)  # the fault itself: a primary that does not answer meanwhile
+            # Held until every Sentinel has gone PAUSE_S without a reply from the primary.
+            wait_for(
+                lambda: all(
+                    int(w.sentinel_master(MASTER)["last-ok-ping-reply"]) >= PAUSE_S * 1000
+                    for w in watchers
+                ),
+                10,
+                f"every Sentinel {PAUSE_S} s without a reply from the primary",
+            )
         finally:
             server.resume()
         resumed = time.monotonic()

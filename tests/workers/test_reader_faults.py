@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psutil
@@ -29,7 +29,7 @@ from workers.reader import Reader
 from workers.renewal import RenewVerdict
 from workers.session import HeldSession
 from workers.upstream import UpstreamClient
-from workers.worker import StopReason
+from workers.worker import StopReason, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -319,6 +319,27 @@ async def test_a_new_url_for_a_running_session_reconnects_to_it(
         assert resumed is not None and int(resumed) >= 5
 
 
+Keys = Sequence[str]
+Args = Sequence[str | int]
+PublishCall = Callable[[Keys, Args], Awaitable[int]]
+
+
+def on_fifth_publish(
+    worker: Worker, fifth: Callable[[PublishCall, Keys, Args], Awaitable[int]]
+) -> None:
+    """Have ``fifth`` make the worker's fifth publish call (given the real one), a fault that
+    befalls one call after its predecessors went through."""
+    real = worker._publisher.call
+    calls = 0
+
+    async def publish(keys: Keys, args: Args) -> int:
+        nonlocal calls
+        calls += 1
+        return await (fifth(real, keys, args) if calls == 5 else real(keys, args))
+
+    worker._publisher.call = publish  # type: ignore[method-assign]
+
+
 async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
     pool: Pool, upstream: SSEUpstream
 ) -> None:
@@ -326,18 +347,12 @@ async def test_a_publish_re_sent_after_a_lost_reply_is_not_applied_twice(
     have applied it. The second copy must be refused, and the reader must resume from what
     Redis holds: every upstream event stored once, seq equal to the upstream's numbering."""
     async with running_worker(pool) as worker:
-        real = worker._publisher.call
-        calls = 0
 
-        async def re_sent_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
-            nonlocal calls
-            calls += 1
-            reply = await real(keys, args)
-            if calls == 5:
-                reply = await real(keys, args)  # the re-sent copy's reply wins
-            return reply
+        async def re_sent(publish: PublishCall, keys: Keys, args: Args) -> int:
+            await publish(keys, args)
+            return await publish(keys, args)  # the re-sent copy's reply wins
 
-        worker._publisher.call = re_sent_once  # type: ignore[method-assign]
+        on_fifth_publish(worker, re_sent)
         await pool.control.claim("resent", upstream.url("resent"))
         await eventually(lambda: upstream.stats("resent").connections_total >= 2, 10,
                          "the reader did not reconnect after the refused copy")  # fmt: skip
@@ -361,18 +376,12 @@ async def test_a_publish_whose_reply_was_lost_is_remembered_for_a_write_back(
     while waiting) was applied all the same: the next connection finds Redis ahead of the
     reader's memory, and must fill the gap from the history, or a write-back would lack it."""
     async with running_worker(pool) as worker:
-        real = worker._publisher.call
-        calls = 0
 
-        async def reply_lost_once(keys: Sequence[str], args: Sequence[str | int]) -> int:
-            nonlocal calls
-            calls += 1
-            reply = await real(keys, args)
-            if calls == 5:
-                raise redis.exceptions.ConnectionError("the reply was lost")
-            return reply
+        async def reply_lost(publish: PublishCall, keys: Keys, args: Args) -> int:
+            await publish(keys, args)
+            raise redis.exceptions.ConnectionError("the reply was lost")
 
-        worker._publisher.call = reply_lost_once  # type: ignore[method-assign]
+        on_fifth_publish(worker, reply_lost)
         await pool.control.claim("unreplied", upstream.url("unreplied"))
         await eventually(lambda: upstream.stats("unreplied").connections_total >= 2, DEADLINE,
                          "the reader did not reconnect after the lost reply")  # fmt: skip
