@@ -72,6 +72,7 @@ class Http1Protocol(asyncio.Protocol):
         "_idle_timeout",
         "_last_data",
         "_loop",
+        "_notify",
         "_paused",
         "_request",
         "_timer",
@@ -103,6 +104,7 @@ class Http1Protocol(asyncio.Protocol):
         self._eof = False  # h11 was told the connection ended
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._notify: Callable[[], None] | None = None
         self._idle_timeout = idle_timeout
         self._timer_context = timer_context
         self._last_data = self._loop.time()
@@ -136,6 +138,12 @@ class Http1Protocol(asyncio.Protocol):
         if waiter is None or waiter.done():
             waiter = self._waiter = self._loop.create_future()
         return waiter
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when there is news for :meth:`take`: bytes, the body's end,
+        or what ended the exchange (the idle timeout too). The reader's way to wait with no
+        task; ask only after :meth:`take` returned None."""
+        self._notify = callback
 
     def take(self) -> bytes | None:
         """What :meth:`read` returns, without waiting: None when nothing came yet."""
@@ -172,6 +180,10 @@ class Http1Protocol(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        notify = self._notify
+        if notify is not None and (self._chunks or self._done or self._error is not None):
+            self._notify = None
+            notify()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

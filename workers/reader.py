@@ -1,14 +1,17 @@
 """One session's upstream reader: connect, parse, publish, back off, and never give up.
 
-The reader owns no task besides the one running :meth:`Reader.run`; stopping it means cancelling
-that task, which aborts the upstream connection on the way out. The connection itself is an
+A reader runs a task only while it has work: connecting (up to the response head), and
+publishing the bytes that came in. An idle listener is its connection (an
 :class:`~workers.http1.Http1Protocol` opened by the worker's
-:class:`~workers.upstream.UpstreamClient`.
+:class:`~workers.upstream.UpstreamClient`), which calls the reader back when bytes, an end or
+its idle timeout come; a reader backing off is one loop timer. :meth:`Reader.stop` ends whichever
+it is, the upstream connection closed first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -32,6 +35,7 @@ from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.sse import SSEEvent, SSEParser
+from listenerpool.tasks import cancel_until_done
 from workers.http1 import Http1Protocol, UpstreamBroken
 from workers.publisher import Publisher
 from workers.renewal import release_many
@@ -57,16 +61,22 @@ class PositionMoved(StreamError):
 Restore = Callable[[HeldSession, int], Awaitable[bool]]
 
 
-class Reader:
-    """Reads one session's upstream until cancelled, or until the upstream rejects it for good.
+class StreamEnded(Exception):
+    """The upstream ended its response cleanly."""
 
-    ``run`` returns after a permanent failure (recorded as ``failed`` in the session state,
+
+class Reader:
+    """Reads one session's upstream from :meth:`start` until :meth:`stop`, or until the
+    upstream rejects it for good.
+
+    It ends by itself after a permanent failure (recorded as ``failed`` in the session state,
     lease released), when a publish is refused (:class:`NotOwner`) and after a bug (the
     session handed back). When Redis has lost the session's keys, ``restore`` (the worker's
     re-assertion) is asked to write them back before the reader goes on; without it, that too
-    is :class:`NotOwner`. ``on_exit`` is called with the reader as ``run`` ends, however.
-    Every other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
-    full-jitter backoff for as long as the task lives.
+    is :class:`NotOwner`. ``on_exit`` is called with the reader as it ends, however. Every
+    other problem (network, 5xx, malformed stream, Redis unreachable) is retried with
+    full-jitter backoff for as long as the reader lives. Its tasks and timers run in
+    ``context`` (None: a copy of the caller's).
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class Reader:
         restore: Restore | None = None,
         on_exit: Callable[[Reader], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        context: contextvars.Context | None = None,
     ) -> None:
         self.session = session
         self._clock = clock
@@ -98,11 +109,21 @@ class Reader:
         self._rand = rand
         self._retry_ms: int | None = None
         self._metrics = metrics if metrics is not None else WorkerMetrics()
+        self._context = context
         self._connected: asyncio.Event | None = None  # made when asked for: few ever are
         self._stream: Http1Protocol | None = None  # the current upstream connection
+        self._parser: SSEParser | None = None  # the current connection's
+        self._delivered = False  # the current connection published an event
+        self._attempt = 0  # connections since the last one that delivered
+        self._task: asyncio.Task[None] | None = None  # connecting or publishing, else None
+        self._timer: asyncio.TimerHandle | None = None  # the backoff's
+        self._stopping = False
+        self._finished = False
+        self._ended: asyncio.Future[None] | None = None  # made by run(), the one who waits
         self._unreported: dict[str, str | int] | None = None  # state fields Redis did not take
         self._report_retry_at = 0.0
-        #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners`` counts).
+        #: ``connecting``, ``listening`` or ``backoff`` (what ``listenerpool_listeners``
+        #: counts); ``failed`` or ``stopped`` once it ended.
         self.state = "connecting"
 
     @property
@@ -114,83 +135,188 @@ class Reader:
                 self._connected.set()
         return self._connected
 
-    async def run(self) -> None:
-        """Read until cancelled; never raises anything else. A refused publish
-        (:class:`NotOwner`) ends it with a warning, a permanent failure with the session
-        ``failed``, and a bug with the session handed back, so that one reader cannot take the
-        worker's others down with it. One frame for all of it: every idle listener keeps it."""
-        s = self.session
-        attempt = 0
-        try:
-            while True:
-                delivered = False
-                floor_s: float | None = None
-                try:
-                    delivered = await self._listen_once()
-                    error, reason = "upstream closed the stream", ReconnectReason.EOF
-                except (UpstreamRejected, UpstreamNotAllowed) as exc:
-                    await self._fail(str(exc))
-                    return
-                except UpstreamError as exc:
-                    error, reason = str(exc), _status_reason(exc)
-                    floor_s = exc.retry_after
-                except PositionMoved as exc:
-                    # A re-sent publish found its batch applied: a Redis connection error's echo.
-                    error, reason = str(exc), ReconnectReason.REDIS_ERROR
-                except StreamError as exc:
-                    error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
-                except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
-                    error, reason = str(exc), exc.reason
-                except REDIS_ERRORS as exc:
-                    error = f"redis unavailable: {type(exc).__name__}: {exc}"
-                    reason = ReconnectReason.REDIS_ERROR
-                    self._metrics.redis_error["reader"].inc()
-                finally:
-                    if self._connected is not None:
-                        self._connected.clear()
-                _end_if_stopping()
-                if delivered:
-                    attempt = 0
-                retry_ms = self._retry_ms
-                if floor_s is not None:
-                    retry_ms = max(retry_ms or 0, int(floor_s * 1000))
-                delay = reconnect_delay(
-                    attempt,
-                    base=self._settings.backoff_base,
-                    cap=self._settings.backoff_cap,
-                    server_retry_ms=retry_ms,
-                    rand=self._rand,
-                )
-                attempt += 1
-                self._metrics.reconnects[reason].inc()
-                self._metrics.backoff_seconds.inc(delay)
-                self.state = "backoff"
-                log.info(
-                    "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
-                    s.sid,
-                    error,
-                    delay,
-                    attempt,
-                    extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
-                )
-                await self._report(state="backoff", retries=attempt, last_error=error)
-                await asyncio.sleep(delay)
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (in a task of its own, which ends once the reader listens)."""
+        if self._context is None:
+            self._context = contextvars.copy_context()
+        self._spawn(self._connect)
 
+    async def stop(self) -> None:
+        """End the reader: its connection is closed, its backoff timer cancelled and its task
+        (if one runs) cancelled and awaited before this returns. Idempotent."""
+        if not self._stopping:
+            self._stopping = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.sever()
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            await cancel_until_done(task)
+        self._finish()
+
+    async def run(self) -> None:
+        """Start, and wait until the reader ends; cancelling this stops it."""
+        self._ended = asyncio.get_running_loop().create_future()
+        self.start()
+        try:
+            await asyncio.shield(self._ended)
+        finally:
+            await self.stop()
+
+    def sever(self) -> None:
+        """Shut the upstream connection down now, before the task unwinds: a busy or just
+        woken event loop may take a while to run the cancellation, and a fenced reader's
+        lease is about to be someone else's."""
+        stream = self._stream
+        if stream is not None:
+            stream.abort()
+
+    def _spawn(self, step: Callable[[], Awaitable[None]]) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._phase(step), name=f"reader:{self.session.sid}", context=self._context
+        )
+
+    def _reconnect(self) -> None:
+        """The backoff timer's callback."""
+        self._timer = None
+        if not self._stopping:
+            self._spawn(self._connect)
+
+    def _on_readable(self) -> None:
+        """The idle connection's callback: bytes, an end, or the idle timeout came."""
+        if not self._stopping and self._task is None:
+            self._spawn(self._take_all)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = self._stopping = True
+        if self.state != "failed":
+            self.state = "stopped"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sever()
+        self._stream = None
+        if self._connected is not None:
+            self._connected.clear()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    async def _phase(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run one step (connect, or take what came in); what ends the connection decides
+        what is next: a backoff timer, or the reader's end. Never raises anything but
+        CancelledError: a refused publish (:class:`NotOwner`) ends the reader with a warning,
+        a permanent failure with the session ``failed``, and a bug with the session handed
+        back, so that one reader cannot take the worker's others down with it."""
+        s = self.session
+        try:
+            floor_s: float | None = None
+            try:
+                await step()
+                return  # listening, with nothing left to take: the connection calls back
+            except StreamEnded:
+                error, reason = "upstream closed the stream", ReconnectReason.EOF
+            except (UpstreamRejected, UpstreamNotAllowed) as exc:
+                self._close_stream()
+                await self._fail(str(exc))
+                self._finish()
+                return
+            except UpstreamError as exc:
+                error, reason = str(exc), _status_reason(exc)
+                floor_s = exc.retry_after
+            except PositionMoved as exc:
+                # A re-sent publish found its batch applied: a Redis connection error's echo.
+                error, reason = str(exc), ReconnectReason.REDIS_ERROR
+            except StreamError as exc:
+                error, reason = f"malformed stream: {exc}", ReconnectReason.PROTOCOL_ERROR
+            except UpstreamBroken as exc:  # connect, TLS, timeouts, HTTP framing, redirects
+                error, reason = str(exc), exc.reason
+            except REDIS_ERRORS as exc:
+                error = f"redis unavailable: {type(exc).__name__}: {exc}"
+                reason = ReconnectReason.REDIS_ERROR
+                self._metrics.redis_error["reader"].inc()
+            self._close_stream()
+            self._end_if_stopping()
+            await self._back_off(error, reason, floor_s)
         except NotOwner as exc:
             log.warning("session %s: %s; reader stopped", s.sid, exc)
+            self._finish()
+        except asyncio.CancelledError:
+            self._finish()
+            raise
         except Exception:
             log.exception("session %s: reader crashed; handing the session back", s.sid)
+            self._close_stream()
             try:
                 held = [(s.keys, s.lease_value)]
                 await release_many(self._redis, self._scripts, held, "handoff", "reader crashed")
             except Exception as exc:
                 log.warning("session %s: release failed (lease will lapse): %s", s.sid, exc)
+            finally:
+                self._finish()
         finally:
-            if self._on_exit is not None:
-                self._on_exit(self)
+            if self._task is asyncio.current_task():
+                self._task = None
 
-    async def _listen_once(self) -> bool:
-        """One connection. Returns whether it delivered any event; raises on every failure."""
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.abort()
+        if self._connected is not None:
+            self._connected.clear()
+
+    async def _back_off(self, error: str, reason: ReconnectReason, floor_s: float | None) -> None:
+        s = self.session
+        if self._delivered:
+            self._attempt = 0
+        retry_ms = self._retry_ms
+        if floor_s is not None:
+            retry_ms = max(retry_ms or 0, int(floor_s * 1000))
+        delay = reconnect_delay(
+            self._attempt,
+            base=self._settings.backoff_base,
+            cap=self._settings.backoff_cap,
+            server_retry_ms=retry_ms,
+            rand=self._rand,
+        )
+        self._attempt += 1
+        attempt = self._attempt
+        self._metrics.reconnects[reason].inc()
+        self._metrics.backoff_seconds.inc(delay)
+        self.state = "backoff"
+        log.info(
+            "session %s: backoff: %s; reconnecting in %.2fs (attempt %d)",
+            s.sid,
+            error,
+            delay,
+            attempt,
+            extra={"state": "backoff", "reason": reason.value, "attempt": attempt},
+        )
+        due = asyncio.get_running_loop().time() + delay  # counted from the error, not the report
+        await self._report(state="backoff", retries=attempt, last_error=error)
+        self._end_if_stopping()
+        self._timer = asyncio.get_running_loop().call_at(
+            due, self._reconnect, context=self._context
+        )
+
+    def _end_if_stopping(self) -> None:
+        """Raise CancelledError if the reader is being stopped. A Redis call can swallow a
+        cancellation (redis-py's wait_for may return the reply instead), or turn it into an
+        error of its own; the stopper cancels again soon, but a fenced reader must not open a
+        connection or set a timer meanwhile (one did, right after a frozen worker woke, while
+        the new owner's was open)."""
+        current = asyncio.current_task()
+        if self._stopping or (current is not None and current.cancelling()):
+            raise asyncio.CancelledError
+
+    # -- the steps ---------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        """Open a connection and wait for its head; then take what came with it."""
         s = self.session
         # The resume point is read from Redis, not from memory: a publish whose reply was lost
         # may still have been applied, and Redis alone knows -- unless Redis lost the state
@@ -212,53 +338,59 @@ class Reader:
                 s.last_id = _text(last_id)
                 s.seq = applied
         last_id = s.last_id
-        parser = SSEParser(max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id)
-        delivered = False
+        self._parser = SSEParser(
+            max_event_bytes=self._settings.max_event_bytes, last_event_id=last_id
+        )
+        self._delivered = False
         self.state = "connecting"
-        _end_if_stopping()
+        self._end_if_stopping()
         stream = await self._upstream.open(
             s.spec.url, _request_headers(s.spec.headers, last_id), before_connect=self._may_connect
         )
         self._stream = stream
-        try:
-            check_response(await stream.head())
-            await self._report(state="listening", retries=0, last_error="")
-            self.state = "listening"
-            log.info(
-                "session %s: listening to %s (resuming after id %r)",
-                s.sid,
-                redact_url(s.spec.url),
-                last_id,
-                extra={"state": "listening"},
-            )
-            if self._connected is not None:
-                self._connected.set()
-            published, latency = self._metrics.events_published, self._metrics.publish_latency
-            while True:
-                chunk = stream.take()
-                if chunk is None:
-                    await stream.readable()  # a bare future: no coroutine kept while idle
-                    continue
-                if not chunk:
-                    break
-                received = time.perf_counter()
-                await self._retry_report()
-                events = parser.feed(chunk)
-                self._retry_ms = parser.retry
-                if events:
-                    await self._publish(events)
-                    published.inc(len(events))
-                    latency.observe(time.perf_counter() - received)
-                    delivered = True
-                elif not delivered and parser.ignored_lines >= GARBAGE_LINES:
-                    raise StreamError(
-                        f"{parser.ignored_lines} lines without any SSE field and no event: "
-                        "the upstream is not sending an event stream"
-                    )
-        finally:
-            self._stream = None
-            stream.abort()
-        return delivered
+        if self._stopping:  # stopped while the connection opened: sever() found none to close
+            raise asyncio.CancelledError
+        check_response(await stream.head())
+        await self._report(state="listening", retries=0, last_error="")
+        self.state = "listening"
+        log.info(
+            "session %s: listening to %s (resuming after id %r)",
+            s.sid,
+            redact_url(s.spec.url),
+            last_id,
+            extra={"state": "listening"},
+        )
+        if self._connected is not None:
+            self._connected.set()
+        await self._take_all()
+
+    async def _take_all(self) -> None:
+        """Parse and publish what the connection has received; when it has nothing more,
+        ask it to call back and return. Raises what ended the connection."""
+        stream, parser = self._stream, self._parser
+        assert stream is not None and parser is not None, "taking from no connection"
+        published, latency = self._metrics.events_published, self._metrics.publish_latency
+        while True:
+            chunk = stream.take()
+            if chunk is None:
+                stream.notify(self._on_readable)
+                return
+            if not chunk:
+                raise StreamEnded
+            received = time.perf_counter()
+            await self._retry_report()
+            events = parser.feed(chunk)
+            self._retry_ms = parser.retry
+            if events:
+                await self._publish(events)
+                published.inc(len(events))
+                latency.observe(time.perf_counter() - received)
+                self._delivered = True
+            elif not self._delivered and parser.ignored_lines >= GARBAGE_LINES:
+                raise StreamError(
+                    f"{parser.ignored_lines} lines without any SSE field and no event: "
+                    "the upstream is not sending an event stream"
+                )
 
     async def _remember_applied(self, seq: int) -> None:
         """Add the events Redis holds above ``session.seq`` up to ``seq`` to the session's
@@ -280,14 +412,6 @@ class Reader:
                 "no lease renewal confirmed within LP_LEASE_TTL - LP_LEASE_MARGIN; not connecting",
                 ReconnectReason.LEASE_UNCONFIRMED,
             )
-
-    def sever(self) -> None:
-        """Shut the upstream connection down now, before the task unwinds: a busy or just
-        woken event loop may take a while to run the cancellation, and a fenced reader's
-        lease is about to be someone else's."""
-        stream = self._stream
-        if stream is not None:
-            stream.abort()
 
     async def _publish(self, events: list[SSEEvent]) -> None:
         s = self.session
@@ -368,16 +492,6 @@ class Reader:
         self.state = "failed"
         log.warning("session %s: failed permanently: %s", s.sid, reason, extra={"state": "failed"})
         await release_many(self._redis, self._scripts, [(s.keys, s.lease_value)], "failed", reason)
-
-
-def _end_if_stopping() -> None:
-    """Raise CancelledError if the task has a stop request pending. A Redis call can swallow
-    a cancellation (redis-py's wait_for may return the reply instead), or turn it into an error
-    of its own; the stopper cancels again soon, but a fenced reader must not open a connection
-    meanwhile (one did, right after a frozen worker woke, while the new owner's was open)."""
-    current = asyncio.current_task()
-    if current is not None and current.cancelling():
-        raise asyncio.CancelledError
 
 
 def _request_headers(given: Mapping[str, str], last_id: str) -> dict[str, str]:

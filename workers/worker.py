@@ -2,7 +2,8 @@
 
 Background duties, all children of one TaskGroup: the job feed (rq), batched lease renewal and
 heartbeat, the self-fence watchdog, the control-channel listener (cancel notices) and the
-reconciler. Readers are children of the same group. Shutdown is the reverse of start-up: stop
+reconciler. Readers are not: each runs a task only while it connects or publishes, and the
+worker stops them itself (on a failure too). Shutdown is the reverse of start-up: stop
 taking jobs, hand every session to the rest of the fleet, deregister.
 """
 
@@ -65,7 +66,6 @@ class StopReason(StrEnum):
 class RunningReader:
     session: HeldSession
     reader: Reader
-    task: asyncio.Task[None]
 
 
 class Worker:
@@ -112,7 +112,7 @@ class Worker:
         self.ready = asyncio.Event()
         #: This worker's metrics; ``metrics.registry`` is what its metrics port serves.
         self.metrics = metrics if metrics is not None else WorkerMetrics()
-        self.metrics.watch_listeners(self._listener_states)
+        self.metrics.watch_listeners(self.listener_states)
         self._last_heartbeat: float | None = None  # monotonic time of the last confirmed round
         self._draining = False
         self._adopting = 0  # jobs taken whose adoption is under way
@@ -142,7 +142,8 @@ class Worker:
             and self._clock() - last < self.settings.lease_ttl
         )
 
-    def _listener_states(self) -> dict[str, int]:
+    def listener_states(self) -> dict[str, int]:
+        """How many readers are ``connecting``, ``listening`` and in ``backoff``."""
         # Runs on the metrics thread: list() copies the values without releasing the GIL.
         return dict(Counter(running.reader.state for running in list(self._readers.values())))
 
@@ -196,6 +197,11 @@ class Worker:
                 await asyncio.gather(*(cancel_until_done(task) for task in duties))
         finally:
             self._tg = None
+            # Readers are no children of the group (an idle one is no task at all): those a
+            # failure or a cancellation left running are stopped here, sockets closed.
+            left = [running.reader for running in self._readers.values()]
+            if left:
+                await asyncio.gather(*(reader.stop() for reader in left))
             try:
                 async with asyncio.timeout(2):
                     await registry.deregister(self._redis, self.worker_id)
@@ -207,7 +213,7 @@ class Worker:
         """Stop every reader, give all leases back in pipelined rounds, and re-claim the
         sessions at once so other workers take their jobs without waiting for a TTL."""
         running = list(self._readers.values())
-        await asyncio.gather(*(cancel_until_done(r.task) for r in running))
+        await asyncio.gather(*(r.reader.stop() for r in running))
         sessions = [r.session for r in running]
         try:
             # Bounded: cut off from Redis, a draining worker must still exit; its leases lapse
@@ -348,8 +354,7 @@ class Worker:
                 stale.session.epoch,
                 extra=_where(session),
             )
-            stale.reader.sever()
-            await cancel_until_done(stale.task)
+            await stale.reader.stop()
         self._start_reader(session)
         log.info(
             "session %s: reader started at epoch %d",
@@ -398,6 +403,9 @@ class Worker:
     # -- readers -----------------------------------------------------------------------------
     def _start_reader(self, session: HeldSession) -> None:
         assert self._tg is not None, "readers run only inside Worker.run"
+        # The reader's tasks and timers run in a copy of the context holding its log fields.
+        context = contextvars.copy_context()
+        context.run(bind_log_context, session=session.sid, epoch=session.epoch)
         reader = Reader(
             session,
             redis=self._redis,
@@ -411,19 +419,15 @@ class Worker:
             restore=self.restore,
             on_exit=self._reader_ended,
             clock=self._clock,
+            context=context,
         )
-        # The reader's task runs Reader.run itself, no wrapper coroutine: every idle listener
-        # would keep one. Its log fields go into the task's own copy of the context, and
-        # Reader.run raises nothing but CancelledError, so the group never sees a failure.
-        context = contextvars.copy_context()
-        context.run(bind_log_context, session=session.sid, epoch=session.epoch)
-        task = self._tg.create_task(reader.run(), name=f"reader:{session.sid}", context=context)
-        self._readers[session.sid] = RunningReader(session, reader, task)
+        self._readers[session.sid] = RunningReader(session, reader)
+        reader.start()
         self._feed.capacity_changed()
 
     def _reader_ended(self, reader: Reader) -> None:
-        """Called by ``reader`` as its run ends, inside its task: whoever awaits the task
-        (a stop, a restart with a new spec) finds the session gone from the readers."""
+        """Called by ``reader`` as it ends: whoever awaits its stop (a stop, a restart with a
+        new spec) finds the session gone from the readers."""
         sid = reader.session.sid
         running = self._readers.get(sid)
         if running is not None and running.reader is reader:
@@ -441,8 +445,7 @@ class Worker:
         running = self._readers.get(sid)
         if running is None:
             return
-        running.reader.sever()
-        await cancel_until_done(running.task)
+        await running.reader.stop()
         s = running.session
         if reason is StopReason.CANCELLED:
             await self._release(s.keys, s.lease_value, "stopped", "cancelled")
