@@ -12,7 +12,7 @@ import pytest
 from listenerpool.tasks import cancel_until_done
 from listenerpool.testing.harness.redis_sentinel import RedisSentinels
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import GatewayProcesses, Pool, WorkerProcesses
+from tests.conftest import GatewayProcesses, Pool, WorkerProcesses, eventually
 from tests.gateway.test_gateway_e2e import (
     Received,
     follow,
@@ -65,6 +65,11 @@ async def test_sessions_keep_delivering_after_the_primary_is_killed(
             try:
                 for sid in sids:
                     await wait_head(pool, sid, 100, 20)
+                # Every client streams before the kill: one whose first request came during
+                # the failover would rightly be answered 503 (Redis unavailable).
+                await eventually(
+                    lambda: all(rec.seqs for rec in received), 30, "clients not streaming"
+                )
                 old = sentinels.primary_port()
                 new = await asyncio.to_thread(sentinels.kill_primary)
                 assert new != old
