@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         default=45.0, gt=0, description="No bytes from the upstream for this long: reconnect (s)."
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Upstream connect timeout (s).")
+    connect_concurrency: int = Field(
+        default=100,
+        ge=1,
+        description="Upstream connections a worker opens (resolve, connect, TLS) at once; more "
+        "wait their turn, so that a worker taking thousands of sessions keeps its loop free "
+        "for lease renewals.",
+    )
     head_timeout: float = Field(
         default=30.0,
         gt=0,

@@ -104,7 +104,9 @@ class UpstreamClient:
 
     ``connect_timeout`` bounds resolving and each address's connect and TLS handshake;
     ``head_timeout`` the time from a request's start to its complete response head (each
-    redirect hop is a request); ``idle_timeout`` the silence on an open connection.
+    redirect hop is a request); ``idle_timeout`` the silence on an open connection. At most
+    ``connect_concurrency`` connections (None: any number) are being resolved, connected and
+    handshaken at once; the others wait their turn.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class UpstreamClient:
         idle_timeout: float,
         max_redirects: int,
         ssl_context: ssl.SSLContext | None = None,
+        connect_concurrency: int | None = None,
     ) -> None:
         self._allow = allow or Allowlist()
         self._connect_timeout = connect_timeout
@@ -123,6 +126,12 @@ class UpstreamClient:
         self._idle_timeout = idle_timeout
         self._max_redirects = max_redirects
         self._ssl_context = ssl_context
+        # Opening thousands of connections at once (a worker taking sessions over) would leave
+        # its loop no time for the lease renewals of the readers already listening. The
+        # response head is awaited outside: an upstream slow to send it holds no slot.
+        self._connect_slots = (
+            asyncio.Semaphore(connect_concurrency) if connect_concurrency is not None else None
+        )
         # The streams' timers share one empty context (they log nothing): a worker's streams
         # all run on its one loop, so it is never entered twice at once.
         self._timer_context = contextvars.Context()
@@ -135,6 +144,7 @@ class UpstreamClient:
             head_timeout=settings.head_timeout,
             idle_timeout=settings.idle_timeout,
             max_redirects=settings.max_redirects,
+            connect_concurrency=settings.connect_concurrency,
         )
 
     async def open(
@@ -211,6 +221,18 @@ class UpstreamClient:
         return protocol
 
     async def _connect(
+        self,
+        target: Target,
+        stream: Callable[[], Http1Protocol],
+        before_connect: Callable[[], None] | None,
+    ) -> Http1Protocol:
+        slots = self._connect_slots
+        if slots is None:
+            return await self._connect_now(target, stream, before_connect)
+        async with slots:
+            return await self._connect_now(target, stream, before_connect)
+
+    async def _connect_now(
         self,
         target: Target,
         stream: Callable[[], Http1Protocol],

@@ -16,8 +16,10 @@ import pytest
 from listenerpool.errors import UpstreamError, UpstreamNotAllowed
 from listenerpool.metrics import ReconnectReason
 from listenerpool.sse import SSEParser
+from listenerpool.tasks import cancel_until_done
 from tests.conftest import Pool, eventually, running_worker
 from tests.workers.scripted_http import ScriptedServer, scripted_server, send
+from workers import upstream as upstream_module
 from workers.http1 import Http1Protocol, UpstreamBroken
 from workers.upstream import UpstreamClient, tls_context
 
@@ -61,6 +63,50 @@ def trusting_the_test_ca() -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=CA)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+# -- opening -------------------------------------------------------------------------------------
+async def test_connections_are_opened_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker taking thousands of sessions over opens their connections a bounded number
+    at a time (``LP_CONNECT_CONCURRENCY``), so that its loop keeps time for lease renewals."""
+    in_flight, most = 0, 0
+    real_resolve = upstream_module.resolve
+
+    async def slow_resolve(host: str, port: int) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.02)  # a resolver's latency, not a synchronisation
+            return await real_resolve(host, port)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(upstream_module, "resolve", slow_resolve)
+    async with scripted_server() as server:
+        server.scripts["/s"] = send(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        opener = client(connect_concurrency=2)
+        streams = await asyncio.gather(*(opener.open(server.url("/s"), {}) for _ in range(6)))
+        for stream in streams:
+            stream.abort()
+    assert most == 2
+
+
+async def test_an_upstream_slow_to_answer_holds_no_connect_slot() -> None:
+    """The slot covers resolving, connecting and TLS only: an upstream that never sends its
+    response head cannot keep the worker's other readers from connecting."""
+    async with scripted_server() as server:
+        server.scripts["/mute"] = send()  # connection accepted, no head ever
+        server.scripts["/s"] = send(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        opener = client(connect_concurrency=1, head_timeout=60.0)
+        mute = asyncio.create_task(opener.open(server.url("/mute"), {}))
+        try:
+            await eventually(lambda: len(server.requests) == 1, 10, "no request from the first")
+            stream = await asyncio.wait_for(opener.open(server.url("/s"), {}), 30)
+            assert (await stream.head()).status_code == 200
+            stream.abort()
+        finally:
+            await cancel_until_done(mute)
 
 
 # -- bodies --------------------------------------------------------------------------------------
