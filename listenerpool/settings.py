@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Upstream connect timeout (s).")
     connect_concurrency: int = Field(
-        default=100,
+        default=500,
         ge=1,
         description="Upstream connections a worker opens (resolve, connect, TLS) at once; more "
         "wait their turn, so that a worker taking thousands of sessions keeps its loop free "
