@@ -78,10 +78,9 @@ MAX_REDIS_CONNECTIONS = 64
 # A cluster client cannot make callers wait for a node's connection; it fails them. Its bound
 # is therefore well above what a burst of readers publishing at once on one worker needs.
 MAX_CLUSTER_NODE_CONNECTIONS = 1024
-# A worker's lease client carries one renewal round at a time, several of its flushes in
-# flight at once (a worker's renewal window is this less two), and the heartbeat, plus the odd
-# retry; the flushes of rounds that overlap wait for a connection.
-LEASE_CONNECTIONS = 10
+# A worker's lease client carries one renewal round (a pipeline per node) and the heartbeat at
+# a time, plus the odd retry: a few connections per node are plenty.
+LEASE_CONNECTIONS = 4
 CONNECT_TIMEOUT = 5.0
 
 

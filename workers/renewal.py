@@ -3,24 +3,19 @@ sessions' lease index entries (see :mod:`listenerpool.index` for the order of th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
 from listenerpool import index
-from listenerpool.connections import LEASE_CONNECTIONS
 from listenerpool.keys import SessionKeys
 from listenerpool.scripts import Scripts, Settled, call_many
 from workers.session import HeldSession
 
 # Scripts per pipeline flush. Building a flush and parsing its replies holds the worker's loop,
 # which its readers share: 1,000 at a time held it ~30 ms every round (an event arriving then
-# waited as long), 100 ~3.5 ms, 50 under 2 ms; a round of 10,000 leases is 200 flushes.
+# waited as long), 100 ~3.5 ms, 50 under 2 ms; a round of 10,000 leases is 200 round trips.
 BATCH = 50
-# Flushes of a round in flight at once, each on a connection of its own; the lease client's
-# other two carry the heartbeat and a retry.
-WINDOW = LEASE_CONNECTIONS - 2
 
 
 class RenewVerdict(IntEnum):
@@ -48,59 +43,34 @@ async def renew_all(
     sessions' lease deadlines move on afterwards (and their listing entries are put back if
     Redis lost them). ``answered``, if given, is told each session's verdict as soon as Redis
     gave it: on a cluster a slow or failing shard then holds up only its own sessions.
+
     Raises the Redis client's connection/timeout errors when the round cannot complete; the
     caller then leaves its lease clocks unconfirmed, which is what drives self-fencing.
-
-    The flushes go out ``WINDOW`` at a time: one after the other, a round is as many round
-    trips as flushes, each waiting for a pass of a loop that may be busy (a worker taking
-    thousands of sessions over), and a round of 19,000 leases outlasted the lease clocks.
     """
-    batches = [sessions[start : start + BATCH] for start in range(0, len(sessions), BATCH)]
-    verdicts: list[list[RenewVerdict]] = [[] for _ in batches]
-    queue = iter(enumerate(batches))
+    verdicts: list[RenewVerdict] = []
+    for start in range(0, len(sessions), BATCH):
+        batch = sessions[start : start + BATCH]
 
-    async def lane() -> None:
-        # The lanes share one iterator: each takes the next flush as its last one is answered.
-        for position, batch in queue:
-            verdicts[position] = await _renew_batch(redis, scripts, batch, ttl_ms, answered)
-
-    try:
-        async with asyncio.TaskGroup() as lanes:
-            for _ in range(min(WINDOW, len(batches))):
-                lanes.create_task(lane())
-    except BaseExceptionGroup as group:
-        # The caller knows the Redis client's errors, not groups of them: the first one says
-        # why the round did not complete.
-        raise group.exceptions[0] from None
-    return [verdict for batch_verdicts in verdicts for verdict in batch_verdicts]
-
-
-async def _renew_batch(
-    redis: Any,
-    scripts: Scripts,
-    batch: Sequence[HeldSession],
-    ttl_ms: int,
-    answered: Callable[[HeldSession, RenewVerdict], None] | None,
-) -> list[RenewVerdict]:
-    replies = await call_many(
-        redis,
-        scripts.renew,
-        [
-            (
-                [s.keys.lease, s.keys.cancel, s.keys.spec],
-                [s.lease_value, ttl_ms, s.epoch, s.spec_rev],
-            )
-            for s in batch
-        ],
-        _tell(answered, batch),
-    )
-    verdicts = [RenewVerdict(int(r)) for r in replies]
-    renewed = {
-        s.sid: ttl_ms
-        for s, v in zip(batch, verdicts, strict=True)
-        if v in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED)
-    }
-    await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
+        replies = await call_many(
+            redis,
+            scripts.renew,
+            [
+                (
+                    [s.keys.lease, s.keys.cancel, s.keys.spec],
+                    [s.lease_value, ttl_ms, s.epoch, s.spec_rev],
+                )
+                for s in batch
+            ],
+            _tell(answered, batch),
+        )
+        round_verdicts = [RenewVerdict(int(r)) for r in replies]
+        renewed = {
+            s.sid: ttl_ms
+            for s, v in zip(batch, round_verdicts, strict=True)
+            if v in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED)
+        }
+        await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
+        verdicts.extend(round_verdicts)
     return verdicts
 
 

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis import exceptions as redis_exceptions
 from rq import Queue
 
 from listenerpool import keys
@@ -725,63 +724,6 @@ async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time(
     verdicts = await renew_all(fake_redis, control.scripts, sessions, LONG_TTL_MS)
     assert verdicts == [RenewVerdict.RENEWED] * 250
     assert flushes == [50, 50, 50, 50, 50]
-
-
-async def test_a_renewal_round_keeps_several_flushes_in_flight(
-    control: SessionControl,
-    queue: Queue,
-    fake_redis: Any,
-    ttl_ms: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """One flush after the other, a round is as many round trips as flushes, each waiting for
-    a pass of a loop that may be busy: a round of 19,000 leases outlasted the lease clocks of
-    a worker taking them over. The flushes go out a window at a time, verdicts in order."""
-    in_flight, most = 0, 0
-    real_call_many = renewal.call_many
-
-    async def slow(redis: Any, script: Any, calls: Any, settled: Any = None) -> list[Any]:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            await asyncio.sleep(0.01)  # a round trip's latency, not a synchronisation
-            return await real_call_many(redis, script, calls, settled)
-        finally:
-            in_flight -= 1
-
-    monkeypatch.setattr(renewal, "call_many", slow)
-    monkeypatch.setattr(renewal, "BATCH", 2)
-    sessions = [await start(control, queue, f"s{i}", LONG_TTL_MS) for i in range(41)]
-    await fake_redis.delete(sessions[7].keys.lease)
-    verdicts = await renew_all(fake_redis, control.scripts, sessions, LONG_TTL_MS)
-    assert verdicts == [1] * 7 + [0] + [1] * 33
-    assert most == renewal.WINDOW > 1
-
-
-async def test_a_renewal_round_that_fails_raises_the_redis_error_itself(
-    control: SessionControl,
-    queue: Queue,
-    fake_redis: Any,
-    ttl_ms: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The worker's renewal loop knows the Redis client's errors, not groups of them."""
-    calls = 0
-    real_call_many = renewal.call_many
-
-    async def failing_third(redis: Any, script: Any, batch: Any, settled: Any = None) -> list[Any]:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise redis_exceptions.ConnectionError("connection lost")
-        return await real_call_many(redis, script, batch, settled)
-
-    monkeypatch.setattr(renewal, "call_many", failing_third)
-    monkeypatch.setattr(renewal, "BATCH", 2)
-    sessions = [await start(control, queue, f"s{i}", LONG_TTL_MS) for i in range(20)]
-    with pytest.raises(redis_exceptions.ConnectionError, match="connection lost"):
-        await renew_all(fake_redis, control.scripts, sessions, LONG_TTL_MS)
 
 
 async def test_renew_all_keeps_order_across_batches(
