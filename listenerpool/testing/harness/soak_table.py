@@ -102,7 +102,7 @@ def format_table(result: SoakResult) -> str:
                  str(result.stale_spec_readers)))  # fmt: skip
     rows.append(("**upstream connections left after cancelling every session**",
                  str(result.upstream_open_after_cancel)))  # fmt: skip
-    rows.append(("**readers (tasks) left in workers**", str(result.readers_left)))
+    rows.append(("**readers left in workers**", str(result.readers_left)))
     rows.append(("**worker fds other than sockets above the start**",
                  str(result.worker_fds_above_baseline)))  # fmt: skip
     rows.append(("**gateway client sockets left**", str(result.gateway_client_sockets_left)))
