@@ -702,11 +702,7 @@ async def test_renew_all_returns_verdicts_in_order(
 
 
 async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time(
-    control: SessionControl,
-    queue: Queue,
-    fake_redis: Any,
-    ttl_ms: int,
-    monkeypatch: pytest.MonkeyPatch,
+    control: SessionControl, queue: Queue, fake_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each flush is built and its replies parsed on the worker's loop, which its readers
     share: a round of many leases goes out in small pipelines so that no event waits long."""
