@@ -2,8 +2,9 @@
 
 Context fields come from two places: ``extra=`` on a call, and :func:`log_context`, which binds
 fields (``worker``, ``session``, ``epoch``) to the current task and the tasks it creates. A
-worker binds ``worker`` for its whole run and each reader task binds its session and epoch, so
-every line a reader logs carries all three without repeating them at each call.
+worker binds ``worker`` for its whole run and each reader's context (its tasks and timers run
+in it) binds its session and epoch, so every line a reader logs carries all three without
+repeating them at each call.
 
 Secrets: upstream request headers are never logged, and URLs are logged through
 :func:`redact_url`, which hides credentials and query values.
