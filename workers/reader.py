@@ -150,7 +150,10 @@ class Reader:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self.sever()
+            # The socket first, before the task unwinds: a busy or just woken event loop may
+            # take a while to run the cancellation, and a fenced reader's lease is about to be
+            # someone else's.
+            self._close_stream()
         task = self._task
         if task is not None and task is not asyncio.current_task():
             await cancel_until_done(task)
@@ -164,14 +167,6 @@ class Reader:
             await asyncio.shield(self._ended)
         finally:
             await self.stop()
-
-    def sever(self) -> None:
-        """Shut the upstream connection down now, before the task unwinds: a busy or just
-        woken event loop may take a while to run the cancellation, and a fenced reader's
-        lease is about to be someone else's."""
-        stream = self._stream
-        if stream is not None:
-            stream.abort()
 
     def _spawn(self, step: Callable[[], Awaitable[None]]) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -198,10 +193,7 @@ class Reader:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.sever()
-        self._stream = None
-        if self._connected is not None:
-            self._connected.clear()
+        self._close_stream()
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if self._on_exit is not None:
@@ -348,7 +340,7 @@ class Reader:
             s.spec.url, _request_headers(s.spec.headers, last_id), before_connect=self._may_connect
         )
         self._stream = stream
-        if self._stopping:  # stopped while the connection opened: sever() found none to close
+        if self._stopping:  # stopped while the connection opened: stop() found none to close
             raise asyncio.CancelledError
         check_response(await stream.head())
         await self._report(state="listening", retries=0, last_error="")
