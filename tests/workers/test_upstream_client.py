@@ -69,27 +69,32 @@ def trusting_the_test_ca() -> ssl.SSLContext:
 async def test_connections_are_opened_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker taking thousands of sessions over opens their connections a bounded number
     at a time (``LP_CONNECT_CONCURRENCY``), so that its loop keeps time for lease renewals."""
-    in_flight, most = 0, 0
+    in_flight = 0
+    resolvers_may_answer = asyncio.Event()
     real_resolve = upstream_module.resolve
 
-    async def slow_resolve(host: str, port: int) -> Any:
-        nonlocal in_flight, most
+    async def held_resolve(host: str, port: int) -> Any:
+        nonlocal in_flight
         in_flight += 1
-        most = max(most, in_flight)
         try:
-            await asyncio.sleep(0.02)  # a resolver's latency, not a synchronisation
+            await resolvers_may_answer.wait()
             return await real_resolve(host, port)
         finally:
             in_flight -= 1
 
-    monkeypatch.setattr(upstream_module, "resolve", slow_resolve)
+    monkeypatch.setattr(upstream_module, "resolve", held_resolve)
     async with scripted_server() as server:
         server.scripts["/s"] = send(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
         opener = client(connect_concurrency=2)
-        streams = await asyncio.gather(*(opener.open(server.url("/s"), {}) for _ in range(6)))
-        for stream in streams:
-            stream.abort()
-    assert most == 2
+        opening = asyncio.gather(*(opener.open(server.url("/s"), {}) for _ in range(6)))
+        try:
+            await eventually(lambda: in_flight >= 2, 10, "no connection being opened")
+            # All six asked by now: the four beyond the bound wait for a slot, not resolving.
+            assert in_flight == 2
+        finally:
+            resolvers_may_answer.set()
+            for stream in await opening:
+                stream.abort()
 
 
 async def test_an_upstream_slow_to_answer_holds_no_connect_slot() -> None:
