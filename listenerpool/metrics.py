@@ -111,6 +111,12 @@ class WorkerMetrics:
             "Readers stopped because no lease renewal was confirmed in time.",
             registry=r,
         )
+        self.admission_holds = Counter(
+            "listenerpool_admission_holds",
+            "Times this worker stopped taking new sessions because a lease renewal round was "
+            "still under way after a whole renewal interval.",
+            registry=r,
+        )
         self.failovers = Counter(
             "listenerpool_failovers",
             "Sessions this worker's reconciler re-claimed after their lease had lapsed.",

@@ -116,6 +116,9 @@ class Worker:
         self._last_heartbeat: float | None = None  # monotonic time of the last confirmed round
         self._draining = False
         self._adopting = 0  # jobs taken whose adoption is under way
+        # Renewal rounds still under way a whole interval after they were sent: while there is
+        # one, the worker takes no new session (see _hold_admission).
+        self._late_rounds: set[asyncio.Task[bool]] = set()
         self._reconciling = asyncio.Lock()  # held by a reconcile round
 
     # -- public view -------------------------------------------------------------------------
@@ -232,7 +235,7 @@ class Worker:
     # -- jobs --------------------------------------------------------------------------------
     def _spare_capacity(self) -> int:
         """Room for more sessions: the job feed and the reconciler may both be adopting."""
-        if self._draining:
+        if self._draining or self._late_rounds:
             return 0
         return self.settings.worker_capacity - len(self._readers) - self._adopting
 
@@ -572,12 +575,38 @@ class Worker:
                 # round ends by its deadline, so at most fence_after / interval + 1 overlap.
                 next_at = sent_at + interval
                 await asyncio.wait([this_round], timeout=max(0.0, next_at - self._clock()))
+                if not this_round.done():
+                    self._hold_admission(this_round)
                 # A failed round is retried soon rather than a whole interval later: after a
                 # Redis restart the next round is what keeps the lease clocks (and, after a
                 # data loss, the right to re-assert) from running out.
                 failed = this_round.done() and not this_round.result()
                 pause = interval / RENEW_RETRY_DIVISOR if failed else interval
                 await asyncio.sleep(max(0.0, sent_at + pause - self._clock()))
+
+    def _hold_admission(self, late: asyncio.Task[bool]) -> None:
+        """Take no new session (from the job feed or the reconciler) until ``late``, a
+        renewal round still under way after a whole interval, ends. A worker whose rounds run
+        late is short of time: adopting more would slow them further until its readers' lease
+        clocks ran out, and a worker that then re-adopted the sessions it fenced would never
+        catch up. The jobs wait in the queue, and the sessions the reconciler re-claims go
+        there, for a worker with time to spare (this one, once the round ends)."""
+        if not self._late_rounds:
+            self.metrics.admission_holds.inc()
+            log.warning(
+                "lease renewal round for %d sessions still under way after %.1fs: taking no new "
+                "sessions until it ends",
+                len(self._readers),
+                self.settings.renew_interval,
+            )
+        self._late_rounds.add(late)
+        late.add_done_callback(self._late_round_ended)
+
+    def _late_round_ended(self, late: asyncio.Task[bool]) -> None:
+        self._late_rounds.discard(late)
+        if not self._late_rounds:
+            log.info("renewal rounds on time again: taking new sessions")
+            self._feed.capacity_changed()
 
     async def _renew_round(self, sent_at: float, *, deadline: float) -> bool:
         """One renewal round for every reader; False when it could not complete."""

@@ -1,4 +1,5 @@
-"""A worker renews its leases over connections of their own.
+"""A worker renews its leases over connections of their own, and takes no new session while
+its renewal rounds run late.
 
 Readers publish, report and re-assert through the worker's command client, whose callers queue
 for its connections when all are busy. Were the renewals queued behind them, a burst of
@@ -109,3 +110,80 @@ async def test_renewals_go_on_while_every_command_connection_is_busy(
         await leases.aclose()
         await pool.aclose()
         assert done, "worker did not drain"
+
+
+async def test_a_worker_whose_renewals_run_late_takes_no_new_session(
+    redis_server: RedisServer, quiet_upstream: SSEUpstream
+) -> None:
+    """A worker whose renewal rounds are still under way a whole interval after they were
+    sent takes no new session, and takes them again once the rounds end. Its renewals are
+    held up here by taking every connection of its lease client (as a saturated loop would
+    hold them up); a session claimed meanwhile goes to a second worker, and when that one
+    drains, the first, on time again, takes it."""
+    pool = Pool(redis_server.url, lease_ttl=TTL)
+    commands = async_redis(pool.settings)
+    leases = async_redis(pool.settings, max_connections=LEASE_CONNECTIONS)
+    late = Worker(
+        pool.settings, redis=commands, lease_redis=leases, queue=pool.queue, worker_id="w-late"
+    )
+    other = Worker(pool.settings, redis=commands, queue=pool.queue, worker_id="w-other")
+    stop_late, stop_other = asyncio.Event(), asyncio.Event()
+    late_task = asyncio.create_task(late.run(stop_late))
+    other_task: asyncio.Task[None] | None = None
+    held: list[Any] = []
+
+    def holds() -> float:
+        value = late.metrics.registry.get_sample_value("listenerpool_admission_holds_total")
+        return value or 0.0
+
+    try:
+        await eventually(late.ready.is_set, DEADLINE, "worker did not start")
+        while True:
+            try:
+                held.append(await asyncio.wait_for(leases.connection_pool.get_connection(), 1))
+            except TimeoutError:
+                break
+        assert held, "the lease client had no free connection to take"
+        await eventually(lambda: holds() >= 1, DEADLINE, "late renewal rounds held nothing")
+
+        sid = "late-renewals-0"
+        await pool.control.claim(sid, quiet_upstream.url(sid))
+        other_task = asyncio.create_task(other.run(stop_other))
+        await eventually(
+            lambda: other.reader(sid) is not None, DEADLINE, "the session did not go elsewhere"
+        )
+        # Taken by the late worker, it would have been fenced (no renewal confirmed) and only
+        # then gone to the other.
+        assert late.reader(sid) is None, "the worker whose renewals ran late took the session"
+        fenced = late.metrics.registry.get_sample_value("listenerpool_self_fences_total")
+        assert not fenced, "the worker whose renewals ran late took the session and fenced it"
+
+        for connection in held:
+            await leases.connection_pool.release(connection)
+        held.clear()
+        await eventually(late.healthy, DEADLINE, "the late worker's renewals did not resume")
+        stop_other.set()
+        await eventually(
+            lambda: late.reader(sid) is not None,
+            DEADLINE,
+            "the worker on time again did not take the session handed over",
+        )
+
+        async def listening() -> bool:
+            return (await pool.states([sid]))[sid].get("state") == "listening"
+
+        await eventually(listening, DEADLINE, "the session taken over is not listening")
+    finally:
+        for connection in held:
+            await leases.connection_pool.release(connection)
+        stop_late.set()
+        stop_other.set()
+        tasks = [t for t in (late_task, other_task) if t is not None]
+        _, pending = await asyncio.wait(tasks, timeout=DEADLINE)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await commands.aclose()
+        await leases.aclose()
+        await pool.aclose()
+        assert not pending, "a worker did not drain"
