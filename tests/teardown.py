@@ -12,7 +12,9 @@ Two ways a teardown hangs, and what this plugin does about each:
 - Teardown blocks in code that no cancellation reaches (a thread join, a blocking call).
   pytest-timeout's timer covers a test's setup, call and teardown together and is spent once
   it fired in the call, so :func:`pytest_runtest_teardown` arms a watchdog of its own: it prints
-  the test's name and every thread's stack, then ends the run with a failure.
+  the test's name and every thread's stack, then ends the test process with a failure: in a
+  one-process run that ends the run; under pytest-xdist, which the suite uses, the test is
+  reported as failed (its process "crashed") and the other process runs the rest.
 """
 
 from __future__ import annotations

@@ -114,3 +114,16 @@ def test_a_teardown_that_cannot_end_stops_the_run_naming_the_test(tmp_path: Path
     assert result.returncode != 0, out
     assert "teardown of test_cases.py::test_left_a_task_that_never_ends did not finish" in out
     assert "test_never_reached PASSED" not in out, out
+
+
+def test_in_two_processes_a_teardown_that_cannot_end_fails_that_test_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    # How the suite runs (pytest-xdist): the watchdog ends the test process it runs in, which
+    # reports that test failed by name, and the other process runs the rest.
+    result = run_pytest(tmp_path, IMMORTAL, "-n", "2", ini="teardown_deadline = 15\n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "teardown of test_cases.py::test_left_a_task_that_never_ends did not finish" in out
+    assert "crashed while running 'test_cases.py::test_left_a_task_that_never_ends'" in out, out
+    assert "FAILED test_cases.py::test_left_a_task_that_never_ends" in out, out
