@@ -594,10 +594,10 @@ class Worker:
         if not self._late_rounds:
             self.metrics.admission_holds.inc()
             log.warning(
-                "lease renewal round for %d sessions still under way after %.1fs: taking no new "
-                "sessions until it ends",
-                len(self._readers),
+                "lease renewal round still under way after %.1fs (%d sessions held): taking no "
+                "new sessions until it ends",
                 self.settings.renew_interval,
+                len(self._readers),
             )
         self._late_rounds.add(late)
         late.add_done_callback(self._late_round_ended)
