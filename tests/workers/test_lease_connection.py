@@ -39,6 +39,17 @@ def quiet_upstream() -> Iterator[SSEUpstream]:
         yield server
 
 
+async def take_every_connection(client: Any) -> list[Any]:
+    """Every connection left in ``client``'s pool, which makes a caller wait for one once none
+    is free."""
+    taken = []
+    while True:
+        try:
+            taken.append(await asyncio.wait_for(client.connection_pool.get_connection(), 1))
+        except TimeoutError:
+            return taken
+
+
 async def heartbeat_ms(pool: Pool, worker_id: str) -> int:
     value = await pool.redis.hget(keys.worker_key(worker_id), "heartbeat")
     return int(value) if value else 0
@@ -74,12 +85,7 @@ async def test_renewals_go_on_while_every_command_connection_is_busy(
         readers = {sid: worker.reader(sid) for sid in sids}
         leases_before = {sid: await pool.redis.get(keys.SessionKeys(sid).lease) for sid in sids}
 
-        # Every connection left: the pool makes a caller wait for one once none is free.
-        while True:
-            try:
-                held.append(await asyncio.wait_for(commands.connection_pool.get_connection(), 1))
-            except TimeoutError:
-                break
+        held.extend(await take_every_connection(commands))
         assert held, "the command client had no free connection to take"
         busy_since_ms = int(time.time() * 1000)
 
@@ -138,11 +144,7 @@ async def test_a_worker_whose_renewals_run_late_takes_no_new_session(
 
     try:
         await eventually(late.ready.is_set, DEADLINE, "worker did not start")
-        while True:
-            try:
-                held.append(await asyncio.wait_for(leases.connection_pool.get_connection(), 1))
-            except TimeoutError:
-                break
+        held.extend(await take_every_connection(leases))
         assert held, "the lease client had no free connection to take"
         await eventually(lambda: holds() >= 1, DEADLINE, "late renewal rounds held nothing")
 
