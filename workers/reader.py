@@ -147,13 +147,10 @@ class Reader:
         (if one runs) cancelled and awaited before this returns. Idempotent."""
         if not self._stopping:
             self._stopping = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             # The socket first, before the task unwinds: a busy or just woken event loop may
             # take a while to run the cancellation, and a fenced reader's lease is about to be
             # someone else's.
-            self._close_stream()
+            self._let_go()
         task = self._task
         if task is not None and task is not asyncio.current_task():
             await cancel_until_done(task)
@@ -190,10 +187,7 @@ class Reader:
         self._finished = self._stopping = True
         if self.state != "failed":
             self.state = "stopped"
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._close_stream()
+        self._let_go()
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if self._on_exit is not None:
@@ -254,6 +248,13 @@ class Reader:
         finally:
             if self._task is asyncio.current_task():
                 self._task = None
+
+    def _let_go(self) -> None:
+        """Cancel the backoff timer and close the connection, whichever the reader has."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_stream()
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
