@@ -29,6 +29,7 @@ FENCE_AFTER = TTL - TTL / 5
 # Deadlines a loaded machine meets: a few lease TTLs.
 DEADLINE = 5 * TTL
 COMMAND_CONNECTIONS = 4
+HELD_ROUNDS_MARGIN = 0.2
 
 
 @pytest.fixture
@@ -126,7 +127,11 @@ async def test_a_worker_whose_renewals_run_late_takes_no_new_session(
     held up here by taking every connection of its lease client (as a saturated loop would
     hold them up); a session claimed meanwhile goes to a second worker, and when that one
     drains, the first, on time again, takes it."""
-    pool = Pool(redis_server.url, lease_ttl=TTL)
+    # Rounds go out every TTL/3 and each waits for a connection until its deadline, TTL less
+    # the margin: with this margin each late round is still under way 0.8 s after the next one
+    # is found late, so the hold lasts, without a gap, for as long as the connections are held
+    # (the loop would have to run 0.8 s late to open one).
+    pool = Pool(redis_server.url, lease_ttl=TTL, lease_margin=HELD_ROUNDS_MARGIN)
     commands = async_redis(pool.settings)
     leases = async_redis(pool.settings, max_connections=LEASE_CONNECTIONS)
     late = Worker(
@@ -154,8 +159,9 @@ async def test_a_worker_whose_renewals_run_late_takes_no_new_session(
         await eventually(
             lambda: other.reader(sid) is not None, DEADLINE, "the session did not go elsewhere"
         )
-        # Taken by the late worker, it would have been fenced (no renewal confirmed) and only
-        # then gone to the other.
+        # What must have happened, whatever the time it took: taken by the late worker, the
+        # session would have been fenced there (no renewal confirmed) before going to the
+        # other, so a worker holding no reader and counting no fence never took it.
         assert late.reader(sid) is None, "the worker whose renewals ran late took the session"
         fenced = late.metrics.registry.get_sample_value("listenerpool_self_fences_total")
         assert not fenced, "the worker whose renewals ran late took the session and fenced it"
