@@ -1,15 +1,19 @@
 """The pool's Lua scripts, read from this package once and called by SHA.
 
-Each ``*.lua`` file documents its KEYS, ARGV and reply. Every script's KEYS lie in one hash
-slot (one session's ``{sid}`` keys, or one index bucket's ``{ix.N}`` keys), so each runs on one
+Each ``*.lua`` file documents its KEYS, ARGV and reply. Every call's KEYS lie in one hash slot
+(one session's ``{sid}`` keys, or one index bucket's ``{ix.N}`` keys), so each runs on one
 Redis Cluster shard as on a single server. redis-py's registered scripts send EVALSHA and fall
 back to loading the script on NOSCRIPT (e.g. after a Redis restart); :func:`call_many` does the
-same for pipelined calls on any client, a cluster's included.
+same for pipelined calls on any client, a cluster's included. On a single server (or a
+Sentinel's primary) :func:`call_many` sends up to ``BATCH_CALLS`` calls of a script as one run
+of its batched form (``batch.lua`` around the script's text): a worker renewing, adopting or
+publishing for many sessions packs one command and parses one reply per batch, not per session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
@@ -43,10 +47,31 @@ NAMES = (
 )
 
 
+# Calls per run of a batched script. One run holds the server for all of its calls, and its
+# reply is parsed in one piece on the caller's loop: 50 renewals take well under a millisecond.
+BATCH_CALLS = 50
+_BODY_MARKER = "--@body\n"
+
+
 @cache
 def source(name: str) -> str:
     """The text of one script (read once per process)."""
     return (files(__package__) / f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Batched:
+    """The batched form of one script: ``batch.lua`` with the script's text as its body."""
+
+    script: str
+    sha: str
+
+
+@cache
+def batched(script: str) -> Batched:
+    """The batched form of the script whose text is ``script``."""
+    text = source("batch").replace(_BODY_MARKER, script.rstrip("\n") + "\n", 1)
+    return Batched(text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +95,10 @@ class Scripts:
         hit instead of a NOSCRIPT round trip (and so servers that mishandle NOSCRIPT, like
         fakeredis over TCP, never see one)."""
         for field in fields(self):
-            await redis.script_load(getattr(self, field.name).script)
+            script = getattr(self, field.name).script
+            await redis.script_load(script)
+            if not isinstance(redis, RedisCluster):
+                await redis.script_load(batched(script).script)
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
@@ -89,6 +117,9 @@ async def call_many(
     """Run ``script`` once per ``(keys, args)``, pipelined; the replies in order. Raises the
     first error a call met. ``settled``, if given, is told each reply (errors included) as
     soon as it is final, before the slowest node has answered.
+
+    On a single server the calls go in runs of up to ``BATCH_CALLS`` of the script's batched
+    form (one call alone as itself); each call still gets its own reply or error.
 
     A server that does not know the script (a replica promoted by a failover: Redis 7 does not
     replicate its script cache) refuses those calls with NOSCRIPT and runs nothing of them; the
@@ -116,6 +147,8 @@ async def call_many(
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         await redis.script_load(script.script)
+        if run is _pipelined:
+            await redis.script_load(batched(script.script).script)
 
         def final_again(positions: Sequence[int], again: Sequence[Any]) -> None:
             final([missing[p] for p in positions], again)
@@ -132,15 +165,40 @@ async def call_many(
 async def _pipelined(
     redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled
 ) -> list[Any]:
+    runs = [range(start, min(start + BATCH_CALLS, len(calls)))
+            for start in range(0, len(calls), BATCH_CALLS)]  # fmt: skip
     async with redis.pipeline(transaction=False) as pipe:
-        for keys, args in calls:
+        for positions in runs:
             # EVALSHA itself, not the registered script: a pipeline that runs a registered
             # script first asks the server whether it has it (SCRIPT EXISTS), a round trip of
             # its own per pipeline. A server without it answers NOSCRIPT, handled above.
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        replies = list(await pipe.execute(raise_on_error=False))
+            if len(positions) == 1:
+                keys, args = calls[positions[0]]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            else:
+                pipe.execute_command("EVALSHA", *_batched_call(script, calls, positions))
+        run_replies = await pipe.execute(raise_on_error=False)
+    replies: list[Any] = []
+    for positions, reply in zip(runs, run_replies, strict=True):
+        if len(positions) == 1 or isinstance(reply, Exception):
+            replies += [reply] * len(positions)  # a run refused whole fails each of its calls
+        else:
+            replies += reply
     settled(range(len(replies)), replies)
     return replies
+
+
+def _batched_call(script: AsyncScript, calls: Sequence[Call], positions: range) -> list[Any]:
+    """The arguments of EVALSHA that run the ``calls`` at ``positions`` in one batched run."""
+    keys: list[Any] = []
+    counts: list[int] = [len(positions)]
+    args: list[Any] = []
+    for position in positions:
+        call_keys, call_args = calls[position]
+        keys += call_keys
+        args += call_args
+        counts += (len(call_keys), len(call_args))
+    return [batched(script.script).sha, len(keys), *keys, *counts, *args]
 
 
 async def _on_cluster(
@@ -189,4 +247,14 @@ async def _on_cluster(
 _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, ConnectionError, TimeoutError, OSError)
 
 
-__all__ = ["NAMES", "Call", "Scripts", "Settled", "call_many", "source"]
+__all__ = [
+    "BATCH_CALLS",
+    "NAMES",
+    "Batched",
+    "Call",
+    "Scripts",
+    "Settled",
+    "batched",
+    "call_many",
+    "source",
+]

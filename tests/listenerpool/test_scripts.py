@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio.client import Pipeline
 from rq import Queue
 
 from listenerpool import keys
@@ -19,6 +20,7 @@ from listenerpool.envelope import Envelope, envelope_parts
 from listenerpool.errors import InvalidSessionId, InvalidUpstream
 from listenerpool.keys import SessionKeys
 from listenerpool.lease import LeaseClock
+from listenerpool.scripts import batched
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 from tests.conftest import fast_settings
@@ -701,12 +703,15 @@ async def test_renew_all_returns_verdicts_in_order(
     assert await renew_all(fake_redis, control.scripts, [], ttl_ms) == []
 
 
-async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time(
+async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time_in_one_run_each(
     control: SessionControl, queue: Queue, fake_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each flush is built and its replies parsed on the worker's loop, which its readers
-    share: a round of many leases goes out in small pipelines so that no event waits long."""
+    share: a round of many leases goes out in small flushes so that no event waits long, and
+    on a single server each flush is one run of the batched script (one command to pack, one
+    reply to parse)."""
     flushes: list[int] = []
+    commands: list[str] = []
     real_call_many = renewal.call_many
 
     async def counted(redis: Any, script: Any, calls: Any, settled: Any = None) -> list[Any]:
@@ -714,12 +719,24 @@ async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time(
             flushes.append(len(calls))
         return await real_call_many(redis, script, calls, settled)
 
+    real_command = Pipeline.execute_command
+
+    def recorded(self: Pipeline, *args: Any, **options: Any) -> Any:
+        if args[0] == "EVALSHA":
+            commands.append(args[1])
+        return real_command(self, *args, **options)
+
     monkeypatch.setattr(renewal, "call_many", counted)
     # Long leases: setting up 250 sessions on a loaded machine can outlast the test TTL.
     sessions = [await start(control, queue, f"s{i}", LONG_TTL_MS) for i in range(250)]
+    await control.scripts.preload(fake_redis)  # no NOSCRIPT and resend to count
+    monkeypatch.setattr(Pipeline, "execute_command", recorded)
     verdicts = await renew_all(fake_redis, control.scripts, sessions, LONG_TTL_MS)
     assert verdicts == [RenewVerdict.RENEWED] * 250
     assert flushes == [50, 50, 50, 50, 50]
+    renew_runs = [sha for sha in commands if sha == batched(control.scripts.renew.script).sha]
+    assert len(renew_runs) == 5
+    assert control.scripts.renew.sha not in commands
 
 
 async def test_renew_all_keeps_order_across_batches(

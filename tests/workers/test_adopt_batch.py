@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
+from redis.commands.core import AsyncScript
 
+from listenerpool.scripts import batched
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
 from tests.conftest import Pool, eventually, running_worker
@@ -19,20 +21,22 @@ SESSIONS = 2 * TAKE_BATCH
 
 class AdoptSends:
     """Counts the packets this process's asyncio Redis connections send that carry adopt.lua
-    calls, and the calls in them."""
+    calls, alone or in batched runs, and the calls in them."""
 
-    def __init__(self, sha: str) -> None:
-        self.sha = sha.encode()
+    def __init__(self, adopt: AsyncScript) -> None:
+        self.shas = (adopt.sha.encode(), batched(adopt.script).sha.encode())
         self.packets = 0
         self.calls = 0
 
     def wrap(self, send: Any) -> Any:
         async def counted(connection: Connection, command: Any, *args: Any, **kwargs: Any) -> Any:
             parts = [command] if isinstance(command, bytes | bytearray | memoryview) else command
-            calls = sum(bytes(part).count(self.sha) for part in parts)
-            if calls:
+            packet = b"".join(bytes(part) for part in parts)
+            if any(sha in packet for sha in self.shas):
                 self.packets += 1
-                self.calls += calls
+                # Each adopt call names one session's cancel key (KEYS spec, lease, cancel,
+                # state), whether it goes alone or in a run.
+                self.calls += packet.count(b":cancel\r\n")
             return await send(connection, command, *args, **kwargs)
 
         return counted
@@ -43,8 +47,8 @@ class ReadSends:
     histories (XREVRANGE) or positions (HMGET of a state hash), and the reads in them, beside
     those carrying adopt.lua calls."""
 
-    def __init__(self, adopt_sha: str) -> None:
-        self.adopt = AdoptSends(adopt_sha)
+    def __init__(self, adopt: AsyncScript) -> None:
+        self.adopt = AdoptSends(adopt)
         self.history_packets = 0
         self.history_reads = 0
         self.position_reads = 0
@@ -92,7 +96,7 @@ async def test_queued_jobs_are_adopted_in_a_round_trip_per_batch_taken(
         sids = [f"batch-{n}" for n in range(SESSIONS)]
         for sid in sids:  # queued before any worker runs: the worker finds them all waiting
             await pool.control.claim(sid, upstream.url(sid))
-        sends = AdoptSends(pool.control.scripts.adopt.sha)
+        sends = AdoptSends(pool.control.scripts.adopt)
         count_sends(monkeypatch, sends)
         async with running_worker(pool, "w-batch", worker_capacity=SESSIONS) as worker:
             await all_listening(worker, sids, "the sessions did not all start")
@@ -125,7 +129,7 @@ async def test_a_take_over_reads_histories_in_batches_and_no_positions(
 
             await eventually(all_published, 30, "the sessions did not all publish")
         # Drained: every session handed back, due for the next worker.
-        sends = ReadSends(pool.control.scripts.adopt.sha)
+        sends = ReadSends(pool.control.scripts.adopt)
         count_sends(monkeypatch, sends)
         async with running_worker(pool, "w-second", worker_capacity=SESSIONS) as worker:
             await all_listening(worker, sids, "the sessions were not all taken over")
