@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any, Final
 
 from listenerpool.cli.embedded import EmbeddedRedis
+from listenerpool.collector import tune_collector
 from listenerpool.connections import LEASE_CONNECTIONS, async_redis, listen_queue, sync_redis
 from listenerpool.errors import ListenerPoolError
 from listenerpool.settings import Settings
@@ -304,6 +305,7 @@ async def serve_gateway(
 ) -> None:
     """A gateway until ``stop`` is set; :class:`StartupError` if it cannot start listening."""
     server = gateway_server(settings, started=started)
+    tune_collector()  # the app and its imports are built: out of the collector's reach
     serving = asyncio.create_task(_serve_uvicorn(server, settings), name="uvicorn")
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -328,7 +330,6 @@ async def _serve_uvicorn(server: Any, settings: Settings) -> None:
 
 async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
     """A worker until ``stop`` is set, with its status port when ``LP_METRICS_PORT`` is set."""
-    from workers.collector import tune_collector
     from workers.open_files import fit_capacity
     from workers.status_server import StatusServer
     from workers.worker import Worker

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from listenerpool import keys
+from listenerpool.collector import THRESHOLDS, tune_collector
 from listenerpool.connections import listen_queue
 from listenerpool.control import SessionControl
 from tests.conftest import fast_settings
-from workers.collector import THRESHOLDS, tune_collector
 from workers.reconciler import next_due_in, reconcile_once
 
 
