@@ -204,7 +204,12 @@ async def test_malformed_streams_are_reported_and_retried(
 ) -> None:
     sid = f"bad-{mode}"
     upstream.configure(sid, mode=mode)
-    async with running_worker(pool, max_event_bytes=4096) as worker:
+    # The error is in the session state while the reader backs off; the next connection's
+    # `listening` clears it. Full jitter can make that wait shorter than the test's 20 ms
+    # polls, so here each wait is its bound (1 s, then 2 s).
+    async with running_worker(
+        pool, rand=lambda low, high: high, max_event_bytes=4096, backoff_base=1.0, backoff_cap=2.0
+    ) as worker:
         await pool.control.claim("healthy", upstream.url("healthy"))
         await pool.control.claim(sid, upstream.url(sid))
 
