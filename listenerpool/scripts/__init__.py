@@ -96,10 +96,7 @@ class Scripts:
         hit instead of a NOSCRIPT round trip (and so servers that mishandle NOSCRIPT, like
         fakeredis over TCP, never see one)."""
         for field in fields(self):
-            script = getattr(self, field.name).script
-            await redis.script_load(script)
-            if not isinstance(redis, RedisCluster):
-                await redis.script_load(batched(script).script)
+            await _load(redis, getattr(self, field.name))
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
@@ -147,9 +144,7 @@ async def call_many(
     replies = await run(redis, script, calls, final)
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
-        await redis.script_load(script.script)
-        if run is _pipelined:
-            await redis.script_load(batched(script.script).script)
+        await _load(redis, script)
 
         def final_again(positions: Sequence[int], again: Sequence[Any]) -> None:
             final([missing[p] for p in positions], again)
@@ -161,6 +156,13 @@ async def call_many(
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+async def _load(redis: Any, script: AsyncScript) -> None:
+    """Load ``script`` and, on a single server, its batched form: the forms call_many sends."""
+    await redis.script_load(script.script)
+    if not isinstance(redis, RedisCluster):
+        await redis.script_load(batched(script.script).script)
 
 
 async def _pipelined(
