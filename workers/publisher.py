@@ -10,6 +10,10 @@ go out in order; fencing and the expected-seq check stay in the script.
 
 A second instance batches the readers' state reports (``report.lua``) the same way: a worker
 taking thousands of sessions over at once reports each one ``listening``.
+
+On a single server or a Sentinel's primary each publisher sends its rounds on a connection of
+its own (:class:`workers.script_channel.ScriptChannel`), not through redis-py's pipelines: at
+one or two calls a round, the pipeline's own work was most of a round's cost.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from listenerpool.scripts import Call, Scripts, call_many
+from workers.script_channel import ScriptChannel
 
 # Calls per round: bounds one pipeline's reply (and the time the loop spends parsing it).
 MAX_CALLS = 1000
@@ -36,9 +41,19 @@ class Publisher:
     """Batches the ``publish.lua`` calls (or those of ``script``) of every reader of one
     worker; run :meth:`run` as a task for as long as readers call it."""
 
-    def __init__(self, redis: Any, scripts: Scripts, *, script: AsyncScript | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        scripts: Scripts,
+        *,
+        script: AsyncScript | None = None,
+        channel: ScriptChannel | None = None,
+    ) -> None:
         self._redis = redis
         self._script = script if script is not None else scripts.publish
+        #: Where the rounds go: a connection of this publisher's own where ``redis`` allows
+        #: one (:meth:`ScriptChannel.of`), else ``redis``'s pipelines.
+        self.channel = channel if channel is not None else ScriptChannel.of(redis)
         self._waiting: list[tuple[Call, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._stopped = False
@@ -79,6 +94,8 @@ class Publisher:
                 in_flight = []
         finally:
             self._stopped = True
+            if self.channel is not None:
+                self.channel.close()
             stopped = PublisherStopped("the worker's publisher stopped")
             for reply in [*in_flight, *(reply for _, reply in self._waiting)]:
                 if not reply.done():
@@ -101,7 +118,9 @@ class Publisher:
         self.rounds += 1
         self.calls += len(batch)
         try:
-            await call_many(self._redis, self._script, [c for c, _ in batch], settled)
+            calls = [c for c, _ in batch]
+            send = self.channel.send if self.channel is not None else None
+            await call_many(self._redis, self._script, calls, settled, send=send)
         except Exception as exc:  # handed to the callers: it is their calls' error
             # Errors of single calls were settled above; a round that failed as a whole (the
             # connection lost, say) fails every call it left without a reply.

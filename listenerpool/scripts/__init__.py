@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from functools import cache
+from functools import cache, partial
 from importlib.resources import files
 from typing import Any
 
@@ -107,10 +107,18 @@ class Scripts:
 Call = tuple[Sequence[Any], Sequence[Any]]  # (keys, args) of one script call
 # Told the calls (by position) whose final replies are in, as they come in.
 Settled = Callable[[Sequence[int], Sequence[Any]], None]
+# Sends commands (each its arguments) to a single server; their replies in order, an error
+# reply as its exception instance.
+Send = Callable[[list[list[Any]]], Awaitable[list[Any]]]
 
 
 async def call_many(
-    redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled | None = None
+    redis: Any,
+    script: AsyncScript,
+    calls: Sequence[Call],
+    settled: Settled | None = None,
+    *,
+    send: Send | None = None,
 ) -> list[Any]:
     """Run ``script`` once per ``(keys, args)``, pipelined; the replies in order. Raises the
     first error a call met. ``settled``, if given, is told each reply (errors included) as
@@ -129,10 +137,18 @@ async def call_many(
     again on its own through the cluster client, which follows redirections and failovers.
     Those are sent concurrently: one after the other, a shard's hundred calls waiting out its
     failover in turn would hold up the whole round.
+
+    ``send``, on a single server, carries the runs instead of a pipeline of ``redis`` (a
+    connection of the caller's own, such as the worker's publisher keeps); scripts
+    are still loaded through ``redis``.
     """
     if not calls:
         return []
-    run = _on_cluster if isinstance(redis, RedisCluster) else _pipelined
+    run: Callable[[Any, AsyncScript, Sequence[Call], Settled], Awaitable[list[Any]]]
+    if isinstance(redis, RedisCluster):
+        run = _on_cluster
+    else:
+        run = partial(_in_runs, send if send is not None else _pipeline_of(redis))
 
     def final(positions: Sequence[int], replies: Sequence[Any]) -> None:
         # NOSCRIPT is not final: those calls are sent again below.
@@ -165,22 +181,22 @@ async def _load(redis: Any, script: AsyncScript) -> None:
         await redis.script_load(batched(script.script).script)
 
 
-async def _pipelined(
-    redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled
+async def _in_runs(
+    send: Send, redis: Any, script: AsyncScript, calls: Sequence[Call], settled: Settled
 ) -> list[Any]:
     runs = [range(start, min(start + BATCH_CALLS, len(calls)))
             for start in range(0, len(calls), BATCH_CALLS)]  # fmt: skip
-    async with redis.pipeline(transaction=False) as pipe:
-        for positions in runs:
-            # EVALSHA itself, not the registered script: a pipeline that runs a registered
-            # script first asks the server whether it has it (SCRIPT EXISTS), a round trip of
-            # its own per pipeline. A server without it answers NOSCRIPT, handled above.
-            if len(positions) == 1:
-                keys, args = calls[positions[0]]
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            else:
-                pipe.execute_command("EVALSHA", *_batched_call(script, calls, positions))
-        run_replies = await pipe.execute(raise_on_error=False)
+    commands: list[list[Any]] = []
+    for positions in runs:
+        # EVALSHA itself, not the registered script: a pipeline that runs a registered
+        # script first asks the server whether it has it (SCRIPT EXISTS), a round trip of
+        # its own per pipeline. A server without it answers NOSCRIPT, handled above.
+        if len(positions) == 1:
+            keys, args = calls[positions[0]]
+            commands.append(["EVALSHA", script.sha, len(keys), *keys, *args])
+        else:
+            commands.append(["EVALSHA", *_batched_call(script, calls, positions)])
+    run_replies = await send(commands)
     replies: list[Any] = []
     for positions, reply in zip(runs, run_replies, strict=True):
         if len(positions) == 1 or isinstance(reply, Exception):
@@ -189,6 +205,18 @@ async def _pipelined(
             replies += reply
     settled(range(len(replies)), replies)
     return replies
+
+
+def _pipeline_of(redis: Any) -> Send:
+    """Sends commands in one redis-py pipeline of ``redis``."""
+
+    async def send(commands: list[list[Any]]) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+
+    return send
 
 
 def _batched_call(script: AsyncScript, calls: Sequence[Call], positions: range) -> list[Any]:
@@ -256,6 +284,7 @@ __all__ = [
     "Batched",
     "Call",
     "Scripts",
+    "Send",
     "Settled",
     "batched",
     "call_many",
