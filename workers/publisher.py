@@ -14,6 +14,10 @@ taking thousands of sessions over at once reports each one ``listening``.
 On a single server or a Sentinel's primary each publisher sends its rounds on a connection of
 its own (:class:`workers.script_channel.ScriptChannel`), not through redis-py's pipelines: at
 one or two calls a round, the pipeline's own work was most of a round's cost.
+
+Either way a round whose replies have not come within ``reply_timeout`` fails its calls with
+:class:`redis.exceptions.TimeoutError` and its connection is dropped, so that a Redis gone
+without closing the connection cannot hold every later round of the worker behind it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Any
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from listenerpool.scripts import Call, Scripts, call_many
-from workers.script_channel import ScriptChannel
+from listenerpool.scripts import Call, Scripts, Settled, call_many
+from workers.script_channel import DEFAULT_REPLY_TIMEOUT, ScriptChannel
 
 # Calls per round: bounds one pipeline's reply (and the time the loop spends parsing it).
 MAX_CALLS = 1000
@@ -48,12 +52,16 @@ class Publisher:
         *,
         script: AsyncScript | None = None,
         channel: ScriptChannel | None = None,
+        reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
     ) -> None:
         self._redis = redis
         self._script = script if script is not None else scripts.publish
+        self._reply_timeout = reply_timeout
         #: Where the rounds go: a connection of this publisher's own where ``redis`` allows
         #: one (:meth:`ScriptChannel.of`), else ``redis``'s pipelines.
-        self.channel = channel if channel is not None else ScriptChannel.of(redis)
+        self.channel = (
+            channel if channel is not None else ScriptChannel.of(redis, reply_timeout=reply_timeout)
+        )
         self._waiting: list[tuple[Call, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._stopped = False
@@ -119,11 +127,23 @@ class Publisher:
         self.calls += len(batch)
         try:
             calls = [c for c, _ in batch]
-            send = self.channel.send if self.channel is not None else None
-            await call_many(self._redis, self._script, calls, settled, send=send)
+            if self.channel is not None:  # the channel keeps the deadline itself
+                await call_many(self._redis, self._script, calls, settled, send=self.channel.send)
+            else:
+                await self._pipelined(calls, settled)
         except Exception as exc:  # handed to the callers: it is their calls' error
             # Errors of single calls were settled above; a round that failed as a whole (the
             # connection lost, say) fails every call it left without a reply.
             for _, reply in batch:
                 if not reply.done():
                     reply.set_exception(exc)
+
+    async def _pipelined(self, calls: list[Call], settled: Settled) -> None:
+        try:
+            # redis-py drops a connection whose read is cancelled, so nothing stale is left.
+            async with asyncio.timeout(self._reply_timeout):
+                await call_many(self._redis, self._script, calls, settled)
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError(
+                f"no reply from Redis within {self._reply_timeout:g} s; connection dropped"
+            ) from None

@@ -14,6 +14,12 @@ new connection, twice at most with a short backoff, as redis-py's retry does for
 each script the publisher sends checks what it was sent against (the expected seq, the
 lease), so a round applied once already is not applied twice.
 
+A round whose replies do not all come within ``reply_timeout`` fails with
+:class:`redis.exceptions.TimeoutError`, and the connection is dropped: a Redis that vanished
+without closing it (a host gone, a partition) would otherwise hold the round, and every round
+queued behind it, until TCP keepalive gave up hours later. One timer per connection checks the
+oldest round waiting, not one per round.
+
 Only for a single server or a Sentinel's primary over plain TCP: :meth:`ScriptChannel.of`
 gives None for any other client (a cluster, TLS, a Unix socket, fakeredis), whose calls go
 through :func:`listenerpool.scripts.call_many`'s pipelines as before.
@@ -40,11 +46,13 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as ReplyTimeout
 
 # Sends of a round after its first, on a new connection each, and the waits before them:
 # what the worker's redis-py client does for a pipeline (connections.async_redis).
 RETRY_DELAYS = (0.05, 0.1)
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_REPLY_TIMEOUT = 10.0  # the default lease TTL: no round waits longer than a lease lives
 
 # Error replies by their code, as redis-py raises them.
 _ERRORS: dict[str, type[RedisError]] = {
@@ -83,17 +91,21 @@ def pack(command: list[Any]) -> bytes:
 class _Expected:
     count: int
     future: asyncio.Future[list[Any]]
+    sent_at: float
     replies: list[Any] = field(default_factory=list)
 
 
 class _Resp(asyncio.Protocol):
-    """One connection: replies handed, in order, to the sends that await them."""
+    """One connection: replies handed, in order, to the sends that await them, or a
+    :class:`ReplyTimeout` to all of them once the oldest has waited ``reply_timeout``."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout: float) -> None:
         self._parser = hiredis.Reader(replyError=reply_error)
         self._expected: deque[_Expected] = deque()
         self._transport: asyncio.Transport | None = None
-        self.lost: ConnectionError | None = None
+        self._reply_timeout = reply_timeout
+        self._watch: asyncio.TimerHandle | None = None
+        self.lost: RedisError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -125,17 +137,41 @@ class _Resp(asyncio.Protocol):
         if self.lost is not None:
             raise self.lost
         assert self._transport is not None, "sending on a connection not made"
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._expected.append(_Expected(count, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        now = loop.time()
+        self._expected.append(_Expected(count, future, now))
+        if self._watch is None:
+            self._watch = loop.call_at(now + self._reply_timeout, self._check)
         self._transport.write(payload)
         return future
 
-    def close(self, why: ConnectionError) -> None:
+    def _check(self) -> None:
+        """The watch timer: fail everything once the oldest round has waited too long, else
+        look again when it will have."""
+        self._watch = None
+        if not self._expected:
+            return
+        due = self._expected[0].sent_at + self._reply_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._watch = loop.call_at(due, self._check)
+            return
+        self.close(
+            ReplyTimeout(
+                f"no reply from Redis within {self._reply_timeout:g} s; connection dropped"
+            )
+        )
+
+    def close(self, why: RedisError) -> None:
         self._fail(why)
         if self._transport is not None:
             self._transport.abort()  # unread replies are worthless; nothing waits to flush
 
-    def _fail(self, why: ConnectionError) -> None:
+    def _fail(self, why: RedisError) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.lost is None:
             self.lost = why
         while self._expected:
@@ -173,13 +209,17 @@ class ScriptChannel:
         password: str | None = None,
         db: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
     ) -> None:
+        if reply_timeout <= 0:
+            raise ValueError(f"reply_timeout must be positive, not {reply_timeout}")
         self._address = address
         self._username = username
         self._password = password
         self._db = db
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._retry_delays = retry_delays
         self._connection: _Resp | None = None
         self._connecting = asyncio.Lock()
@@ -188,7 +228,9 @@ class ScriptChannel:
         self.connects = 0
 
     @classmethod
-    def of(cls, client: Any) -> ScriptChannel | None:
+    def of(
+        cls, client: Any, *, reply_timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> ScriptChannel | None:
         """A channel to the server ``client`` talks to, or None when ``client`` is not a
         redis-py asyncio client of a single server or a Sentinel's primary over plain TCP."""
         if type(client) is not aioredis.Redis:
@@ -216,12 +258,15 @@ class ScriptChannel:
             password=settings.get("password"),
             db=int(settings.get("db") or 0),
             connect_timeout=settings.get("socket_connect_timeout") or DEFAULT_CONNECT_TIMEOUT,
+            reply_timeout=reply_timeout,
         )
 
     async def send(self, commands: list[list[Any]]) -> list[Any]:
         """Send ``commands`` in one write; their replies in order (an error reply as its
         exception). Raises :class:`redis.exceptions.ConnectionError` (or ``TimeoutError`` on
-        connecting) when the last attempt failed."""
+        connecting) when the last attempt failed, and :class:`redis.exceptions.TimeoutError`,
+        at once, when the replies did not come within the reply timeout: the round may have
+        been applied, and the scripts' own checks make a caller's next round safe."""
         payload = b"".join(pack(command) for command in commands)
         for delay in (*self._retry_delays, None):
             try:
@@ -268,7 +313,9 @@ class ScriptChannel:
         host, port = await self._address()
         loop = asyncio.get_running_loop()
         try:
-            transport, connection = await loop.create_connection(_Resp, host, port)
+            transport, connection = await loop.create_connection(
+                lambda: _Resp(self._reply_timeout), host, port
+            )
         except OSError as exc:
             raise ConnectionError(f"cannot connect to Redis at {host}:{port}: {exc}") from exc
         sock = transport.get_extra_info("socket")

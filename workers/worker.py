@@ -97,8 +97,12 @@ class Worker:
         self._lease_redis = lease_redis if lease_redis is not None else redis
         self._control = SessionControl(redis, queue, settings)
         self._scripts = self._control.scripts
-        self._publisher = Publisher(redis, self._scripts)
-        self._reporter = Publisher(redis, self._scripts, script=self._scripts.report)
+        # A round with no reply within a lease's lifetime is a dead connection, not a slow one.
+        ttl = self.settings.lease_ttl
+        self._publisher = Publisher(redis, self._scripts, reply_timeout=ttl)
+        self._reporter = Publisher(
+            redis, self._scripts, script=self._scripts.report, reply_timeout=ttl
+        )
         self._upstream = upstream or UpstreamClient.from_settings(settings)
         self._clock = clock
         self._rand = rand  # backoff jitter source, injectable for deterministic tests

@@ -1,6 +1,7 @@
 """The publisher's own Redis connection: the same runs and replies as a pipeline, each round one
-write; a server that restarts, lost its scripts, wants a password or was demoted to a replica;
-and no channel where the client is not a plain TCP single server or Sentinel primary."""
+write; a server that restarts, lost its scripts, wants a password, was demoted to a replica or
+stopped answering without closing the connection; and no channel where the client is not a
+plain TCP single server or Sentinel primary."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from listenerpool.connections import async_redis
 from listenerpool.keys import SessionKeys
 from listenerpool.redis_process import RedisServer, free_port
 from listenerpool.scripts import BATCH_CALLS, Scripts, call_many
+from listenerpool.testing import TCPProxy
 from tests.conftest import fast_settings
 from workers.publisher import Publisher
 from workers.script_channel import ScriptChannel, pack
@@ -133,6 +135,79 @@ async def test_a_server_demoted_to_a_replica_fails_the_round_as_a_lost_connectio
     finally:
         await client.replicaof("NO", "ONE")
     assert await call_many(client, scripts.report, reports(sids), send=channel.send) == [1, 1]
+
+
+async def test_a_round_without_replies_in_time_fails_and_its_connection_is_dropped(
+    redis_server: RedisServer,
+) -> None:
+    """A partition (the proxy holds every byte, closes nothing): the round waiting, and one
+    queued behind it, fail with a timeout once the first has waited the reply timeout, never
+    before; the next round, the partition healed, goes out on a new connection."""
+    with TCPProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port)
+        channel = ScriptChannel.of(client, reply_timeout=0.5)
+        assert channel is not None
+        try:
+            assert await channel.send([["SET", "k", "1"]]) == [b"OK"]
+            await asyncio.to_thread(proxy.set_mode, "stall")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            waiting = [asyncio.create_task(channel.send([["GET", "k"]])) for _ in range(2)]
+            async with asyncio.timeout(10):
+                for task in waiting:
+                    with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.5 s"):
+                        await task
+            assert loop.time() - started >= 0.5
+            await asyncio.to_thread(proxy.set_mode, "pass")
+            assert await channel.send([["GET", "k"]]) == [b"1"]
+            assert channel.connects == 2
+        finally:
+            channel.close()
+            await client.aclose()
+
+
+class _PlainConnection(aioredis.Connection):
+    """A connection class of the client's own: its calls go through redis-py's pipelines."""
+
+
+@pytest.mark.parametrize("path", ["channel", "pipeline"])
+async def test_a_publisher_round_without_replies_in_time_fails_its_calls(
+    redis_server: RedisServer, path: str
+) -> None:
+    """On its channel or through pipelines, a publisher round that a partition holds fails
+    its calls with a timeout, and the rounds after it go out once the partition heals."""
+    with TCPProxy(redis_server.port) as proxy:
+        if path == "channel":
+            client = aioredis.Redis(port=proxy.port)
+        else:
+            pool = aioredis.ConnectionPool(connection_class=_PlainConnection, port=proxy.port)
+            client = aioredis.Redis(connection_pool=pool)
+        scripts = Scripts.register(client)
+        await scripts.preload(client)
+        await client.set(SessionKeys("ch-t").lease, "w:1")
+        publisher = Publisher(client, scripts, script=scripts.report, reply_timeout=0.5)
+        assert (publisher.channel is not None) == (path == "channel")
+        running = asyncio.create_task(publisher.run())
+        ((keys, args),) = reports(["ch-t"])
+        try:
+            assert await publisher.call(keys, args) == 1
+            await asyncio.to_thread(proxy.set_mode, "stall")
+            async with asyncio.timeout(10):
+                with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.5 s"):
+                    await publisher.call(keys, args)
+            await asyncio.to_thread(proxy.set_mode, "pass")
+            async with asyncio.timeout(10):
+                assert await publisher.call(keys, args) == 1
+        finally:
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            await client.aclose()
+
+
+def test_a_reply_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="reply_timeout must be positive"):
+        ScriptChannel.of(aioredis.Redis(), reply_timeout=0)
 
 
 async def test_a_user_password_and_database_from_the_url_are_used(
