@@ -47,7 +47,8 @@ class ResponseHead:
 
 
 class Http1Protocol(asyncio.Protocol):
-    """Sends ``request`` (a GET, no body) once connected, then hands the head and body over.
+    """Sends ``request`` (a GET, no body) when told to (:meth:`send_request`), once connected,
+    then hands the head and body over.
 
     ``head_deadline`` (a loop time, None: none) ends the exchange with
     :class:`~listenerpool.errors.UpstreamError` unless the head is complete by then;
@@ -191,15 +192,21 @@ class Http1Protocol(asyncio.Protocol):
         self.transport = transport
         self._last_data = self._loop.time()
         self._timer = self._loop.call_at(self._next_due(), self._tick, context=self._timer_context)
+
+    def send_request(self) -> None:
+        """Write the request, once the connection is made and its opener still wants it. Not
+        in :meth:`connection_made`: that runs even when the connect that made it was cancelled
+        (a timeout, a reader stopped) in the same loop pass, and closing the transport then
+        would still flush the request to the upstream."""
         request, self._request = self._request, None
-        assert request is not None
+        assert request is not None and self.transport is not None, "one request, once connected"
         try:
             data = b"".join(self._h11.send(event) or b"" for event in (request, h11.EndOfMessage()))
         except h11.LocalProtocolError as exc:
-            transport.abort()
+            self.transport.abort()
             self._fail(_malformed("LocalProtocolError", exc))
             return
-        transport.write(data)
+        self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self._loop.time()

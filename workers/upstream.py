@@ -157,7 +157,9 @@ class UpstreamClient:
         """GET ``url`` with ``headers``; the stream returned has its head (any status; a
         redirect only when redirects are not followed). The caller aborts it when done.
         ``before_connect`` is called right before each connection attempt (every address,
-        every redirect hop), nothing awaited in between: what it raises stops the attempt.
+        every redirect hop) and again right before its request is written, nothing awaited in
+        between: what it raises stops the attempt (a connection made is closed unused, so a
+        process frozen while it connected sends nothing its lease no longer covers).
 
         Raises :class:`~workers.http1.UpstreamBroken` (connect, timeout, protocol, too many
         redirects), :class:`~listenerpool.errors.UpstreamError` (head deadline) and
@@ -214,6 +216,9 @@ class UpstreamClient:
 
         protocol = await self._connect(target, stream, before_connect)
         try:
+            if before_connect is not None:
+                before_connect()
+            protocol.send_request()
             await protocol.head()
         except BaseException:
             protocol.abort()

@@ -209,6 +209,48 @@ async def test_the_request_names_its_host_and_carries_the_given_headers() -> Non
         assert request.headers["authorization"] == "Basic YW5uOnNAY3JldA=="  # ann:s@cret
 
 
+async def test_no_request_goes_out_once_the_opener_no_longer_wants_it() -> None:
+    """``before_connect`` is asked again once the connection is made: a reader whose lease
+    clock ran out while it connected (a frozen process, woken) closes it unused."""
+    asked: list[int] = []
+
+    def lease_ran_out_meanwhile() -> None:
+        asked.append(len(asked))
+        if len(asked) > 1:
+            raise UpstreamBroken("lease ran out", ReconnectReason.LEASE_UNCONFIRMED)
+
+    async with scripted_server() as server:
+        server.scripts["/s"] = send(SSE_HEAD + b"\r\n", close=True)
+        with pytest.raises(UpstreamBroken, match="lease ran out"):
+            await client().open(server.url("/s"), {}, before_connect=lease_ran_out_meanwhile)
+        await eventually(lambda: len(server.closed) == 1 and server.closed[0].is_set(), 10)
+        assert server.requests == []
+        assert asked == [0, 1]
+
+
+async def test_a_connect_cancelled_as_its_connection_is_made_sends_no_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connect timeout (or a stop) that lands in the loop pass where the connection is made
+    closes it: the request, which went out with the connection before, must not."""
+    opener: asyncio.Task[Any] | None = None
+    made = Http1Protocol.connection_made
+
+    def made_then_cancelled(self: Http1Protocol, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        assert opener is not None
+        opener.cancel()
+
+    monkeypatch.setattr(Http1Protocol, "connection_made", made_then_cancelled)
+    async with scripted_server() as server:
+        server.scripts["/s"] = send(SSE_HEAD + b"\r\n", close=True)
+        opener = asyncio.create_task(client().open(server.url("/s"), {}))
+        with pytest.raises(asyncio.CancelledError):
+            await opener
+        await eventually(lambda: len(server.closed) == 1 and server.closed[0].is_set(), 10)
+        assert server.requests == []
+
+
 # -- redirects -----------------------------------------------------------------------------------
 def redirect(status: int, location: str) -> bytes:
     return b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (
