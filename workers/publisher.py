@@ -30,7 +30,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from listenerpool.scripts import Call, Scripts, Settled, call_many
-from workers.script_channel import DEFAULT_REPLY_TIMEOUT, ScriptChannel
+from workers.script_channel import DEFAULT_REPLY_TIMEOUT, ScriptChannel, no_reply_within
 
 # Calls per round: bounds one pipeline's reply (and the time the loop spends parsing it).
 MAX_CALLS = 1000
@@ -144,6 +144,4 @@ class Publisher:
             async with asyncio.timeout(self._reply_timeout):
                 await call_many(self._redis, self._script, calls, settled)
         except TimeoutError:
-            raise redis.exceptions.TimeoutError(
-                f"no reply from Redis within {self._reply_timeout:g} s; connection dropped"
-            ) from None
+            raise no_reply_within(self._reply_timeout) from None

@@ -71,6 +71,11 @@ def reply_error(message: str) -> Exception:
     return _ERRORS.get(code, ResponseError)(message)
 
 
+def no_reply_within(seconds: float) -> ReplyTimeout:
+    """The error of a round whose replies did not all come within ``seconds``."""
+    return ReplyTimeout(f"no reply from Redis within {seconds:g} s; connection dropped")
+
+
 def pack(command: list[Any]) -> bytes:
     """One command as a RESP array of bulk strings (strings as UTF-8, numbers as decimals)."""
     parts = [b"*%d\r\n" % len(command)]
@@ -157,11 +162,7 @@ class _Resp(asyncio.Protocol):
         if loop.time() < due:
             self._watch = loop.call_at(due, self._check)
             return
-        self.close(
-            ReplyTimeout(
-                f"no reply from Redis within {self._reply_timeout:g} s; connection dropped"
-            )
-        )
+        self.close(no_reply_within(self._reply_timeout))
 
     def close(self, why: RedisError) -> None:
         self._fail(why)
