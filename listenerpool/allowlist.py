@@ -182,14 +182,19 @@ def check_host(allow: Allowlist, host: str) -> None:
     """Raise :class:`UpstreamNotAllowed` when :func:`host_refusal` refuses ``host``."""
     reason = host_refusal(allow, host)
     if reason is not None:
-        raise UpstreamNotAllowed(f"upstream not allowed: {reason}")
+        raise not_allowed(reason)
 
 
 def check_address(allow: Allowlist, host: str | None, address: IPAddress) -> None:
     """Raise :class:`UpstreamNotAllowed` when :func:`address_refusal` refuses ``address``."""
     reason = address_refusal(allow, host, address)
     if reason is not None:
-        raise UpstreamNotAllowed(f"upstream not allowed: {reason}")
+        raise not_allowed(reason)
+
+
+def not_allowed(reason: str) -> UpstreamNotAllowed:
+    """The error for an upstream refused for ``reason``."""
+    return UpstreamNotAllowed(f"upstream not allowed: {reason}")
 
 
 def _name_matches(allow: Allowlist, name: str) -> bool:

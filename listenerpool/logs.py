@@ -17,7 +17,7 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -33,10 +33,12 @@ __all__ = [
     "log_context",
     "redact_server_logs",
     "redact_url",
+    "some_of",
 ]
 
 LogFormat = Literal["json", "console"]
 REDACTED: Final = "***"
+SHOWN_NAMES: Final = 10  # sessions a line about a batch names; each has a DEBUG line of its own
 #: Libraries whose INFO/DEBUG lines carry full upstream URLs (query tokens included) or request
 #: details, one line per request: kept at WARNING whatever the pool's level.
 QUIET_LOGGERS: Final = ("httpx", "httpcore", "hpack")
@@ -176,3 +178,10 @@ def redact_url(url: str) -> str:
 def _redact_query(query: str) -> str:
     pairs = parse_qsl(query, keep_blank_values=True)
     return "&".join(f"{quote(name, safe='')}={REDACTED}" for name, _ in pairs)
+
+
+def some_of(names: Sequence[str], shown: int = SHOWN_NAMES) -> str:
+    """The first ``shown`` of ``names``, comma-separated, for a line about a batch: an INFO
+    line per session would cost a worker taking thousands over a tenth of its CPU."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")

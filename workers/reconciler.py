@@ -12,6 +12,7 @@ from typing import Any
 
 from listenerpool import index, keys
 from listenerpool.control import SessionControl
+from listenerpool.logs import some_of
 from workers.dispatch import ListenJob
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,33 @@ async def reconcile_once(
         await index.drop_foreign(redis, foreign)
         keep = max(0, room()) if adopt is not None else 0
         won, kept = await control.reclaim_keeping(list(seen), seen, keep=keep)
-        for sid, epoch in won.items():
-            log.info(
-                "session %s: lease had lapsed; re-claimed at epoch %d",
-                sid,
-                epoch,
-                extra={"session": sid, "epoch": epoch, "state": "reclaimed"},
-            )
+        _log_reclaimed(won, len(kept))
         claimed += len(won)
         if kept and adopt is not None:
             await adopt([ListenJob(sid, token, epoch) for sid, token, epoch in kept])
         if not view.more:
             break
     return claimed
+
+
+def _log_reclaimed(won: dict[str, int], kept: int) -> None:
+    """One INFO line for a round's re-claims (each session's at DEBUG)."""
+    if not won:
+        return
+    for sid, epoch in won.items():
+        log.debug(
+            "session %s: lease had lapsed; re-claimed at epoch %d",
+            sid,
+            epoch,
+            extra={"session": sid, "epoch": epoch, "state": "reclaimed"},
+        )
+    log.info(
+        "re-claimed %d sessions whose lease had lapsed (%d adopted here, the rest queued): %s",
+        len(won),
+        kept,
+        some_of(list(won)),
+        extra={"state": "reclaimed", "count": len(won)},
+    )
 
 
 async def next_due_in(redis: Any, control: SessionControl) -> float | None:

@@ -30,7 +30,7 @@ from listenerpool.connections import check_server
 from listenerpool.control import SessionControl
 from listenerpool.errors import InvalidInput
 from listenerpool.lease import LeaseClock
-from listenerpool.logs import bind_log_context, log_context
+from listenerpool.logs import bind_log_context, log_context, some_of
 from listenerpool.metrics import WorkerMetrics
 from listenerpool.scripts import call_many
 from listenerpool.settings import Settings
@@ -253,7 +253,15 @@ class Worker:
                 return
             await self._track_adopted(sessions)
             await self._load_recent(sessions)
-            await asyncio.gather(*(self._start_adopted(session) for session in sessions))
+            one_line = len(sessions) > 1  # for the batch, not one per session
+            await asyncio.gather(*(self._start_adopted(s, quiet=one_line) for s in sessions))
+            if one_line:
+                log.info(
+                    "readers started for %d adopted sessions: %s",
+                    len(sessions),
+                    some_of([s.sid for s in sessions]),
+                    extra={"state": "connecting", "count": len(sessions)},
+                )
         finally:
             self._adopting -= len(jobs)
             self._feed.capacity_changed()
@@ -345,7 +353,8 @@ class Worker:
             self.metrics.redis_error["adopt"].inc()
             log.warning("lease index not moved for %d adopted sessions: %s", len(sessions), exc)
 
-    async def _start_adopted(self, session: HeldSession) -> None:
+    async def _start_adopted(self, session: HeldSession, *, quiet: bool = False) -> None:
+        """Start the reader of an adopted session (logged at DEBUG when ``quiet``)."""
         stale = self._readers.get(session.sid)
         if stale is not None:
             # Redis let the session be claimed again while this worker still reads it: a
@@ -363,7 +372,8 @@ class Worker:
             )
             await stale.reader.stop()
         self._start_reader(session)
-        log.info(
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "session %s: reader started at epoch %d",
             session.sid,
             session.epoch,

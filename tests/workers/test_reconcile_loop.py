@@ -5,6 +5,7 @@ and the sessions it re-claims it adopts itself while it has room, without the qu
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -98,3 +99,38 @@ async def test_what_a_reclaiming_worker_has_no_room_for_goes_to_the_queue(
         held = worker.held_sessions()
         assert worker.load == 1, "a worker holds no more than its capacity"
         assert sorted(held + sorted(set(enqueued))) == sids, (held, enqueued)
+
+
+async def test_a_batch_taken_over_is_logged_in_a_line_and_each_session_at_debug(
+    pool: Pool, upstream: SSEUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker taking sessions over in batches logs one INFO line per batch re-claimed and
+    per batch of readers started (an INFO line per session would cost it a tenth of its CPU);
+    each session's own lines are there at DEBUG, and its 'listening' at INFO."""
+    sids = [f"quiet-{n}" for n in range(12)]
+    await lapsed(pool, upstream, sids)
+    caplog.set_level(logging.DEBUG, logger="workers")
+    async with running_worker(pool, "w-quiet") as worker:
+
+        def all_listening() -> bool:
+            readers = [worker.reader(sid) for sid in sids]
+            return all(r is not None and r.connected.is_set() for r in readers)
+
+        await eventually(all_listening, 20, "the re-claimed sessions did not all start")
+
+    def lines(state: str, level: int) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "state", None) == state
+                and r.levelno == level]  # fmt: skip
+
+    def named(records: list[logging.LogRecord]) -> list[str]:
+        """The sessions lines about one session name ("session <sid>: ...")."""
+        return sorted(r.getMessage().split(":")[0].removeprefix("session ") for r in records)
+
+    for state in ("reclaimed", "connecting"):
+        batches = lines(state, logging.INFO)
+        assert batches, f"no INFO line for the batch ({state})"
+        assert all(not r.getMessage().startswith("session ") for r in batches), "per session"
+        assert sum(r.count for r in batches) == len(sids), [r.getMessage() for r in batches]
+        assert named(lines(state, logging.DEBUG)) == sorted(sids)
+    assert "quiet-0" in lines("reclaimed", logging.INFO)[0].getMessage()
+    assert named(lines("listening", logging.INFO)) == sorted(sids)
