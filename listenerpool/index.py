@@ -34,7 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from listenerpool import keys
-from listenerpool.scripts import Call, Scripts, call_many
+from listenerpool.scripts import Call, Scripts, Send, call_many
 
 REBUILD_CLAIM_MS = 120_000  # how long one caller owns a lost bucket's rebuild
 REBUILD_SCAN_COUNT = 1000  # keys per SCAN reply
@@ -74,9 +74,11 @@ async def track(
     dues: Mapping[str, int | None],
     *,
     listing: Listing = Listing.KEEP,
+    send: Send | None = None,
 ) -> None:
     """Set each session's lease deadline to now + its ``due_ms`` (None: leave it alone) and
-    update its listing entry; one script call per bucket, pipelined."""
+    update its listing entry; one script call per bucket, pipelined (or through ``send``, as
+    :func:`~listenerpool.scripts.call_many` takes it)."""
     by_bucket: dict[int, list[str]] = defaultdict(list)
     for sid, due_ms in dues.items():
         by_bucket[keys.index_bucket(sid)] += [sid, "" if due_ms is None else str(max(0, due_ms))]
@@ -84,7 +86,7 @@ async def track(
         ([keys.lease_index(bucket), keys.sessions_index(bucket)], [listing.value, *args])
         for bucket, args in sorted(by_bucket.items())
     ]
-    await call_many(redis, scripts.track, calls)
+    await call_many(redis, scripts.track, calls, send=send)
 
 
 async def due(redis: Any, scripts: Scripts, *, limit: int) -> DueView:

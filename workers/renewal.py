@@ -9,7 +9,7 @@ from typing import Any
 
 from listenerpool import index
 from listenerpool.keys import SessionKeys
-from listenerpool.scripts import Scripts, Settled, call_many
+from listenerpool.scripts import Scripts, Send, Settled, call_many
 from workers.session import HeldSession
 
 # Scripts per pipeline flush. Building a flush and parsing its replies holds the worker's loop,
@@ -38,11 +38,15 @@ async def renew_all(
     sessions: Sequence[HeldSession],
     ttl_ms: int,
     answered: Callable[[HeldSession, RenewVerdict], None] | None = None,
+    *,
+    send: Send | None = None,
 ) -> list[RenewVerdict]:
     """Renew every lease in ``sessions``; one verdict per session, in order. The renewed
     sessions' lease deadlines move on afterwards (and their listing entries are put back if
     Redis lost them). ``answered``, if given, is told each session's verdict as soon as Redis
     gave it: on a cluster a slow or failing shard then holds up only its own sessions.
+    ``send``, on a single server, carries the flushes instead of ``redis``'s pipelines (the
+    worker's lease channel).
 
     Raises the Redis client's connection/timeout errors when the round cannot complete; the
     caller then leaves its lease clocks unconfirmed, which is what drives self-fencing.
@@ -62,6 +66,7 @@ async def renew_all(
                 for s in batch
             ],
             _tell(answered, batch),
+            send=send,
         )
         round_verdicts = [RenewVerdict(int(r)) for r in replies]
         renewed = {
@@ -69,7 +74,7 @@ async def renew_all(
             for s, v in zip(batch, round_verdicts, strict=True)
             if v in (RenewVerdict.RENEWED, RenewVerdict.SPEC_CHANGED)
         }
-        await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE)
+        await index.track(redis, scripts, renewed, listing=index.Listing.ENSURE, send=send)
         verdicts.extend(round_verdicts)
     return verdicts
 

@@ -714,10 +714,12 @@ async def test_a_renewal_round_is_flushed_fifty_scripts_at_a_time_in_one_run_eac
     commands: list[str] = []
     real_call_many = renewal.call_many
 
-    async def counted(redis: Any, script: Any, calls: Any, settled: Any = None) -> list[Any]:
+    async def counted(
+        redis: Any, script: Any, calls: Any, settled: Any = None, **named: Any
+    ) -> list[Any]:
         if script is control.scripts.renew:
             flushes.append(len(calls))
-        return await real_call_many(redis, script, calls, settled)
+        return await real_call_many(redis, script, calls, settled, **named)
 
     real_command = Pipeline.execute_command
 

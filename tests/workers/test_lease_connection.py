@@ -20,7 +20,7 @@ from listenerpool import keys
 from listenerpool.connections import LEASE_CONNECTIONS, async_redis
 from listenerpool.testing.redis_server import RedisServer
 from listenerpool.testing.upstream import SSEUpstream
-from tests.conftest import Pool, eventually
+from tests.conftest import Pool, eventually, running_worker
 from workers.worker import Worker
 
 TTL = 3.0
@@ -117,6 +117,46 @@ async def test_renewals_go_on_while_every_command_connection_is_busy(
         await leases.aclose()
         await pool.aclose()
         assert done, "worker did not drain"
+
+
+async def test_renewals_go_on_a_connection_of_their_own_made_again_when_cut(
+    redis_server: RedisServer, quiet_upstream: SSEUpstream
+) -> None:
+    """On a single server a worker sends its renewal rounds on a script channel of its own.
+    Every client connection cut by the server (``CLIENT KILL``) is made again, the rounds go
+    on, and no reader fences itself."""
+    pool = Pool(redis_server.url, lease_ttl=TTL)
+    try:
+        async with running_worker(pool, "w-channel", lease_ttl=TTL) as worker:
+            channel = worker.lease_channel
+            assert channel is not None, "no lease channel on a plain single server"
+            sids = [f"lease-channel-{n}" for n in range(3)]
+            for sid in sids:
+                await pool.control.claim(sid, quiet_upstream.url(sid))
+
+            async def all_listening() -> bool:
+                states = await pool.states(sids)
+                return all(s.get("state") == "listening" for s in states.values())
+
+            await eventually(all_listening, DEADLINE, "sessions not listening")
+            await eventually(lambda: channel.connects == 1, DEADLINE, "no round on the channel")
+            readers = {sid: worker.reader(sid) for sid in sids}
+
+            await pool.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            cut_ms = int(time.time() * 1000)
+            await eventually(lambda: channel.connects == 2, DEADLINE, "channel not made again")
+
+            async def renewed_past_fence() -> bool:
+                return await heartbeat_ms(pool, "w-channel") > cut_ms + FENCE_AFTER * 1000
+
+            await eventually(renewed_past_fence, DEADLINE, "no renewal round after the cut")
+            fences = worker.metrics.registry.get_sample_value("listenerpool_self_fences_total")
+            assert not fences, "a reader fenced itself"
+            assert {sid: worker.reader(sid) for sid in sids} == readers, "a reader was replaced"
+            for sid in sids:
+                assert await pool.redis.pttl(keys.SessionKeys(sid).lease) > 0
+    finally:
+        await pool.aclose()
 
 
 async def test_a_worker_whose_renewals_run_late_takes_no_new_session(

@@ -287,9 +287,11 @@ async def test_a_missed_cancel_notice_is_caught_by_the_next_renewal(
     real = worker_module.renew_all
     renewed: list[list[str]] = []  # the sessions of each renewal round, in order
 
-    async def watched(redis: Any, scripts: Any, sessions: Any, ttl_ms: int, *rest: Any) -> Any:
+    async def watched(
+        redis: Any, scripts: Any, sessions: Any, ttl_ms: int, *rest: Any, **named: Any
+    ) -> Any:
         renewed.append([s.sid for s in sessions])
-        return await real(redis, scripts, sessions, ttl_ms, *rest)
+        return await real(redis, scripts, sessions, ttl_ms, *rest, **named)
 
     monkeypatch.setattr(worker_module, "renew_all", watched)
     async with running_worker(pool):
