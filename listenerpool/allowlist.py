@@ -185,13 +185,6 @@ def check_host(allow: Allowlist, host: str) -> None:
         raise not_allowed(reason)
 
 
-def check_address(allow: Allowlist, host: str | None, address: IPAddress) -> None:
-    """Raise :class:`UpstreamNotAllowed` when :func:`address_refusal` refuses ``address``."""
-    reason = address_refusal(allow, host, address)
-    if reason is not None:
-        raise not_allowed(reason)
-
-
 def not_allowed(reason: str) -> UpstreamNotAllowed:
     """The error for an upstream refused for ``reason``."""
     return UpstreamNotAllowed(f"upstream not allowed: {reason}")

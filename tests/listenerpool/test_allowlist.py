@@ -10,13 +10,13 @@ import pytest
 from listenerpool.allowlist import (
     Allowlist,
     address_refusal,
-    check_address,
     check_host,
     effective_address,
     host_refusal,
 )
 from listenerpool.errors import InvalidUpstream, UpstreamNotAllowed
 from listenerpool.settings import SettingsError, load_settings
+from workers.addresses import allowed_addresses
 
 OPEN = Allowlist()
 STRICT = Allowlist.parse("runner.internal, *.example.com, 10.0.0.0/8, 2001:db8::/32")
@@ -85,7 +85,7 @@ def test_guarded_addresses_are_refused_without_an_allowlist(address: str) -> Non
     reason = address_refusal(OPEN, "upstream.test", ip(address))
     assert reason is not None and "refused unless LP_UPSTREAM_ALLOW names it" in reason
     with pytest.raises(UpstreamNotAllowed):
-        check_address(OPEN, None, ip(address))
+        allowed_addresses(OPEN, "upstream.test", [address])
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.5", "8.8.8.8"])
