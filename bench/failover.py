@@ -93,8 +93,7 @@ def redis_time_ms(redis_url: str) -> int:
     """Redis's clock now, in ms: the clock of every time the bench reads back."""
     client = rig.plain_client(redis_url)
     try:
-        seconds, micros = client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return rig.redis_ms(client.time())
     finally:
         client.close()
 

@@ -118,8 +118,7 @@ async def ramp(
     waiting = set(sids)
     since: dict[str, int] = {}  # Redis ms when each session's state became listening
     try:
-        seconds, micros = await client.time()
-        started_ms = int(seconds) * 1000 + int(micros) // 1000
+        started_ms = rig.redis_ms(await client.time())
         started = time.monotonic()
         lanes = asyncio.gather(
             *(put_lane(port, work, statuses, opts.batch) for _ in range(opts.concurrency))

@@ -442,6 +442,13 @@ async def count_states(redis: Any, state_keys: Sequence[str]) -> Counter[str]:
     return counts
 
 
+def redis_ms(time_reply: Sequence[Any]) -> int:
+    """A Redis ``TIME`` reply (seconds, microseconds) in ms: the clock of the ``since`` field
+    Redis writes with each state, which the benches time sessions by."""
+    seconds, micros = time_reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def state_keys_of(sids: Sequence[str]) -> list[str]:
     from listenerpool import keys
 
