@@ -32,7 +32,9 @@ async def reconcile_once(
     """Claim (and enqueue) every session whose lease deadline has passed, ``limit`` per bucket
     at a time; drop the entries of sessions no longer desired. With ``adopt``, the calling
     worker adopts up to ``room()`` of the sessions it claims itself instead of enqueueing them
-    (a failover then costs no queue round trips for them).
+    (a failover then costs no queue round trips for them). ``room()`` is asked once per round,
+    before its claims, and the caller keeps that much room for ``adopt``, which comes after
+    the rest of the round's claims are enqueued.
 
     Safe to run on every worker at once: the claim script lets exactly one caller win.
     Returns how many sessions this call claimed.

@@ -126,6 +126,7 @@ class Worker:
         self._last_heartbeat: float | None = None  # monotonic time of the last confirmed round
         self._draining = False
         self._adopting = 0  # jobs taken whose adoption is under way
+        self._kept_room = 0  # room a reconcile round keeps for the sessions it is claiming
         # Renewal rounds still under way a whole interval after they were sent: while there is
         # one, the worker takes no new session (see _hold_admission).
         self._late_rounds: set[asyncio.Task[bool]] = set()
@@ -249,7 +250,21 @@ class Worker:
         """Room for more sessions: the job feed and the reconciler may both be adopting."""
         if self._draining or self._late_rounds:
             return 0
-        return self.settings.worker_capacity - len(self._readers) - self._adopting
+        taken = len(self._readers) + self._adopting + self._kept_room
+        return self.settings.worker_capacity - taken
+
+    def _keep_room(self) -> int:
+        """Room for a reconcile round to keep for sessions it is about to claim, set aside until
+        it adopts them: the round enqueues the rest of its claims first, and the job feed must
+        not fill that room with one of them meanwhile."""
+        self._kept_room = 0  # what an earlier round kept and did not adopt
+        self._kept_room = max(0, self._spare_capacity())
+        return self._kept_room
+
+    async def _adopt_kept(self, jobs: list[ListenJob]) -> None:
+        # No await between the two: the room passes from kept to adopting at once.
+        self._kept_room = 0
+        await self._adopt_many(jobs)
 
     async def _adopt_many(self, jobs: list[ListenJob]) -> None:
         """Adopt a batch of jobs, move the adopted sessions' lease index entries to their
@@ -810,8 +825,8 @@ class Worker:
                     claimed = await reconcile_once(
                         self._redis,
                         self._control,
-                        room=self._spare_capacity,
-                        adopt=self._adopt_many,
+                        room=self._keep_room,
+                        adopt=self._adopt_kept,
                     )
                 self.metrics.failovers.inc(claimed)
             except (*REDIS_ERRORS, TimeoutError) as exc:
@@ -820,6 +835,10 @@ class Worker:
             except Exception:
                 # One bad entry must not end reconciliation for the whole fleet's failovers.
                 log.exception("reconcile round failed")
+            finally:
+                if self._kept_room:
+                    self._kept_room = 0
+                    self._feed.capacity_changed()
 
 
 # What a stopped reader's session became, as logged in the ``state`` field.

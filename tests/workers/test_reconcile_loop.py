@@ -5,6 +5,7 @@ and the sessions it re-claims it adopts itself while it has room, without the qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -99,6 +100,38 @@ async def test_what_a_reclaiming_worker_has_no_room_for_goes_to_the_queue(
         held = worker.held_sessions()
         assert worker.load == 1, "a worker holds no more than its capacity"
         assert sorted(held + sorted(set(enqueued))) == sids, (held, enqueued)
+
+
+async def test_the_room_a_reconcile_round_keeps_is_not_given_to_a_queued_job_meanwhile(
+    pool: Pool, upstream: SSEUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round decides how many of its claims to keep before it claims them, enqueues the
+    rest, then adopts the kept ones. The job feed must not take a job it just enqueued into
+    that room in between, or the worker ends up holding more than its capacity."""
+    sids = [f"room-{n}" for n in range(3)]
+    await lapsed(pool, upstream, sids)
+    enqueue_many = SessionControl.enqueue_many
+
+    started: list[workers.worker.Worker] = []
+
+    async def then_give_the_feed_time(self: SessionControl, jobs: Any) -> None:
+        await enqueue_many(self, jobs)
+        if not jobs or not started:
+            return
+        # Under load the feed's thread can read a job before the round goes on to adopt what
+        # it kept; here the feed is given the time it needs (within the round's deadline)
+        # to read one and then put it back for want of room, or start adopting it.
+        worker = started[0]
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: pool.queue.count < len(jobs), 0.5)
+            await eventually(lambda: pool.queue.count == len(jobs) or worker.load > 0, 0.5)
+
+    monkeypatch.setattr(SessionControl, "enqueue_many", then_give_the_feed_time)
+    async with running_worker(pool, "w-room", worker_capacity=1) as worker:
+        started.append(worker)
+        await eventually(lambda: worker.load == 1, 20, "the worker adopted none itself")
+        await eventually(lambda: pool.queue.count == 2, 20, "the two left over are not queued")
+        assert worker.load == 1, f"holds {worker.held_sessions()} with a capacity of 1"
 
 
 async def test_a_batch_taken_over_is_logged_in_a_line_and_each_session_at_debug(
