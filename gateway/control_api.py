@@ -17,6 +17,7 @@ from listenerpool import keys
 from listenerpool.auth import sign_subscribe_token
 from listenerpool.control import ClaimOutcome, ClaimRequest
 from listenerpool.index import list_recent
+from listenerpool.replies import reply_text
 from listenerpool.spec import MAX_HEADER_VALUE, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_URL_LENGTH
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
@@ -245,7 +246,7 @@ async def list_workers(request: Request) -> dict[str, Any]:
     ids = await state.redis.zrange(keys.WORKERS, 0, -1)
     async with state.redis.pipeline(transaction=False) as pipe:
         for worker_id in ids:
-            pipe.hgetall(keys.worker_key(_text(worker_id)))
+            pipe.hgetall(keys.worker_key(reply_text(worker_id)))
         pipe.time()
         *hashes, (seconds, micros) = await pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -253,10 +254,10 @@ async def list_workers(request: Request) -> dict[str, Any]:
     for worker_id, raw in zip(ids, hashes, strict=True):
         if not raw:
             continue  # its hash expired: the worker is gone
-        info = {_text(k): _text(v) for k, v in raw.items()}
+        info = {reply_text(k): reply_text(v) for k, v in raw.items()}
         workers.append(
             {
-                "id": _text(worker_id),
+                "id": reply_text(worker_id),
                 "capacity": int(info.get("capacity", 0)),
                 "load": int(info.get("load", 0)),
                 "host": info.get("host", ""),
@@ -265,7 +266,3 @@ async def list_workers(request: Request) -> dict[str, Any]:
             }
         )
     return {"workers": workers}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

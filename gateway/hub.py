@@ -25,6 +25,7 @@ from gateway.wsprotocol import text_frame
 from listenerpool import keys
 from listenerpool.envelope import seq_of
 from listenerpool.metrics import GatewayMetrics, Transport
+from listenerpool.replies import reply_text
 from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
 from listenerpool.tasks import cancel_until_done
 
@@ -316,10 +317,6 @@ class FanoutHub:
                 pipe.xrevrange(keys.SessionKeys(ch.sid).events, count=1)
             heads = await pipe.execute()
         for ch, head in zip(channels, heads, strict=True):
-            if head and int(_text(head[0][0]).split("-", 1)[0]) > ch.max_seq:
+            if head and int(reply_text(head[0][0]).split("-", 1)[0]) > ch.max_seq:
                 for sub in ch.subscribers:
                     sub.push(CATCH_UP)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -20,6 +20,7 @@ from rq import Queue
 from listenerpool import index, keys
 from listenerpool.allowlist import check_host
 from listenerpool.errors import InvalidInput, InvalidSessionId
+from listenerpool.replies import reply_text
 from listenerpool.scripts import Scripts, call_many
 from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
@@ -168,7 +169,7 @@ class SessionControl:
         held: dict[str, int | None] = {}
         updated: list[str] = []
         for (k, _), token, (outcome, epoch, due_ms) in zip(specs, tokens, replies, strict=True):
-            result = ClaimResult(ClaimOutcome(_text(outcome)), int(epoch))
+            result = ClaimResult(ClaimOutcome(reply_text(outcome)), int(epoch))
             results.append(result)
             if result.outcome in (ClaimOutcome.CREATED, ClaimOutcome.CLAIMED):
                 jobs.append((k.sid, token, result.epoch))
@@ -234,7 +235,7 @@ class SessionControl:
             dues: dict[str, int | None] = {}
             stale: list[index.DueEntry] = []
             for (k, token), (outcome, epoch, due_ms) in zip(batch, replies, strict=True):
-                text = _text(outcome)
+                text = reply_text(outcome)
                 if text == "claimed":
                     claimed[k.sid] = int(epoch)
                     jobs.append((k.sid, token, int(epoch)))
@@ -305,8 +306,8 @@ class SessionControl:
             spec_raw, state_raw, lease = await pipe.execute()
         if not spec_raw:
             return None
-        spec = {_text(a): _text(b) for a, b in spec_raw.items()}
-        state = {_text(a): _text(b) for a, b in state_raw.items()}
+        spec = {reply_text(a): reply_text(b) for a, b in spec_raw.items()}
+        state = {reply_text(a): reply_text(b) for a, b in state_raw.items()}
         return SessionStatus(
             sid=sid,
             url=spec.get("url", ""),
@@ -327,9 +328,5 @@ def _lease_holder(lease: bytes | str | None) -> str:
     """The worker id in a lease value; empty while the lease waits for a worker to adopt it."""
     if not lease:
         return ""
-    holder = _text(lease).split(":", 1)[0]
+    holder = reply_text(lease).split(":", 1)[0]
     return "" if holder == UNASSIGNED else holder
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from listenerpool import keys
+from listenerpool.replies import reply_text
 from listenerpool.scripts import Call, Scripts, Send, call_many
 
 REBUILD_CLAIM_MS = 120_000  # how long one caller owns a lost bucket's rebuild
@@ -102,13 +103,13 @@ async def due(redis: Any, scripts: Scripts, *, limit: int) -> DueView:
     lost: list[int] = []
     for bucket, reply in enumerate(replies):
         now_ms, first, marker, *pairs = reply
-        if _text(first):
-            wait = max(0.0, (float(_text(first)) - int(now_ms)) / 1000)
+        if reply_text(first):
+            wait = max(0.0, (float(reply_text(first)) - int(now_ms)) / 1000)
             next_in = wait if next_in is None else min(next_in, wait)
-        if not _text(marker):
+        if not reply_text(marker):
             lost.append(bucket)
         for i in range(0, len(pairs), 2):
-            entries.append(DueEntry(_text(pairs[i]), pairs[i + 1]))
+            entries.append(DueEntry(reply_text(pairs[i]), pairs[i + 1]))
         more = more or (limit > 0 and len(pairs) >= 2 * limit)
     return DueView(entries, next_in, more, lost)
 
@@ -184,10 +185,6 @@ async def list_recent(redis: Any, offset: int, limit: int) -> tuple[list[str], i
         replies = await pipe.execute()
     ranges, counts = replies[: keys.INDEX_BUCKETS], replies[keys.INDEX_BUCKETS :]
     merged = sorted(
-        ((-float(score), _text(member)) for bucket in ranges for member, score in bucket)
+        ((-float(score), reply_text(member)) for bucket in ranges for member, score in bucket)
     )
     return [sid for _, sid in merged[offset : offset + limit]], sum(int(c) for c in counts)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

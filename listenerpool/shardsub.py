@@ -27,6 +27,7 @@ from typing import Any
 import redis.exceptions
 from redis.crc import key_slot
 
+from listenerpool.replies import reply_text
 from listenerpool.tasks import cancel_until_done
 from listenerpool.topology import Topology
 
@@ -291,8 +292,8 @@ class ShardedSubscriber:
                     quiet_since = loop.time()
                 continue
             quiet_since = loop.time()
-            kind = _text(message.get("type"))
-            channel = _text(message.get("channel"))
+            kind = reply_text(message.get("type"))
+            channel = reply_text(message.get("channel"))
             if kind == "smessage":
                 if channel in link.channels:
                     self._on_message(channel, message["data"])
@@ -341,7 +342,3 @@ async def _close(pubsub: Any) -> None:
     if pubsub is not None:
         with contextlib.suppress(*REDIS_ERRORS):
             await pubsub.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

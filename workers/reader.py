@@ -31,6 +31,7 @@ from listenerpool.errors import (
 )
 from listenerpool.logs import redact_url
 from listenerpool.metrics import ReconnectReason, WorkerMetrics
+from listenerpool.replies import reply_text
 from listenerpool.scripts import Scripts
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS
@@ -328,7 +329,7 @@ class Reader:
                     # predecessor stopped while waiting for it): remember those events too, or
                     # a re-assertion after a data loss would write the history back without them.
                     await self._remember_applied(applied)
-                s.last_id = _text(last_id)
+                s.last_id = reply_text(last_id)
                 s.seq = applied
         last_id = s.last_id
         self._parser = SSEParser(
@@ -494,12 +495,6 @@ def _request_headers(given: Mapping[str, str], last_id: str) -> dict[str, str]:
     if last_id:
         headers["Last-Event-ID"] = last_id
     return headers
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ResponseHead(Protocol):

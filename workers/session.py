@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from listenerpool.keys import SessionKeys
 from listenerpool.lease import LeaseClock
+from listenerpool.replies import reply_text
 from listenerpool.spec import UpstreamSpec
 
 
@@ -66,7 +67,7 @@ class HeldSession:
         """Remember the events of a history read (``XREVRANGE``: newest first) whose seq is
         above ``after`` and at most ``upto``."""
         for _, fields in reversed(entries):
-            f = {_text(name): _text(value) for name, value in fields.items()}
+            f = {reply_text(name): reply_text(value) for name, value in fields.items()}
             try:
                 seq, epoch = int(f["seq"]), int(f["epoch"])
             except (KeyError, ValueError):
@@ -75,7 +76,3 @@ class HeldSession:
                 self.remember(
                     seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
                 )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -32,6 +32,7 @@ from listenerpool.errors import InvalidInput
 from listenerpool.lease import LeaseClock
 from listenerpool.logs import bind_log_context, log_context, some_of
 from listenerpool.metrics import WorkerMetrics
+from listenerpool.replies import reply_text
 from listenerpool.scripts import call_many
 from listenerpool.settings import Settings
 from listenerpool.shardsub import REDIS_ERRORS, ShardedSubscriber
@@ -338,12 +339,14 @@ class Worker:
         """The session an adopt reply gives this worker; None when the job was dropped."""
         where = {"session": job.sid, "epoch": job.epoch}
         if int(reply[0]) != 1:
-            log.debug("session %s: dropping %s listen job", job.sid, _text(reply[1]), extra=where)
+            log.debug(
+                "session %s: dropping %s listen job", job.sid, reply_text(reply[1]), extra=where
+            )
             return None
         lease_value = f"{self.worker_id}:{job.token}"
-        url, headers_json = _text(reply[1]), _text(reply[2])
-        last_id, seq = _text(reply[3]), int(_text(reply[4]) or 0)
-        spec_rev = int(_text(reply[5]) or 0)
+        url, headers_json = reply_text(reply[1]), reply_text(reply[2])
+        last_id, seq = reply_text(reply[3]), int(reply_text(reply[4]) or 0)
+        spec_rev = int(reply_text(reply[5]) or 0)
         clock = LeaseClock(confirmed_at=sent_at, fence_after=self.settings.fence_after)
         try:
             spec = UpstreamSpec.from_redis(url, headers_json)
@@ -505,8 +508,8 @@ class Worker:
     async def _restart_with_new_spec(self, s: HeldSession) -> None:
         try:
             url, headers_json, rev = await self._redis.hmget(s.keys.spec, "url", "headers", "rev")
-            s.spec = UpstreamSpec.from_redis(_text(url), _text(headers_json))
-            s.spec_rev = int(_text(rev) or 0)
+            s.spec = UpstreamSpec.from_redis(reply_text(url), reply_text(headers_json))
+            s.spec_rev = int(reply_text(rev) or 0)
         except (*REDIS_ERRORS, InvalidInput, ValueError) as exc:
             log.warning("session %s: keeping the old spec: %s", s.sid, exc, extra=_where(s))
         if self._tg is not None and s.sid not in self._readers:
@@ -858,9 +861,3 @@ def _where(session: HeldSession) -> dict[str, object]:
 def _retrieve(fut: asyncio.Future[bool]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)

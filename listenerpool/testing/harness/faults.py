@@ -40,6 +40,7 @@ from redis.crc import key_slot
 
 from listenerpool import keys
 from listenerpool.control import SessionControl
+from listenerpool.replies import reply_text
 from listenerpool.shardsub import REDIS_ERRORS
 from listenerpool.testing.harness.fault_kinds import (
     FLEET_KINDS,
@@ -88,12 +89,6 @@ PUT_TIMEOUT = 10.0
 SOAK_USER = "lp-soak"
 SENTINEL_HELLO = "__sentinel__:hello"
 POOL_CHANNELS = ("&lp:{*", f"&{keys.PROBE_CHANNEL}", f"&{SENTINEL_HELLO}")
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class FaultInjector:
@@ -549,8 +544,8 @@ class FaultInjector:
             replies = await pipe.execute()
         out = []
         for i in range(0, len(replies), 3):
-            state, owner, epoch = (_text(v) for v in replies[i])
-            lease, pttl = _text(replies[i + 1]), int(replies[i + 2])
+            state, owner, epoch = (reply_text(v) for v in replies[i])
+            lease, pttl = reply_text(replies[i + 1]), int(replies[i + 2])
             out.append((state, owner, int(epoch or 0), lease, pttl))
         return out
 
@@ -667,7 +662,9 @@ class FaultInjector:
                 pipe.hget(f"lp:{{{sid}}}:state", "state")
                 pipe.xrevrange(f"lp:{{{sid}}}:events", count=1)
             replies = await pipe.execute()
-        return [(_text(replies[i]), _top_number(replies[i + 1])) for i in range(0, len(replies), 2)]
+        return [
+            (reply_text(replies[i]), _top_number(replies[i + 1])) for i in range(0, len(replies), 2)
+        ]
 
     def _track_delivery(
         self, kind: str, before: dict[str, int], started: float
@@ -715,7 +712,7 @@ def _top_number(entries: Any) -> int:
     """The upstream's number of an ``XREVRANGE ... COUNT 1`` reply's entry (0 for none)."""
     if not entries:
         return 0
-    return SSEUpstream.number_of(_text(entries[0][1].get(b"data")))
+    return SSEUpstream.number_of(reply_text(entries[0][1].get(b"data")))
 
 
 def stale_specs(stats: UpstreamStats, wanted: str | None) -> list[str | None]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from listenerpool.replies import reply_text
 from listenerpool.testing.harness.redis_cluster import HOST, start_empty, wait_for
 from listenerpool.testing.loopthread import Service
 from listenerpool.testing.redis_server import RedisServer, free_port
@@ -201,10 +202,6 @@ class RedisSentinels(Service):
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _replica_up(entry: Any, port: int) -> bool:
     """Whether one ``SENTINEL REPLICAS`` entry (a dict, or a flat field/value list) is the
     replica on ``port``, with no down flag and its link to the primary up."""
@@ -213,7 +210,7 @@ def _replica_up(entry: Any, port: int) -> bool:
         if isinstance(entry, dict)
         else list(zip(entry[::2], entry[1::2], strict=True))
     )
-    fields = {_text(k): _text(v) for k, v in flat}
+    fields = {reply_text(k): reply_text(v) for k, v in flat}
     return (
         fields.get("port") == str(port)
         and "down" not in fields.get("flags", "")

@@ -28,6 +28,7 @@ from typing import Any
 
 from listenerpool.connections import listen_queue, sync_redis
 from listenerpool.control import SessionControl
+from listenerpool.replies import reply_text
 from listenerpool.settings import load_settings
 from listenerpool.testing.harness.fault_kinds import DATA_LOSS_KINDS, KINDS_FOR, refused_kinds
 from listenerpool.testing.harness.faults import SPEC_HEADER, FaultInjector, stale_specs
@@ -140,12 +141,6 @@ def _log_dir(given: Path | None) -> Iterator[Path]:
     else:
         with tempfile.TemporaryDirectory(prefix="lp-soak-") as tmp:
             yield Path(tmp)
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _eventually(probe: Any, timeout: float, period: float = 0.25) -> bool:
@@ -288,7 +283,7 @@ class _Soak:
     async def _wait_workers(self) -> None:
         async def registered() -> bool:
             ids = {s.worker_id for s in self.fleet.workers}
-            members = {_text(m) for m in await self.redis.zrange("lp:workers", 0, -1)}
+            members = {reply_text(m) for m in await self.redis.zrange("lp:workers", 0, -1)}
             return ids <= members
 
         if not await _eventually(registered, 30):
@@ -298,7 +293,7 @@ class _Soak:
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hget(f"lp:{{{sid}}}:state", "state")
-            return [_text(v) for v in await pipe.execute()]
+            return [reply_text(v) for v in await pipe.execute()]
 
     async def _all_listening(self) -> bool:
         for i in range(0, len(self.sids), 500):
@@ -312,7 +307,7 @@ class _Soak:
             for sid in sids:
                 pipe.xrevrange(f"lp:{{{sid}}}:events", count=1)
             replies = await pipe.execute()
-        return [SSEUpstream.number_of(_text(r[0][1][b"data"])) if r else 0 for r in replies]
+        return [SSEUpstream.number_of(reply_text(r[0][1][b"data"])) if r else 0 for r in replies]
 
     async def _caught_up(self, highest: dict[str, int]) -> bool:
         for i in range(0, len(self.sids), 500):
@@ -365,7 +360,7 @@ class _Soak:
                     StoredEntry(
                         int(fields[b"seq"]),
                         int(fields[b"epoch"]),
-                        SSEUpstream.number_of(_text(fields[b"data"])),
+                        SSEUpstream.number_of(reply_text(fields[b"data"])),
                     )
                     for _, fields in entries
                 ]
@@ -480,7 +475,7 @@ class _Soak:
                 open_ports,
                 lease,
                 desired,
-                {_text(k): _text(v) for k, v in state.items()},
+                {reply_text(k): reply_text(v) for k, v in state.items()},
             )
 
     async def _readers_left(self) -> int:
