@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script. Standard library only at import time:
 # the bare-socket child must stay lean.
@@ -261,6 +261,8 @@ async def _drive_pool(
     )
     aredis = sessions.redis
     try:
+        if opts.history:
+            await _write_history(aredis, sids, opts.history, opts.payload_bytes)
         started = time.monotonic()
         result.claims = await sessions.claim(sids, upstream.url, opts.batch)
         result.claim_seconds = time.monotonic() - started
@@ -323,6 +325,30 @@ async def _drive_pool(
         await sessions.aclose()
 
 
+async def _write_history(aredis: Any, sids: Sequence[str], events: int, size: int) -> None:
+    """Give each session ``events`` published events of ``size`` bytes of data, as
+    ``publish.lua`` writes them (stream entries and the state's ``seq``), before it is claimed:
+    the worker adopting it then loads its recent events (``LP_RESTORE_EVENTS``) as it does
+    when it takes a session over."""
+    from listenerpool import keys
+
+    data = "x" * size
+    for start in range(0, len(sids), 100):
+        async with aredis.pipeline(transaction=False) as pipe:
+            for sid in sids[start : start + 100]:
+                k = keys.SessionKeys(sid)
+                for seq in range(1, events + 1):
+                    pipe.xadd(
+                        k.events,
+                        {"seq": seq, "epoch": 1, "event": "message", "data": data,
+                         "uid": f"{sid}-{seq}"},
+                        id=f"{seq}-0",
+                    )  # fmt: skip
+                pipe.hset(k.state, "seq", events)
+            await pipe.execute()
+    print(f"  {len(sids)} sessions given {events} events of history each", flush=True)
+
+
 _VARIABLE = re.compile(r"(?P<sid>(pool|bare)-\d+-\d+)|(?P<job>\blp-[\w.-]+)|\d+(\.\d+)?")
 
 
@@ -377,25 +403,35 @@ def print_report(
         pool.worker.print_patterns()
     print()
     for bare, pool in rows:
-        n = pool.size
+        # With history the sessions are not the idle listeners the ratio's target is about:
+        # their figures get names of their own and no verdict.
+        n = pool.size if not opts.history else f"{pool.size}_history{opts.history}"
         ratio = pool.per_listener / bare.per_conn if bare.per_conn > 0 else float("inf")
-        all_held = pool.worker_alive and pool.listening_end == n
+        all_held = pool.worker_alive and pool.listening_end == pool.size
         bringup = pool.bringup_seconds
         rig.figure(f"rss_per_conn_bare_{n}", f"{rig.kib(bare.per_conn)} KB")
         rig.figure(f"rss_per_listener_{n}", f"{rig.kib(pool.per_listener)} KB")
-        partial = "" if pool.listening_end == n else f", on {pool.listening_end} listening"
-        rig.figure(
-            f"rss_per_listener_ratio_{n}",
-            f"{ratio:.1f}x",
-            f"target <= {opts.target_ratio:g}x vs bare asyncio sockets{partial}",
-            ratio <= opts.target_ratio,
-        )
+        partial = "" if pool.listening_end == pool.size else f", on {pool.listening_end} listening"
+        if opts.history:
+            rig.figure(
+                f"rss_per_listener_ratio_{n}",
+                f"{ratio:.1f}x",
+                f"info: vs bare asyncio sockets, each session with {opts.history} events of "
+                f"{opts.payload_bytes} bytes of history{partial}",
+            )
+        else:
+            rig.figure(
+                f"rss_per_listener_ratio_{n}",
+                f"{ratio:.1f}x",
+                f"target <= {opts.target_ratio:g}x vs bare asyncio sockets{partial}",
+                ratio <= opts.target_ratio,
+            )
         if bringup is not None:
             rig.figure(f"bringup_{n}", f"{bringup:.1f}s")
         else:
             rig.figure(
                 f"bringup_{n}",
-                f"{pool.states_after_bringup['listening']}/{n} listening after "
+                f"{pool.states_after_bringup['listening']}/{pool.size} listening after "
                 f"{opts.bringup_timeout:g}s",
                 "target all",
                 False,
@@ -403,7 +439,7 @@ def print_report(
         alive = "worker alive" if pool.worker_alive else "worker DEAD"
         rig.figure(
             f"hold_{n}",
-            f"{pool.listening_end}/{n} listening after {pool.held_seconds:.0f}s, {alive}",
+            f"{pool.listening_end}/{pool.size} listening after {pool.held_seconds:.0f}s, {alive}",
             "target all",
             all_held,
         )
@@ -449,6 +485,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--target-ratio", type=float, default=TARGET_RATIO, help="(2)")
     parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="events of history each session has before the worker adopts it (0: none, an "
+        "idle listener that never published; the worker keeps up to LP_RESTORE_EVENTS of them)",
+    )
+    parser.add_argument(
+        "--payload-bytes", type=int, default=160, help="data size of those events (160)"
+    )
+    parser.add_argument(
         "--per-upstream",
         type=int,
         default=CONNECTIONS_PER_UPSTREAM,
@@ -477,6 +523,7 @@ def run(opts: argparse.Namespace) -> int:
     machine = rig.machine_line()
     print(
         f"density bench: sizes {sizes}, hold {opts.hold:g}s, lease ttl {opts.lease_ttl:g}s, "
+        f"history {opts.history} events of {opts.payload_bytes} bytes per session, "
         f"open files {hard}, {machine}",
         flush=True,
     )
