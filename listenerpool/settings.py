@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         description="Recent events per session a worker keeps in memory to write back into the "
         "history after Redis lost its data.",
     )
+    restore_bytes: int = Field(
+        default=32 * 1024,
+        ge=0,
+        description="Most memory per session those recent events may take, each counted as its "
+        "type, data and id plus 300 bytes; the oldest go first beyond it.",
+    )
     max_event_bytes: int = Field(default=1 << 20, ge=64, description="Largest accepted event.")
     max_redirects: int = Field(default=5, ge=0, description="Upstream redirects followed.")
     client_queue: int = Field(

@@ -40,7 +40,7 @@ from listenerpool.tasks import cancel_until_done
 from workers.http1 import Http1Protocol, UpstreamBroken
 from workers.publisher import Publisher
 from workers.renewal import release_many
-from workers.session import HeldSession
+from workers.session import HeldSession, recent_limit
 from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -390,11 +390,11 @@ class Reader:
         """Add the events Redis holds above ``session.seq`` up to ``seq`` to the session's
         memory of recent events, from the history."""
         s = self.session
-        keep = self._settings.restore_events
-        if keep <= 0:
+        limit = recent_limit(self._settings)
+        if limit.events <= 0 or limit.size <= 0:
             return
-        entries = await self._redis.xrevrange(s.keys.events, count=min(seq - s.seq, keep))
-        s.remember_history(entries, keep, after=s.seq, upto=seq)
+        entries = await self._redis.xrevrange(s.keys.events, count=min(seq - s.seq, limit.events))
+        s.remember_history(entries, limit, after=s.seq, upto=seq)
 
     def _may_connect(self) -> None:
         """Refuse a connection once the lease clock ran out. The worker fences such a reader,
@@ -431,7 +431,7 @@ class Reader:
                     seq - len(events) + 1,
                     epoch,
                     [(e.type, e.data, e.id) for e in events],
-                    self._settings.restore_events,
+                    recent_limit(self._settings),
                 )
                 return
             if seq == POSITION_MOVED:

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from listenerpool.keys import SessionKeys
 from listenerpool.lease import LeaseClock
 from listenerpool.replies import reply_text
+from listenerpool.settings import Settings
 from listenerpool.spec import UpstreamSpec
 
 
@@ -20,6 +21,31 @@ class RecentEvent(NamedTuple):
     id: str
 
 
+# Memory an event kept for the write-back takes beyond its text: the tuple, its two integers
+# and three string headers, and its place in the deque. Measured: a worker holding 5,000
+# sessions with 64 remembered events each (160 bytes of data, ~25 of type and id) grew by
+# ~490 bytes per event.
+EVENT_OVERHEAD = 300
+
+
+class RecentLimit(NamedTuple):
+    """How much of its recent events a held session keeps: at most ``events`` of them, and at
+    most ``size`` bytes, each event counted as its type, data and id plus
+    :data:`EVENT_OVERHEAD` (the oldest go first)."""
+
+    events: int
+    size: int
+
+
+def recent_limit(settings: Settings) -> RecentLimit:
+    """``LP_RESTORE_EVENTS`` and ``LP_RESTORE_BYTES``."""
+    return RecentLimit(settings.restore_events, settings.restore_bytes)
+
+
+def event_size(event_type: str, data: str, uid: str) -> int:
+    return len(event_type) + len(data) + len(uid) + EVENT_OVERHEAD
+
+
 @dataclass(slots=True)
 class HeldSession:
     """A session whose lease this worker holds (value ``<worker_id>:<token>``) at ``epoch``,
@@ -28,9 +54,10 @@ class HeldSession:
     ``seq`` and ``last_id`` are the position of the last publish Redis confirmed (or that the
     reader read back on connecting), and ``phase`` the state the reader last reported: what a
     re-assertion writes back after Redis lost its data, together with ``recent``: the last
-    events published (up to ``LP_RESTORE_EVENTS``; None until the first publish, so idle
-    sessions cost nothing), put back into the history so that clients a little behind at the
-    moment of the loss still find them. ``position_fresh``: ``seq`` and ``last_id`` were just
+    events published (within ``LP_RESTORE_EVENTS`` and ``LP_RESTORE_BYTES``, always the newest
+    ones in a row; None until the first publish, so idle sessions cost nothing), put back
+    into the history so that clients a little behind at the moment of the loss still find
+    them. ``position_fresh``: ``seq`` and ``last_id`` were just
     read by the adoption, in the script that took the lease (no publish can have moved them
     since), so the reader's first connection need not read them again.
     """
@@ -45,25 +72,33 @@ class HeldSession:
     last_id: str = ""
     phase: str = "connecting"
     recent: deque[RecentEvent] | None = None
+    recent_size: int = 0  # of ``recent``, as :func:`event_size` counts
     spec_rev: int = 0
     position_fresh: bool = False
 
     def remember(
-        self, first_seq: int, epoch: int, events: list[tuple[str, str, str]], keep: int
+        self, first_seq: int, epoch: int, events: list[tuple[str, str, str]], limit: RecentLimit
     ) -> None:
-        """Keep published ``(type, data, id)`` events numbered from ``first_seq``."""
-        if keep <= 0:
+        """Keep published ``(type, data, id)`` events numbered from ``first_seq``, within
+        ``limit``: the oldest kept go first, and an event larger than the whole size is not
+        kept at all."""
+        if limit.events <= 0 or limit.size <= 0:
             return
         if self.recent is None:
-            self.recent = deque(maxlen=keep)
+            self.recent = deque()
+        recent = self.recent
         for offset, (event_type, data, uid) in enumerate(events):
-            self.recent.append(RecentEvent(first_seq + offset, epoch, event_type, data, uid))
+            recent.append(RecentEvent(first_seq + offset, epoch, event_type, data, uid))
+            self.recent_size += event_size(event_type, data, uid)
+            while recent and (len(recent) > limit.events or self.recent_size > limit.size):
+                gone = recent.popleft()
+                self.recent_size -= event_size(gone.type, gone.data, gone.id)
 
     @property
     def sid(self) -> str:
         return self.keys.sid
 
-    def remember_history(self, entries: Any, keep: int, *, after: int, upto: int) -> None:
+    def remember_history(self, entries: Any, limit: RecentLimit, *, after: int, upto: int) -> None:
         """Remember the events of a history read (``XREVRANGE``: newest first) whose seq is
         above ``after`` and at most ``upto``."""
         for _, fields in reversed(entries):
@@ -74,5 +109,5 @@ class HeldSession:
                 continue
             if after < seq <= upto:
                 self.remember(
-                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], keep
+                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], limit
                 )

@@ -46,7 +46,7 @@ from workers.reconciler import next_due_in, reconcile_once
 from workers.renewal import RenewVerdict, release_all, release_many, renew_all
 from workers.restore import reassert_all
 from workers.script_channel import ScriptChannel
-from workers.session import HeldSession
+from workers.session import HeldSession, recent_limit
 from workers.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -411,8 +411,8 @@ class Worker:
         re-assertion after a Redis data loss writes back reaches past this worker's take-over
         (clients a little behind then still find their events). One pipeline per
         ``RECENT_BATCH`` sessions (per node on a cluster), not a round trip each."""
-        keep = self.settings.restore_events
-        if keep <= 0:
+        limit = recent_limit(self.settings)
+        if limit.events <= 0 or limit.size <= 0:
             return
         with_history = [s for s in sessions if s.seq]
         for start in range(0, len(with_history), RECENT_BATCH):
@@ -420,7 +420,7 @@ class Worker:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for session in batch:
-                        pipe.xrevrange(session.keys.events, count=keep)
+                        pipe.xrevrange(session.keys.events, count=limit.events)
                     replies = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as exc:
                 log.debug("recent history of %d sessions not loaded: %s", len(batch), exc)
@@ -429,7 +429,7 @@ class Worker:
                 if isinstance(entries, Exception):
                     log.debug("session %s: recent history not loaded: %s", session.sid, entries)
                     continue
-                session.remember_history(entries, keep, after=0, upto=session.seq)
+                session.remember_history(entries, limit, after=0, upto=session.seq)
 
     async def _requeue(self, job: ListenJob) -> None:
         """A job read while stopping goes back on the queue for another worker."""

@@ -23,7 +23,7 @@ from tests.listenerpool.test_scripts import (  # the fixtures and helpers of the
 )
 from workers.renewal import RenewVerdict, renew_all
 from workers.restore import reassert_all
-from workers.session import HeldSession
+from workers.session import HeldSession, RecentLimit
 
 __all__ = ["control", "queue", "settings", "ttl_ms"]  # fixtures, imported for pytest
 
@@ -36,7 +36,7 @@ async def held_with_events(control: SessionControl, queue: Queue, ttl_ms: int) -
     s = await start(control, queue, SID, ttl_ms)
     assert await publish(control, s, [("m", "a", "1"), ("m", "b", "2")]) == 2
     s.seq, s.last_id, s.phase = 2, "2", "listening"
-    s.remember(1, s.epoch, [("m", "a", "1"), ("m", "b", "2")], keep=64)
+    s.remember(1, s.epoch, [("m", "a", "1"), ("m", "b", "2")], RecentLimit(64, 1 << 20))
     return s
 
 
@@ -89,8 +89,8 @@ async def test_reassert_keeps_only_the_last_events_asked_for(
     control: SessionControl, queue: Queue, fake_redis: Any, ttl_ms: int
 ) -> None:
     s = await held_with_events(control, queue, ttl_ms)
-    s.recent = None
-    s.remember(1, s.epoch, [("m", "a", "1"), ("m", "b", "2")], keep=1)
+    s.recent, s.recent_size = None, 0
+    s.remember(1, s.epoch, [("m", "a", "1"), ("m", "b", "2")], RecentLimit(1, 1 << 20))
     await lose_everything(fake_redis)
     await reassert_all(fake_redis, control.scripts, [s], "w1", ttl_ms)
     assert [e for e, _ in await fake_redis.xrange(s.keys.events)] == [b"2-0"]
