@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # bench/ is sys.path[0] when this file runs as a script. Standard library only at import time:
 # the bare-socket child must stay lean.
@@ -262,7 +262,9 @@ async def _drive_pool(
     aredis = sessions.redis
     try:
         if opts.history:
-            await _write_history(aredis, sids, opts.history, opts.payload_bytes)
+            await asyncio.to_thread(
+                rig.write_history, redis_url, sids, opts.history, opts.payload_bytes
+            )
         started = time.monotonic()
         result.claims = await sessions.claim(sids, upstream.url, opts.batch)
         result.claim_seconds = time.monotonic() - started
@@ -323,30 +325,6 @@ async def _drive_pool(
         )
     finally:
         await sessions.aclose()
-
-
-async def _write_history(aredis: Any, sids: Sequence[str], events: int, size: int) -> None:
-    """Give each session ``events`` published events of ``size`` bytes of data, as
-    ``publish.lua`` writes them (stream entries and the state's ``seq``), before it is claimed:
-    the worker adopting it then loads its recent events (``LP_RESTORE_EVENTS``) as it does
-    when it takes a session over."""
-    from listenerpool import keys
-
-    data = "x" * size
-    for start in range(0, len(sids), 100):
-        async with aredis.pipeline(transaction=False) as pipe:
-            for sid in sids[start : start + 100]:
-                k = keys.SessionKeys(sid)
-                for seq in range(1, events + 1):
-                    pipe.xadd(
-                        k.events,
-                        {"seq": seq, "epoch": 1, "event": "message", "data": data,
-                         "uid": f"{sid}-{seq}"},
-                        id=f"{seq}-0",
-                    )  # fmt: skip
-                pipe.hset(k.state, "seq", events)
-            await pipe.execute()
-    print(f"  {len(sids)} sessions given {events} events of history each", flush=True)
 
 
 _VARIABLE = re.compile(r"(?P<sid>(pool|bare)-\d+-\d+)|(?P<job>\blp-[\w.-]+)|\d+(\.\d+)?")

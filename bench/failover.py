@@ -14,7 +14,9 @@ and polls every session every ``--poll`` s (pipelined) until its ``lp:{sid}:stat
   floor no failover can beat, since it keeps two readers from overlapping);
 
 and B's CPU from the kill until every session listens on it, per session: what a take-over
-costs the worker making it, steadier than the times on a loaded machine.
+costs the worker making it, steadier than the times on a loaded machine. With ``--history H``
+every session starts with H published events (``--payload-bytes`` each), as in a fleet that
+has run for a while: a worker adopting a session loads its recent ones, B included.
 
 No baseline: the target is the TTL plus 1 s. Times are Redis's own, not the poll's: the kill is
 stamped with Redis's ``TIME`` just before the signal and ``listening`` with the ``since`` field
@@ -161,6 +163,8 @@ def run_ttl(ttl: float, bench: rig.Rig, opts: argparse.Namespace) -> Result:
         )  # fmt: skip
         procs.append(worker_a)
         sids = [f"fo-{i}" for i in range(opts.sessions)]
+        if opts.history:
+            rig.write_history(server.url, sids, opts.history, opts.payload_bytes)
         rig.claim_and_wait(
             server.url, sids, upstream.url, lease_ttl=ttl, timeout=120, workers=[worker_a]
         )
@@ -260,6 +264,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=0.25, help="state poll period s (0.25)")
     parser.add_argument("--settle", type=float, default=1.0, help="s between B up and kill (1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="give up after (60 s)")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="events of history each session has before it is claimed (0); the worker taking "
+        "a session over loads its recent ones, as in a fleet that has run for a while",
+    )
+    parser.add_argument(
+        "--payload-bytes", type=int, default=160, help="data size of those events (160)"
+    )
     parser.add_argument("--log-dir", default="", help="keep worker logs here")
     opts = parser.parse_args(argv)
     if opts.rate <= 0:

@@ -430,6 +430,34 @@ def flush(redis_url: str) -> None:
         client.close()
 
 
+def write_history(redis_url: str, sids: Sequence[str], events: int, size: int) -> None:
+    """Give each session ``events`` published events of ``size`` bytes of data, as
+    ``publish.lua`` writes them (stream entries and the state's ``seq``), before it is
+    claimed: a worker adopting it then loads its recent events (``LP_RESTORE_EVENTS``, within
+    ``LP_RESTORE_BYTES``) as it does when it takes sessions over."""
+    from listenerpool import keys
+
+    data = "x" * size
+    client = plain_client(redis_url)
+    try:
+        for start in range(0, len(sids), 100):
+            with client.pipeline(transaction=False) as pipe:
+                for sid in sids[start : start + 100]:
+                    k = keys.SessionKeys(sid)
+                    for seq in range(1, events + 1):
+                        pipe.xadd(
+                            k.events,
+                            {"seq": seq, "epoch": 1, "event": "message", "data": data,
+                             "uid": f"{sid}-{seq}"},
+                            id=f"{seq}-0",
+                        )  # fmt: skip
+                    pipe.hset(k.state, "seq", events)
+                pipe.execute()
+    finally:
+        client.close()
+    print(f"  {len(sids)} sessions given {events} events of history each", flush=True)
+
+
 async def count_states(redis: Any, state_keys: Sequence[str]) -> Counter[str]:
     """How many sessions are in each state (``none`` = no state hash yet)."""
     counts: Counter[str] = Counter()

@@ -82,14 +82,27 @@ class HeldSession:
         """Keep published ``(type, data, id)`` events numbered from ``first_seq``, within
         ``limit``: the oldest kept go first, and an event larger than the whole size is not
         kept at all."""
-        if limit.events <= 0 or limit.size <= 0:
+        self._keep(
+            [
+                RecentEvent(first_seq + offset, epoch, event_type, data, uid)
+                for offset, (event_type, data, uid) in enumerate(events)
+            ],
+            limit,
+        )
+
+    def _keep(
+        self, events: list[RecentEvent], limit: RecentLimit, sizes: list[int] | None = None
+    ) -> None:
+        if limit.events <= 0 or limit.size <= 0 or not events:
             return
         if self.recent is None:
             self.recent = deque()
         recent = self.recent
-        for offset, (event_type, data, uid) in enumerate(events):
-            recent.append(RecentEvent(first_seq + offset, epoch, event_type, data, uid))
-            self.recent_size += event_size(event_type, data, uid)
+        for n, event in enumerate(events):
+            recent.append(event)
+            self.recent_size += (
+                sizes[n] if sizes is not None else event_size(event.type, event.data, event.id)
+            )
             while recent and (len(recent) > limit.events or self.recent_size > limit.size):
                 gone = recent.popleft()
                 self.recent_size -= event_size(gone.type, gone.data, gone.id)
@@ -100,14 +113,37 @@ class HeldSession:
 
     def remember_history(self, entries: Any, limit: RecentLimit, *, after: int, upto: int) -> None:
         """Remember the events of a history read (``XREVRANGE``: newest first) whose seq is
-        above ``after`` and at most ``upto``."""
-        for _, fields in reversed(entries):
-            f = {reply_text(name): reply_text(value) for name, value in fields.items()}
-            try:
-                seq, epoch = int(f["seq"]), int(f["epoch"])
-            except (KeyError, ValueError):
+        above ``after`` and at most ``upto``, as :meth:`remember` would keep them. Only the
+        newest that fit in ``limit`` are decoded: a worker taking sessions over reads thousands
+        of histories at once, and decoding every field of every entry was most of that."""
+        if limit.events <= 0 or limit.size <= 0:
+            return
+        picked: list[RecentEvent] = []
+        sizes: list[int] = []
+        total = 0
+        for _, fields in entries:
+            event = _history_event(fields)
+            if event is None or not after < event.seq <= upto:
                 continue
-            if after < seq <= upto:
-                self.remember(
-                    seq, epoch, [(f.get("event", ""), f.get("data", ""), f.get("uid", ""))], limit
-                )
+            size = event_size(event.type, event.data, event.id)
+            total += size
+            if len(picked) == limit.events or total > limit.size:
+                break
+            picked.append(event)
+            sizes.append(size)
+        picked.reverse()
+        sizes.reverse()
+        self._keep(picked, limit, sizes)
+
+
+def _history_event(fields: Any) -> RecentEvent | None:
+    """A history entry's fields (as ``publish.lua`` wrote them) as a :class:`RecentEvent`;
+    None for an entry without a valid seq and epoch."""
+    get = fields.get
+    try:
+        seq, epoch = int(get(b"seq")), int(get(b"epoch"))
+    except (TypeError, ValueError):
+        return None
+    return RecentEvent(
+        seq, epoch, reply_text(get(b"event")), reply_text(get(b"data")), reply_text(get(b"uid"))
+    )

@@ -91,6 +91,23 @@ def test_a_history_read_is_kept_within_the_same_bounds() -> None:
     assert s.recent_size == counted(s)
 
 
+def test_a_history_read_after_published_events_goes_on_from_them() -> None:
+    """A reader whose publish reply was lost reads the events in between from the history:
+    they follow what it remembers, and the oldest go first beyond the bounds."""
+    s = held()
+    s.remember(1, 1, events(1, 3, "p"), RecentLimit(5, 1 << 20))
+    entries: list[Any] = [
+        (f"{seq}-0".encode(), {b"seq": str(seq).encode(), b"epoch": b"1", b"event": b"message",
+                               b"data": b"h", b"uid": f"u{seq}".encode()})
+        for seq in range(7, 0, -1)
+    ]  # fmt: skip
+    entries.insert(2, (b"5-1", {b"event": b"message"}))  # no seq: not an event of ours
+    s.remember_history(entries, RecentLimit(5, 1 << 20), after=3, upto=6)
+    assert kept(s) == [2, 3, 4, 5, 6]
+    assert [e.data for e in s.recent or ()] == ["p", "p", "h", "h", "h"]
+    assert s.recent_size == counted(s)
+
+
 def test_the_bounds_come_from_the_settings() -> None:
     settings = load_settings(restore_events=8, restore_bytes=1000)
     assert recent_limit(settings) == RecentLimit(8, 1000)
