@@ -55,11 +55,11 @@ class HeldSession:
     reader read back on connecting), and ``phase`` the state the reader last reported: what a
     re-assertion writes back after Redis lost its data, together with ``recent``: the last
     events published (within ``LP_RESTORE_EVENTS`` and ``LP_RESTORE_BYTES``, always the newest
-    ones in a row; None until the first publish, so idle sessions cost nothing), put back
-    into the history so that clients a little behind at the moment of the loss still find
-    them. ``position_fresh``: ``seq`` and ``last_id`` were just
-    read by the adoption, in the script that took the lease (no publish can have moved them
-    since), so the reader's first connection need not read them again.
+    ones in a row; None until the first publish or the history read of an adoption, so
+    sessions that never published cost nothing), put back into the history so that clients a
+    little behind at the moment of the loss still find them. ``position_fresh``: ``seq`` and
+    ``last_id`` were just read by the adoption, in the script that took the lease (no publish
+    can have moved them since), so the reader's first connection need not read them again.
     """
 
     keys: SessionKeys
