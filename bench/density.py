@@ -462,15 +462,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lease-ttl", type=float, default=LEASE_TTL, help="LP_LEASE_TTL of worker and claims (10)"
     )
     parser.add_argument("--target-ratio", type=float, default=TARGET_RATIO, help="(2)")
-    parser.add_argument(
-        "--history",
-        type=int,
-        default=0,
-        help="events of history each session has before the worker adopts it (0: none, an "
-        "idle listener that never published; the worker keeps up to LP_RESTORE_EVENTS of them)",
-    )
-    parser.add_argument(
-        "--payload-bytes", type=int, default=160, help="data size of those events (160)"
+    rig.add_history_options(
+        parser,
+        "events of history each session has before the worker adopts it (0: none, an idle "
+        "listener that never published; the worker keeps up to LP_RESTORE_EVENTS of them)",
     )
     parser.add_argument(
         "--per-upstream",

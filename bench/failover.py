@@ -264,15 +264,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=0.25, help="state poll period s (0.25)")
     parser.add_argument("--settle", type=float, default=1.0, help="s between B up and kill (1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="give up after (60 s)")
-    parser.add_argument(
-        "--history",
-        type=int,
-        default=0,
-        help="events of history each session has before it is claimed (0); the worker taking "
-        "a session over loads its recent ones, as in a fleet that has run for a while",
-    )
-    parser.add_argument(
-        "--payload-bytes", type=int, default=160, help="data size of those events (160)"
+    rig.add_history_options(
+        parser,
+        "events of history each session has before it is claimed (0); the worker taking a "
+        "session over loads its recent ones, as in a fleet that has run for a while",
     )
     parser.add_argument("--log-dir", default="", help="keep worker logs here")
     opts = parser.parse_args(argv)

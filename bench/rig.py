@@ -430,6 +430,25 @@ def flush(redis_url: str) -> None:
         client.close()
 
 
+def add_history_options(parser: argparse.ArgumentParser, history_help: str) -> None:
+    """``--history`` and ``--payload-bytes``: what :func:`write_history` gives each session."""
+    parser.add_argument("--history", type=count_arg, default=0, help=history_help)
+    parser.add_argument(
+        "--payload-bytes", type=count_arg, default=160, help="data size of those events (160)"
+    )
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
 def write_history(redis_url: str, sids: Sequence[str], events: int, size: int) -> None:
     """Give each session ``events`` published events of ``size`` bytes of data, as
     ``publish.lua`` writes them (stream entries and the state's ``seq``), before it is

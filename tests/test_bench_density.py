@@ -38,3 +38,27 @@ def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> 
     assert "hold_45: 45/45 listening" in result.stdout
     [beyond] = [line for line in lines if line.startswith(f"hold_{UNREACHABLE}:")]
     assert "not measured" in beyond and "hard limit here is" in beyond and beyond.endswith("FAIL")
+
+
+def test_density_with_history_names_its_figures_apart_and_judges_none() -> None:
+    """Sessions with history are not the idle listeners the ratio's target is about."""
+    result = subprocess.run(
+        [
+            sys.executable, "bench/density.py", "--sizes", "20", "--hold", "1",
+            "--history", "8", "--payload-bytes", "100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "20 sessions given 8 events of history each" in result.stdout
+    assert "hold_20_history8: 20/20 listening" in result.stdout
+    [ratio] = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("rss_per_listener_ratio_20_history8:")
+    ]
+    assert "8 events of 100 bytes of history" in ratio
+    assert not ratio.endswith(("PASS", "FAIL")), ratio
