@@ -18,18 +18,21 @@ UNREACHABLE = 2**31
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> None:
+def run_density(*args: str) -> subprocess.CompletedProcess[str]:
+    """``bench/density.py`` with ``args``; it must exit 0."""
     result = subprocess.run(
-        [
-            sys.executable, "bench/density.py", "--sizes", f"45,{UNREACHABLE}", "--hold", "1",
-            "--per-upstream", "20",
-        ],
+        [sys.executable, "bench/density.py", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=150,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> None:
+    result = run_density("--sizes", f"45,{UNREACHABLE}", "--hold", "1", "--per-upstream", "20")
     lines = result.stdout.splitlines()
     [upstreams] = [line for line in lines if line.startswith("redis ")]
     # 45 connections, 20 per upstream: three upstreams, each on its own address.
@@ -42,17 +45,9 @@ def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> 
 
 def test_density_with_history_names_its_figures_apart_and_judges_none() -> None:
     """Sessions with history are not the idle listeners the ratio's target is about."""
-    result = subprocess.run(
-        [
-            sys.executable, "bench/density.py", "--sizes", "20", "--hold", "1",
-            "--history", "8", "--payload-bytes", "100",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
+    result = run_density(
+        "--sizes", "20", "--hold", "1", "--history", "8", "--payload-bytes", "100"
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "20 sessions given 8 events of history each" in result.stdout
     assert "hold_20_history8: 20/20 listening" in result.stdout
     [ratio] = [
