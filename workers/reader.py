@@ -391,7 +391,7 @@ class Reader:
         memory of recent events, from the history."""
         s = self.session
         limit = recent_limit(self._settings)
-        if limit.events <= 0 or limit.size <= 0:
+        if limit.keeps_none:
             return
         entries = await self._redis.xrevrange(s.keys.events, count=min(seq - s.seq, limit.events))
         s.remember_history(entries, limit, after=s.seq, upto=seq)

@@ -36,6 +36,10 @@ class RecentLimit(NamedTuple):
     events: int
     size: int
 
+    @property
+    def keeps_none(self) -> bool:
+        return self.events <= 0 or self.size <= 0
+
 
 def recent_limit(settings: Settings) -> RecentLimit:
     """``LP_RESTORE_EVENTS`` and ``LP_RESTORE_BYTES``."""
@@ -90,19 +94,15 @@ class HeldSession:
             limit,
         )
 
-    def _keep(
-        self, events: list[RecentEvent], limit: RecentLimit, sizes: list[int] | None = None
-    ) -> None:
-        if limit.events <= 0 or limit.size <= 0 or not events:
+    def _keep(self, events: list[RecentEvent], limit: RecentLimit) -> None:
+        if limit.keeps_none or not events:
             return
         if self.recent is None:
             self.recent = deque()
         recent = self.recent
-        for n, event in enumerate(events):
+        for event in events:
             recent.append(event)
-            self.recent_size += (
-                sizes[n] if sizes is not None else event_size(event.type, event.data, event.id)
-            )
+            self.recent_size += event_size(event.type, event.data, event.id)
             while recent and (len(recent) > limit.events or self.recent_size > limit.size):
                 gone = recent.popleft()
                 self.recent_size -= event_size(gone.type, gone.data, gone.id)
@@ -116,24 +116,20 @@ class HeldSession:
         above ``after`` and at most ``upto``, as :meth:`remember` would keep them. Only the
         newest that fit in ``limit`` are decoded: a worker taking sessions over reads thousands
         of histories at once, and decoding every field of every entry was most of that."""
-        if limit.events <= 0 or limit.size <= 0:
+        if limit.keeps_none:
             return
         picked: list[RecentEvent] = []
-        sizes: list[int] = []
         total = 0
         for _, fields in entries:
             event = _history_event(fields)
             if event is None or not after < event.seq <= upto:
                 continue
-            size = event_size(event.type, event.data, event.id)
-            total += size
+            total += event_size(event.type, event.data, event.id)
             if len(picked) == limit.events or total > limit.size:
                 break
             picked.append(event)
-            sizes.append(size)
         picked.reverse()
-        sizes.reverse()
-        self._keep(picked, limit, sizes)
+        self._keep(picked, limit)
 
 
 def _history_event(fields: Any) -> RecentEvent | None:

@@ -412,7 +412,7 @@ class Worker:
         (clients a little behind then still find their events). One pipeline per
         ``RECENT_BATCH`` sessions (per node on a cluster), not a round trip each."""
         limit = recent_limit(self.settings)
-        if limit.events <= 0 or limit.size <= 0:
+        if limit.keeps_none:
             return
         with_history = [s for s in sessions if s.seq]
         for start in range(0, len(with_history), RECENT_BATCH):
