@@ -10,6 +10,11 @@ file descriptor limit holds):
    :class:`listenerpool.control.SessionControl` and waits until every ``lp:{sid}:state`` says
    ``listening``; the worker's RSS growth per listener, the bring-up time and, after ``--hold``
    seconds, whether all N are still listening in a live worker.
+3. **busy** -- then the upstreams send ``--busy-events-per-s`` (1,000) events/s spread evenly
+   over the N sessions (each stream's first event staggered over one period) for
+   ``--busy-seconds`` (15): the worker's CPU over that window per event it published (the
+   sessions' ``seq``), holding included, with what it is beyond the idle hold's CPU beside it.
+   At N = 1,000 that is 1,000 sessions at 1 event/s each.
 
 Its own ``redis-server`` runs on a free port and the upstreams (:class:`SSEUpstream` with no
 events and a heartbeat every 15 s, i.e. idle streams) run in child processes of their own, one
@@ -20,6 +25,7 @@ bench raises it where it may (root with CAP_SYS_RESOURCE) and reports a size abo
 measured, with the limit. Figures come last, one per line::
 
     rss_per_listener_ratio_10000: 2.1x (target <= 2x vs bare asyncio sockets) FAIL
+    worker_cpu_per_event_10000: 250 us (target <= 60 us; 1000 events/s offered over ...) FAIL
 
 Exit status 0 even when a target is missed (this is a measurement); non-zero when the run itself
 breaks (a child does not start, Redis fails, ...). Every child is stopped on exit, Ctrl-C
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import subprocess
@@ -42,7 +49,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # bench/ is sys.path[0] when this file runs as a script. Standard library only at import time:
 # the bare-socket child must stay lean.
@@ -56,6 +63,8 @@ WORKER_ID = "bench-w1"
 LEASE_TTL = 10.0
 RESERVED_FILES = 256  # a measured process's own files besides its N sockets (as the worker's)
 TARGET_RATIO = 2.0
+BUSY_EVENTS_PER_S = 1000.0
+TARGET_CPU_US = 60.0
 
 
 # ============================================================================================
@@ -199,6 +208,10 @@ class PoolResult:
     upstream_opened: int = 0
     worker_alive: bool = False
     cpu_percent_hold: float = 0.0
+    busy_switched: int = 0  # sessions whose upstream sent events in the busy phase
+    busy_events: int = 0  # events the worker published over the busy window
+    busy_seconds: float = 0.0
+    busy_cpu_seconds: float = 0.0
     fds: int = 0
     worker: rig.WorkerEnd = field(default_factory=rig.WorkerEnd)
 
@@ -209,6 +222,19 @@ class PoolResult:
         up = (self.rss_up - self.rss_idle) / max(self.states_after_bringup["listening"], 1)
         held = (self.rss_hold - self.rss_idle) / max(self.listening_end, 1)
         return max(up, held if self.rss_hold else 0.0)
+
+    @property
+    def cpu_per_event(self) -> float:
+        """Worker CPU seconds per event published over the busy window, holding included."""
+        return self.busy_cpu_seconds / self.busy_events if self.busy_events else math.inf
+
+    @property
+    def cpu_per_event_beyond_hold(self) -> float:
+        """The same less what holding the sessions idle cost over as long."""
+        if not self.busy_events:
+            return math.inf
+        holding = self.cpu_percent_hold / 100 * self.busy_seconds
+        return (self.busy_cpu_seconds - holding) / self.busy_events
 
 
 def run_pool(
@@ -318,6 +344,8 @@ async def _drive_pool(
             busy = rig.cpu_seconds(process) - cpu_before
             result.cpu_percent_hold = 100 * busy / max(result.held_seconds, 1e-9)
             result.rss_hold = rss(process)
+        if proc.poll() is None and opts.busy_events_per_s > 0:
+            await _busy(result, process, upstream, aredis, prefix, state_keys, opts)
         result.states_end = states = await rig.count_states(aredis, state_keys)
         result.listening_end = states["listening"]
         _, result.upstream_open_end, result.upstream_opened = await asyncio.to_thread(
@@ -325,6 +353,37 @@ async def _drive_pool(
         )
     finally:
         await sessions.aclose()
+
+
+async def _busy(
+    result: PoolResult,
+    process: psutil.Process,
+    upstream: UpstreamSpread,
+    redis: Any,
+    prefix: str,
+    state_keys: Sequence[str],
+    opts: argparse.Namespace,
+) -> None:
+    """The busy phase: the upstreams send ``--busy-events-per-s`` events/s spread evenly over
+    the held sessions; the worker's CPU and the events it published (the sessions' ``seq``)
+    are read over ``--busy-seconds``, after a second for the flow to settle."""
+    size = result.size
+    rate = opts.busy_events_per_s / size
+    print(
+        f"  pool {size}: busy, {opts.busy_events_per_s:g} events/s "
+        f"({rate:g} per session) for {opts.busy_seconds:g}s",
+        flush=True,
+    )
+    result.busy_switched = await asyncio.to_thread(upstream.set_events, prefix, rate)
+    await asyncio.sleep(1.0)  # the flow settles: not a synchronisation
+    events_before = await rig.published_events(redis, state_keys)
+    cpu_before = rig.cpu_seconds(process)
+    started = time.monotonic()
+    await asyncio.sleep(opts.busy_seconds)
+    result.busy_cpu_seconds = rig.cpu_seconds(process) - cpu_before
+    result.busy_seconds = time.monotonic() - started
+    result.busy_events = await rig.published_events(redis, state_keys) - events_before
+    await asyncio.to_thread(upstream.set_events, prefix, 0.0)
 
 
 _VARIABLE = re.compile(r"(?P<sid>(pool|bare)-\d+-\d+)|(?P<job>\blp-[\w.-]+)|\d+(\.\d+)?")
@@ -418,6 +477,8 @@ def print_report(
             all_held,
         )
         rig.figure(f"worker_cpu_hold_{n}", f"{pool.cpu_percent_hold:.1f}% of one core")
+        if opts.busy_events_per_s > 0:
+            print_cpu_per_event(pool, n, opts)
         closed = pool.upstream_opened - pool.upstream_open_end
         rig.figure(f"upstream_conns_closed_{n}", f"{closed} of {pool.upstream_opened} opened")
         rig.figure(
@@ -426,6 +487,19 @@ def print_report(
             f"info; -9 = killed after --drain-timeout {opts.drain_timeout:g}s",
         )
         rig.figure(f"worker_log_problems_{n}", f"{pool.worker.problems} warning/error lines")
+
+
+def print_cpu_per_event(pool: PoolResult, name: str | int, opts: argparse.Namespace) -> None:
+    per_event, beyond = pool.cpu_per_event * 1e6, pool.cpu_per_event_beyond_hold * 1e6
+    rig.figure(
+        f"worker_cpu_per_event_{name}",
+        f"{per_event:.0f} us" if pool.busy_events else "no event published",
+        f"target <= {opts.target_cpu_us:g} us; {opts.busy_events_per_s:g} events/s offered over "
+        f"{pool.busy_switched} of {pool.size} sessions, {pool.busy_events:,} published in "
+        f"{pool.busy_seconds:.1f}s at {100 * pool.busy_cpu_seconds / pool.busy_seconds:.0f}% of "
+        f"a core; {beyond:.0f} us beyond holding them idle",
+        per_event <= opts.target_cpu_us,
+    )
 
 
 # ============================================================================================
@@ -458,6 +532,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lease-ttl", type=float, default=LEASE_TTL, help="LP_LEASE_TTL of worker and claims (10)"
     )
     parser.add_argument("--target-ratio", type=float, default=TARGET_RATIO, help="(2)")
+    parser.add_argument(
+        "--busy-events-per-s",
+        type=rig.rate_arg,
+        default=BUSY_EVENTS_PER_S,
+        help="after the hold, events/s the upstreams send, spread over the N sessions, for the "
+        "worker CPU per event figure (1000; 0: no busy phase)",
+    )
+    parser.add_argument(
+        "--busy-seconds", type=rig.rate_arg, default=15.0, help="busy window in s (15)"
+    )
+    parser.add_argument(
+        "--target-cpu-us", type=float, default=TARGET_CPU_US, help="CPU per event target (60)"
+    )
     rig.add_history_options(
         parser,
         "events of history each session has before the worker adopts it (0: none, an idle "

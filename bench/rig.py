@@ -449,6 +449,17 @@ def count_arg(text: str) -> int:
     return value
 
 
+def rate_arg(text: str) -> float:
+    """An argparse type: a finite number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text}")
+    return value
+
+
 def write_history(redis_url: str, sids: Sequence[str], events: int, size: int) -> None:
     """Give each session ``events`` published events of ``size`` bytes of data, as
     ``publish.lua`` writes them (stream entries and the state's ``seq``), before it is
@@ -487,6 +498,17 @@ async def count_states(redis: Any, state_keys: Sequence[str]) -> Counter[str]:
             for value in await pipe.execute():
                 counts[value.decode() if value else "none"] += 1
     return counts
+
+
+async def published_events(redis: Any, state_keys: Sequence[str]) -> int:
+    """How many events the sessions have published in all: the sum of their ``seq``."""
+    total = 0
+    for start in range(0, len(state_keys), STATE_CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in state_keys[start : start + STATE_CHUNK]:
+                pipe.hget(key, "seq")
+            total += sum(int(value or 0) for value in await pipe.execute())
+    return total
 
 
 def redis_ms(time_reply: Sequence[Any]) -> int:

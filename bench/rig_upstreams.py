@@ -10,7 +10,9 @@ processes hold nothing but what is measured.
   (heartbeats every ``--heartbeat`` s, no events) or, with ``--rate``, numbered events resumed
   after ``Last-Event-ID``. It prints ``port N`` and answers ``count PREFIX`` on stdin with three
   numbers: open connections in total, open ones of sessions starting with PREFIX, and how many
-  connections those sessions ever opened. It exits on ``quit`` or EOF (the bench is gone).
+  connections those sessions ever opened; ``events RATE PREFIX`` switches the streams of
+  sessions starting with PREFIX to RATE numbered events/s (0: idle again) and answers
+  ``events N``, the sessions switched. It exits on ``quit`` or EOF (the bench is gone).
   ``--host`` picks its loopback address; :class:`UpstreamSpread` runs several, one per address.
 """
 
@@ -24,9 +26,13 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 # bench/ is sys.path[0] when a bench or this file runs as a script.
 from rig import BenchError, Children, read_line, send_line
+
+if TYPE_CHECKING:
+    from listenerpool.testing.upstream import SSEUpstream
 
 PAYLOAD_BYTES = 160
 HEARTBEAT = 15.0
@@ -165,6 +171,12 @@ def upstream_child(heartbeat: float, rate: float, host: str) -> int:
             words = line.split()
             if not words or words[0] == "quit":
                 break
+            if words[0] == "events":  # events RATE [PREFIX]: numbered events, or 0 to go idle
+                rate, prefix = float(words[1]), words[2] if len(words) > 2 else ""
+                chosen = [sid for sid in upstream.sessions() if sid.startswith(prefix)]
+                start_events(upstream, chosen, rate)
+                print(f"events {len(chosen)}", flush=True)
+                continue
             prefix = words[1] if len(words) > 1 else ""
             concurrent = opened = 0
             for sid in upstream.sessions():
@@ -176,6 +188,22 @@ def upstream_child(heartbeat: float, rate: float, host: str) -> int:
     finally:
         upstream.stop()
     return 0
+
+
+def start_events(upstream: SSEUpstream, sids: Sequence[str], rate: float) -> None:
+    """``rate`` numbered events/s on the streams of ``sids`` (0: none). A stream's first event
+    goes out as it is switched on, so the switches are spread over one period: a steady flow
+    of events, not all sessions' at once every period."""
+    if rate <= 0:
+        for sid in sids:
+            upstream.configure(sid, total=0)
+        return
+    started, period = time.monotonic(), 1.0 / rate
+    for i, sid in enumerate(sids):
+        due = started + period * i / len(sids)
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)  # pacing a schedule, not waiting for a condition
+        upstream.configure(sid, rate=rate, total=None)
 
 
 class UpstreamProcess:
@@ -205,6 +233,19 @@ class UpstreamProcess:
         send_line(self.proc, f"count {prefix}")
         total, concurrent, opened = read_line(self.proc, 30, "upstream count").split()
         return int(total), int(concurrent), int(opened)
+
+    def ask_events(self, prefix: str, rate: float) -> None:
+        """``rate`` numbered events/s on the streams of ``prefix*`` sessions from now on (0:
+        none, idle again), switched on over one period (:func:`start_events`)."""
+        send_line(self.proc, f"events {rate} {prefix}")
+
+    def events_set(self, rate: float) -> int:
+        """The answer to :meth:`ask_events`: how many sessions it reached."""
+        period = 1.0 / rate if rate > 0 else 0.0
+        words = read_line(self.proc, 60 + period, "upstream events").split()
+        if words[:1] != ["events"]:
+            raise BenchError(f"upstream: unexpected answer {words!r}")
+        return int(words[1])
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Until the upstream holds no connection (the previous phase's are gone)."""
@@ -251,6 +292,13 @@ class UpstreamSpread:
             sum(c[1] for c in counts),
             sum(c[2] for c in counts),
         )
+
+    def set_events(self, prefix: str, rate: float) -> int:
+        """:meth:`UpstreamProcess.ask_events` on every upstream at once; how many sessions the
+        switch reached."""
+        for upstream in self.upstreams:
+            upstream.ask_events(prefix, rate)
+        return sum(upstream.events_set(rate) for upstream in self.upstreams)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         for upstream in self.upstreams:

@@ -4,6 +4,7 @@ files for is reported as not measured, with the limit, instead of breaking the r
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,17 @@ def run_density(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> None:
-    result = run_density("--sizes", f"45,{UNREACHABLE}", "--hold", "1", "--per-upstream", "20")
+    result = run_density(
+        "--sizes", f"45,{UNREACHABLE}", "--hold", "1", "--per-upstream", "20",
+        "--busy-events-per-s", "0",
+    )  # fmt: skip
     lines = result.stdout.splitlines()
     [upstreams] = [line for line in lines if line.startswith("redis ")]
     # 45 connections, 20 per upstream: three upstreams, each on its own address.
     assert all(f"127.0.0.{n}:" in upstreams for n in (1, 2, 3)), upstreams
     assert "bare: 45 open, 0 failed, upstream saw 45" in result.stdout
     assert "hold_45: 45/45 listening" in result.stdout
+    assert "worker_cpu_per_event" not in result.stdout  # no busy phase asked for
     [beyond] = [line for line in lines if line.startswith(f"hold_{UNREACHABLE}:")]
     assert "not measured" in beyond and "hard limit here is" in beyond and beyond.endswith("FAIL")
 
@@ -46,7 +51,8 @@ def test_density_spreads_its_upstreams_and_reports_a_size_beyond_the_limit() -> 
 def test_density_with_history_names_its_figures_apart_and_judges_none() -> None:
     """Sessions with history are not the idle listeners the ratio's target is about."""
     result = run_density(
-        "--sizes", "20", "--hold", "1", "--history", "8", "--payload-bytes", "100"
+        "--sizes", "20", "--hold", "1", "--history", "8", "--payload-bytes", "100",
+        "--busy-events-per-s", "0",
     )  # fmt: skip
     assert "20 sessions given 8 events of history each" in result.stdout
     assert "hold_20_history8: 20/20 listening" in result.stdout
@@ -57,3 +63,33 @@ def test_density_with_history_names_its_figures_apart_and_judges_none() -> None:
     ]
     assert "8 events of 100 bytes of history" in ratio
     assert not ratio.endswith(("PASS", "FAIL")), ratio
+
+
+def test_density_prints_the_worker_cpu_per_event_of_a_busy_phase() -> None:
+    """After the hold the upstreams send events spread over the held sessions; the worker's
+    CPU over the window is divided by the events it published."""
+    result = run_density(
+        "--sizes", "20", "--hold", "1", "--busy-events-per-s", "40", "--busy-seconds", "3",
+    )  # fmt: skip
+    assert "busy, 40 events/s (2 per session) for 3s" in result.stdout
+    [line] = [
+        line for line in result.stdout.splitlines() if line.startswith("worker_cpu_per_event_20:")
+    ]
+    match = re.fullmatch(
+        r"worker_cpu_per_event_20: (\d+) us \(target <= 60 us; 40 events/s offered over 20 of "
+        r"20 sessions, ([\d,]+) published in ([\d.]+)s at \d+% of a core; -?\d+ us beyond "
+        r"holding them idle\) (PASS|FAIL)",
+        line,
+    )
+    assert match is not None, line
+    per_event, published, seconds = int(match[1]), int(match[2].replace(",", "")), float(match[3])
+    # 40 events/s for about 3 s: a loaded machine may publish fewer, never none, and never
+    # more than the upstreams sent.
+    assert 0 < published <= 40 * (seconds + 2), line
+    assert per_event > 0
+    assert match[4] == ("PASS" if per_event <= 60 else "FAIL")
+    # Idle figures are still judged: they were read before the busy phase.
+    assert any(
+        line.startswith("rss_per_listener_ratio_20:") and line.endswith(("PASS", "FAIL"))
+        for line in result.stdout.splitlines()
+    )
