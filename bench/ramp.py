@@ -200,7 +200,8 @@ def run(opts: argparse.Namespace) -> int:
         pids.update({f"worker{i}": w.pid for i, w in enumerate(workers)})
         cpu0 = {name: rig.cpu_seconds(pid) for name, pid in pids.items()}
         result = asyncio.run(ramp(port, upstream, server.url, opts))
-        cpu = {n: 100 * (rig.cpu_seconds(p) - cpu0[n]) / result["seconds"] for n, p in pids.items()}
+        used = {name: rig.cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: 100 * seconds / result["seconds"] for name, seconds in used.items()}
         print()
         how = f"PUT /v1/sessions x {opts.batch}" if opts.batch else "PUT /v1/sessions/{sid}"
         print(f"ramp: {opts.sessions:,} sessions ({how}) -> all listening -- {machine}")
@@ -215,6 +216,11 @@ def run(opts: argparse.Namespace) -> int:
         listening = int(result["listening"])
         rate = listening / result["seconds"]
         rig.figure(f"ramp_rate_{n}", f"{rate:,.0f} sessions/s")
+        rig.figure(
+            f"gateway_cpu_per_session_{n}",
+            f"{used['gateway'] / n * 1e6:,.0f} us",
+            f"info: the gateway's CPU from the first PUT to all listening, over {n:,} sessions",
+        )
         if listening < n:
             rig.figure(
                 f"ramp_seconds_{n}",

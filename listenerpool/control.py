@@ -19,6 +19,7 @@ from rq import Queue
 
 from listenerpool import index, keys
 from listenerpool.allowlist import check_host
+from listenerpool.coalesce import Coalescer
 from listenerpool.errors import InvalidInput, InvalidSessionId
 from listenerpool.replies import reply_text
 from listenerpool.scripts import Scripts, call_many
@@ -30,6 +31,8 @@ PENDING_TTL_FACTOR = 3
 RECLAIM_BATCH = 500
 CLAIM_BATCH = 500  # claims per pipeline (and per rq enqueue_many) of one claim_many call
 UNASSIGNED = "-"  # owner part of a lease claimed but not yet adopted by a worker
+
+_Checked = tuple[keys.SessionKeys, UpstreamSpec]  # a claim request past its checks
 
 
 class ClaimOutcome(StrEnum):
@@ -95,6 +98,10 @@ class SessionControl:
         # A claimed lease waits, unrenewed, until a worker adopts its job; it gets more time
         # than a held lease so a burst of claims is not re-claimed while still queued.
         self._pending_ttl_ms = int(settings.lease_ttl * PENDING_TTL_FACTOR * 1000)
+        # Single claims made at once (a gateway's concurrent PUTs) share their round trips.
+        self._claims: Coalescer[_Checked, ClaimResult] = Coalescer(
+            self._claim_batch, key=lambda checked: checked[0].sid, limit=CLAIM_BATCH
+        )
 
     @property
     def scripts(self) -> Scripts:
@@ -110,16 +117,29 @@ class SessionControl:
         :class:`~listenerpool.errors.UpstreamNotAllowed` for a host the allowlist clearly
         refuses, :class:`~listenerpool.errors.HeadersTooLarge` over the header limits), before
         touching Redis.
+
+        Claims made at once on one event loop share their round trips: those asked for while
+        a batch of them is under way go together in the next (as :meth:`claim_many`'s), with
+        two claims of one session never in the same batch.
         """
-        [result] = await self.claim_many([ClaimRequest(sid, url, dict(headers or {}))])
-        return result
+        [checked] = self._checked([ClaimRequest(sid, url, dict(headers or {}))])
+        return await self._claims.submit(checked)
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
         """:meth:`claim` for many sessions, in a few round trips whatever their number (one
         pipeline of claims per Redis node, one batch of jobs). Every request is checked before
         Redis is touched: one bad request (or a session named twice) raises its error, with its
         position, and nothing is claimed. The results come in the requests' order."""
-        specs: list[tuple[keys.SessionKeys, UpstreamSpec]] = []
+        specs = self._checked(requests)
+        results: list[ClaimResult] = []
+        for start in range(0, len(specs), CLAIM_BATCH):
+            results += await self._claim_batch(specs[start : start + CLAIM_BATCH])
+        return results
+
+    def _checked(self, requests: Sequence[ClaimRequest]) -> list[_Checked]:
+        """The requests' keys and specs; raises the first bad one's error, with its position
+        when there are several."""
+        specs: list[_Checked] = []
         seen: set[str] = set()
         for position, request in enumerate(requests):
             try:
@@ -136,14 +156,9 @@ class SessionControl:
                 )
             seen.add(request.sid)
             specs.append((k, spec))
-        results: list[ClaimResult] = []
-        for start in range(0, len(specs), CLAIM_BATCH):
-            results += await self._claim_batch(specs[start : start + CLAIM_BATCH])
-        return results
+        return specs
 
-    async def _claim_batch(
-        self, specs: Sequence[tuple[keys.SessionKeys, UpstreamSpec]]
-    ) -> list[ClaimResult]:
+    async def _claim_batch(self, specs: Sequence[_Checked]) -> list[ClaimResult]:
         tokens = [secrets.token_hex(8) for _ in specs]
         # The lease index entries first: if a claim then takes a lease and this process dies
         # before its job is enqueued, the reconciler still finds the lease when it lapses.
