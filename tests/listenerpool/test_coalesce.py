@@ -39,12 +39,22 @@ def by_name(item: str) -> str:
     return item.split("#")[0]
 
 
+def coalescer_of(run: Batches, limit: int = 100) -> Coalescer[str, str]:
+    return Coalescer(run, key=by_name, limit=limit)
+
+
+async def under_way(run: Batches, coalescer: Coalescer[str, str], *items: str) -> list[Any]:
+    """Submit ``items`` with ``run`` held: they are the batch under way when this returns."""
+    run.hold.clear()
+    futures = [asyncio.ensure_future(coalescer.submit(item)) for item in items]
+    await run.started.wait()
+    return futures
+
+
 async def test_items_submitted_while_a_batch_runs_go_together_in_the_next() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
-    run.hold.clear()
-    first = asyncio.ensure_future(coalescer.submit("a"))
-    await run.started.wait()
+    coalescer = coalescer_of(run)
+    [first] = await under_way(run, coalescer, "a")
     later = [asyncio.ensure_future(coalescer.submit(name)) for name in ("b", "c", "d")]
     await asyncio.sleep(0)  # one pass: each submit queues its item
     run.hold.set()
@@ -55,7 +65,7 @@ async def test_items_submitted_while_a_batch_runs_go_together_in_the_next() -> N
 
 async def test_callers_of_one_pass_share_the_first_batch() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
+    coalescer = coalescer_of(run)
     names = [f"s{i}" for i in range(20)]
     assert await asyncio.gather(*(coalescer.submit(n) for n in names)) == [n.upper() for n in names]
     assert run.seen == [names]
@@ -63,7 +73,7 @@ async def test_callers_of_one_pass_share_the_first_batch() -> None:
 
 async def test_one_key_never_twice_in_a_batch_and_in_the_order_submitted() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
+    coalescer = coalescer_of(run)
     items = ["x#1", "y#1", "x#2", "x#3", "y#2"]
     assert await asyncio.gather(*(coalescer.submit(i) for i in items)) == [i.upper() for i in items]
     assert run.seen == [["x#1", "y#1"], ["x#2", "y#2"], ["x#3"]]
@@ -71,7 +81,7 @@ async def test_one_key_never_twice_in_a_batch_and_in_the_order_submitted() -> No
 
 async def test_a_batch_holds_at_most_limit_items() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=2)
+    coalescer = coalescer_of(run, limit=2)
     await asyncio.gather(*(coalescer.submit(n) for n in "abcde"))
     assert run.seen == [["a", "b"], ["c", "d"], ["e"]]
 
@@ -83,11 +93,9 @@ def test_a_limit_below_one_is_refused() -> None:
 
 async def test_an_error_is_every_item_of_its_batch_and_the_next_batch_still_runs() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
-    run.hold.clear()
+    coalescer = coalescer_of(run)
     run.fail = ConnectionError("redis went away")
-    failing = [asyncio.ensure_future(coalescer.submit(n)) for n in ("a", "b")]
-    await run.started.wait()
+    failing = await under_way(run, coalescer, "a", "b")
     after = asyncio.ensure_future(coalescer.submit("c"))
     await asyncio.sleep(0)
     run.hold.set()
@@ -110,10 +118,8 @@ async def test_a_run_giving_the_wrong_number_of_results_fails_its_batch() -> Non
 
 async def test_a_caller_cancelled_before_its_batch_is_left_out_of_it() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
-    run.hold.clear()
-    first = asyncio.ensure_future(coalescer.submit("a"))
-    await run.started.wait()
+    coalescer = coalescer_of(run)
+    [first] = await under_way(run, coalescer, "a")
     gone = asyncio.ensure_future(coalescer.submit("b"))
     kept = asyncio.ensure_future(coalescer.submit("c"))
     await asyncio.sleep(0)
@@ -126,11 +132,8 @@ async def test_a_caller_cancelled_before_its_batch_is_left_out_of_it() -> None:
 
 async def test_a_caller_cancelled_during_its_batch_leaves_the_others_their_results() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
-    run.hold.clear()
-    gone = asyncio.ensure_future(coalescer.submit("a"))
-    kept = asyncio.ensure_future(coalescer.submit("b"))
-    await run.started.wait()
+    coalescer = coalescer_of(run)
+    gone, kept = await under_way(run, coalescer, "a", "b")
     gone.cancel()
     run.hold.set()
     assert await kept == "B"
@@ -140,10 +143,8 @@ async def test_a_caller_cancelled_during_its_batch_leaves_the_others_their_resul
 
 async def test_cancelling_the_batches_cancels_every_waiting_caller_and_ends_the_task() -> None:
     run = Batches()
-    coalescer: Coalescer[str, str] = Coalescer(run, key=by_name, limit=100)
-    run.hold.clear()
-    running = asyncio.ensure_future(coalescer.submit("a"))
-    await run.started.wait()
+    coalescer = coalescer_of(run)
+    [running] = await under_way(run, coalescer, "a")
     waiting = asyncio.ensure_future(coalescer.submit("b"))
     await asyncio.sleep(0)
     [task] = [t for t in asyncio.all_tasks() if t.get_name() == "coalesce"]
