@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from functools import partial
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -48,9 +49,21 @@ class Coalescer(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.setdefault(loop, []).append((item, future))
-        if loop not in self._runner:
-            self._runner[loop] = loop.create_task(self._batches(loop), name="coalesce")
+        runner = self._runner.get(loop)
+        if runner is None or runner.done():
+            runner = loop.create_task(self._batches(loop), name="coalesce")
+            runner.add_done_callback(partial(self._ended, loop))
+            self._runner[loop] = runner
         return await future
+
+    def _ended(self, loop: asyncio.AbstractEventLoop, runner: asyncio.Task[None]) -> None:
+        """A loop's batches ended. Cancelled (even before it began), nothing serves the items
+        still waiting: their callers are cancelled too instead of waiting for ever."""
+        if self._runner.get(loop) is not runner:
+            return  # a newer task serves the loop
+        del self._runner[loop]
+        for _, future in self._waiting.pop(loop, []):
+            future.cancel()
 
     async def _batches(self, loop: asyncio.AbstractEventLoop) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
@@ -73,13 +86,9 @@ class Coalescer(Generic[T, R]):
                     if not future.done():
                         future.set_result(result)
         except BaseException:
-            for _, future in batch + self._waiting.pop(loop, []):
+            for _, future in batch:
                 future.cancel()
             raise
-        finally:
-            del self._runner[loop]
-            if not self._waiting.get(loop, True):
-                del self._waiting[loop]
 
     def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[tuple[T, asyncio.Future[R]]]:
         """Take the next batch off the loop's waiting items (a cancelled caller's is dropped)."""

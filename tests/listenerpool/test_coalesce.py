@@ -160,6 +160,19 @@ async def test_cancelling_the_batches_cancels_every_waiting_caller_and_ends_the_
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "coalesce"]
 
 
+async def test_batches_cancelled_before_they_begin_cancel_their_callers() -> None:
+    run = Batches()
+    coalescer = coalescer_of(run)
+    waiting = asyncio.ensure_future(coalescer.submit("a"))
+    await asyncio.sleep(0)  # the submit made the task; it has not run yet
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == "coalesce"]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
+    assert run.seen == []
+    assert await coalescer.submit("b") == "B"
+
+
 async def test_concurrent_claims_share_one_enqueue_and_a_session_claimed_twice_gets_both(
     fake_redis: Any, fake_sync_redis: Any
 ) -> None:
