@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from listenerpool import keys
 from listenerpool.coalesce import Coalescer
 from listenerpool.connections import listen_queue
 from listenerpool.control import ClaimOutcome, SessionControl
-from tests.conftest import fast_settings
+from tests.conftest import BACKENDS, Pool, fast_settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -197,3 +198,24 @@ async def test_concurrent_claims_share_one_enqueue_and_a_session_claimed_twice_g
     assert results[50].epoch == results[0].epoch
     assert sum(enqueues) == 50 and len(enqueues) < 50, enqueues
     assert queue.count == 50
+
+
+@BACKENDS
+async def test_claims_made_at_once_over_many_buckets_and_shards_are_each_claimed_once(
+    pool: Pool,
+) -> None:
+    """One batch of concurrent claims spans index buckets (and, on a cluster, every shard):
+    each is claimed, indexed and queued exactly once."""
+    sids = [f"many-{i}" for i in range(40)]
+    assert len({keys.index_bucket(sid) for sid in sids}) > 8
+    results = await asyncio.gather(
+        *(pool.control.claim(sid, f"http://upstream.invalid/{sid}") for sid in sids)
+    )
+    assert [r.outcome for r in results] == [ClaimOutcome.CREATED] * len(sids)
+    assert sorted(job.args[0] for job in pool.queue.jobs) == sorted(sids)
+    assert set(sids) <= await pool.indexed("sessions")
+    again = await asyncio.gather(
+        *(pool.control.claim(sid, f"http://upstream.invalid/{sid}") for sid in sids)
+    )
+    assert [r.outcome for r in again] == [ClaimOutcome.UNCHANGED] * len(sids)
+    assert len(pool.queue.jobs) == len(sids)

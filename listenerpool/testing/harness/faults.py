@@ -136,7 +136,7 @@ class FaultInjector:
             self._put_redis = fleet.client(username=SOAK_USER, password="-")
             # It records how many workers each notice reached.
             self._notices = _NoticeLog(self._put_redis)
-            self.control = make_control(self._notices)
+            self.control = make_control(self._put_redis)
         self.injected: Counter[str] = Counter()
         self.failover: dict[str, list[float]] = defaultdict(list)  # per session
         # Per fault whose sessions all recovered: until the last of them did.
@@ -727,18 +727,19 @@ def stale_specs(stats: UpstreamStats, wanted: str | None) -> list[str | None]:
 
 
 class _NoticeLog:
-    """The asyncio Redis client ``redis`` as it is, but for SPUBLISH: how many subscribers
-    each session's last control notice reached is kept in ``reached``."""
+    """How many subscribers each session's last control notice reached (``reached``), read
+    off the SPUBLISH calls of the asyncio Redis client ``redis``. Only that method of the
+    client is replaced: the client stays what it is, so code that tells a cluster client from
+    a single server's (``call_many``) still can."""
 
     def __init__(self, redis: Any) -> None:
-        self._redis = redis
         self.reached: dict[str, int] = {}
+        publish = redis.spublish
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._redis, name)
+        async def spublish(channel: str, message: str) -> int:
+            reached = int(await publish(channel, message))
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.reached[json.loads(message)["sid"]] = reached
+            return reached
 
-    async def spublish(self, channel: str, message: str) -> int:
-        reached = int(await self._redis.spublish(channel, message))
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            self.reached[json.loads(message)["sid"]] = reached
-        return reached
+        redis.spublish = spublish
