@@ -40,6 +40,15 @@ from listenerpool.scripts import Call, Scripts, Send, call_many
 REBUILD_CLAIM_MS = 120_000  # how long one caller owns a lost bucket's rebuild
 REBUILD_SCAN_COUNT = 1000  # keys per SCAN reply
 REBUILD_TRACK_BATCH = 500  # sessions per track round trip
+INTACT = "intact"  # a bucket's marker once it is known to hold every entry it should
+
+
+def markers_of_an_empty_redis() -> dict[str, str]:
+    """Every bucket's marker, for writing into a Redis that has just started empty (the
+    embedded one of single-node mode): it has lost nothing, and without them a reconciler
+    would scan it and re-track whatever was claimed before its first round, and say so as
+    if a bucket had been lost."""
+    return {keys.index_intact(bucket): INTACT for bucket in range(keys.INDEX_BUCKETS)}
 
 
 class Listing(StrEnum):
@@ -148,7 +157,7 @@ async def rebuild(redis: Any, scripts: Scripts, buckets: Sequence[int]) -> int |
     tracked += len(found)
     async with redis.pipeline(transaction=False) as pipe:
         for bucket in mine:
-            pipe.set(keys.index_intact(bucket), "intact", xx=True)
+            pipe.set(keys.index_intact(bucket), INTACT, xx=True)
         await pipe.execute()
     return tracked
 

@@ -19,6 +19,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
+import redis
+
+from listenerpool import index
 from listenerpool.redis_process import RedisServer, free_port
 from listenerpool.service import Service
 
@@ -95,15 +98,23 @@ class EmbeddedRedis(Service):
                 raise
             self._child = child
             self.port = child.port
-            return
-        from fakeredis import TcpFakeServer
+        else:
+            from fakeredis import TcpFakeServer
 
-        self.port = free_port()
-        server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
-        server.daemon_threads = True
-        self._fake = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
-        self._thread.start()
+            self.port = free_port()
+            server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
+            server.daemon_threads = True
+            self._fake = server
+            self._thread = threading.Thread(
+                target=server.serve_forever, name="fakeredis", daemon=True
+            )
+            self._thread.start()
+        try:
+            with redis.Redis.from_url(self.url) as client:
+                client.mset(index.markers_of_an_empty_redis())
+        except BaseException:
+            self.stop()  # started, but not as it should be: not left behind either
+            raise
 
     def stop(self) -> None:
         if self._child is not None:

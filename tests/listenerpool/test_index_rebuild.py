@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from listenerpool import keys
+from listenerpool import index, keys
 from tests.conftest import BACKENDS, Pool
 from tests.listenerpool.test_index import lose_bucket
 from workers.reconciler import reconcile_once
@@ -34,3 +34,16 @@ async def test_a_lost_bucket_is_rebuilt_from_the_specs_wherever_they_live(pool: 
     assert sorted(job.args[0] for job in pool.queue.jobs) == sorted(sids)
     assert set(sids) <= await pool.indexed("sessions")
     assert await pool.redis.get(keys.index_intact(BUCKET)) == b"intact"
+
+
+async def test_an_empty_redis_given_its_markers_has_no_lost_bucket_to_rebuild(pool: Pool) -> None:
+    """What single-node mode writes into the Redis it has just started: a claim made before
+    any reconcile round is then not taken for a lost bucket's session."""
+    assert (await index.due(pool.redis, pool.control.scripts, limit=0)).lost == list(
+        range(keys.INDEX_BUCKETS)
+    )
+    await pool.redis.mset(index.markers_of_an_empty_redis())
+    await pool.control.claim("early", "http://upstream.invalid/early")
+    view = await index.due(pool.redis, pool.control.scripts, limit=10)
+    assert view.lost == [] and view.entries == []
+    assert await reconcile_once(pool.redis, pool.control) == 0
