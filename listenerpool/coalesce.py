@@ -71,16 +71,12 @@ class Coalescer(Generic[T, R]):
             while batch := self._next_batch(loop):
                 try:
                     results = await self._run([item for item, _ in batch])
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"{len(results)} results for {len(batch)} items")
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
-                    continue
-                if len(results) != len(batch):
-                    error = RuntimeError(f"{len(results)} results for {len(batch)} items")
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
                     continue
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
