@@ -28,5 +28,7 @@ def test_ramp_brings_every_session_up_and_prints_its_figures(batch: int) -> None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "sessions answered 200/201: 60, all sent" in out
+    # Either verdict: how fast is the bench's to judge. What must happen is that all 60
+    # listened before --timeout, the only case in which the figure is a time.
     assert re.search(r"^ramp_seconds_60: [\d.]+ s \(target <= \d+ s\) (PASS|FAIL)$", out, re.M), out
     assert re.search(r"^gateway_cpu_per_session_60: [\d,]+ us \(info: ", out, re.M), out

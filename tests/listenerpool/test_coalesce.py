@@ -44,11 +44,28 @@ def coalescer_of(run: Batches, limit: int = 100) -> Coalescer[str, str]:
     return Coalescer(run, key=by_name, limit=limit)
 
 
+async def submitted(coalescer: Coalescer[str, str], *items: str) -> list[Any]:
+    """Submit each item from a task of its own; returns once every one of them is queued."""
+    queued = [asyncio.Event() for _ in items]
+
+    async def submit(item: str, event: asyncio.Event) -> str:
+        # submit() queues its item before it first waits, so in this very step.
+        event.set()
+        return await coalescer.submit(item)
+
+    tasks = [asyncio.ensure_future(submit(i, e)) for i, e in zip(items, queued, strict=True)]
+    async with asyncio.timeout(5):
+        for event in queued:
+            await event.wait()
+    return tasks
+
+
 async def under_way(run: Batches, coalescer: Coalescer[str, str], *items: str) -> list[Any]:
     """Submit ``items`` with ``run`` held: they are the batch under way when this returns."""
     run.hold.clear()
-    futures = [asyncio.ensure_future(coalescer.submit(item)) for item in items]
-    await run.started.wait()
+    futures = await submitted(coalescer, *items)
+    async with asyncio.timeout(5):
+        await run.started.wait()
     return futures
 
 
@@ -56,8 +73,7 @@ async def test_items_submitted_while_a_batch_runs_go_together_in_the_next() -> N
     run = Batches()
     coalescer = coalescer_of(run)
     [first] = await under_way(run, coalescer, "a")
-    later = [asyncio.ensure_future(coalescer.submit(name)) for name in ("b", "c", "d")]
-    await asyncio.sleep(0)  # one pass: each submit queues its item
+    later = await submitted(coalescer, "b", "c", "d")
     run.hold.set()
     assert await first == "A"
     assert await asyncio.gather(*later) == ["B", "C", "D"]
@@ -97,8 +113,7 @@ async def test_an_error_is_every_item_of_its_batch_and_the_next_batch_still_runs
     coalescer = coalescer_of(run)
     run.fail = ConnectionError("redis went away")
     failing = await under_way(run, coalescer, "a", "b")
-    after = asyncio.ensure_future(coalescer.submit("c"))
-    await asyncio.sleep(0)
+    [after] = await submitted(coalescer, "c")
     run.hold.set()
     for future in failing:
         with pytest.raises(ConnectionError, match="redis went away"):
@@ -121,9 +136,7 @@ async def test_a_caller_cancelled_before_its_batch_is_left_out_of_it() -> None:
     run = Batches()
     coalescer = coalescer_of(run)
     [first] = await under_way(run, coalescer, "a")
-    gone = asyncio.ensure_future(coalescer.submit("b"))
-    kept = asyncio.ensure_future(coalescer.submit("c"))
-    await asyncio.sleep(0)
+    gone, kept = await submitted(coalescer, "b", "c")
     gone.cancel()
     run.hold.set()
     assert (await first, await kept) == ("A", "C")
@@ -146,8 +159,7 @@ async def test_cancelling_the_batches_cancels_every_waiting_caller_and_ends_the_
     run = Batches()
     coalescer = coalescer_of(run)
     [running] = await under_way(run, coalescer, "a")
-    waiting = asyncio.ensure_future(coalescer.submit("b"))
-    await asyncio.sleep(0)
+    [waiting] = await submitted(coalescer, "b")
     [task] = [t for t in asyncio.all_tasks() if t.get_name() == "coalesce"]
     task.cancel()
     for future in (running, waiting):
@@ -164,8 +176,8 @@ async def test_cancelling_the_batches_cancels_every_waiting_caller_and_ends_the_
 async def test_batches_cancelled_before_they_begin_cancel_their_callers() -> None:
     run = Batches()
     coalescer = coalescer_of(run)
-    waiting = asyncio.ensure_future(coalescer.submit("a"))
-    await asyncio.sleep(0)  # the submit made the task; it has not run yet
+    # The submit makes the batches' task; this test resumes before that task's first step.
+    [waiting] = await submitted(coalescer, "a")
     [task] = [t for t in asyncio.all_tasks() if t.get_name() == "coalesce"]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
